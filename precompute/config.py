@@ -1,0 +1,103 @@
+"""Precompute config schema. YAML files in configs/ hold values; this holds names, types, defaults."""
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from shards.config import check, one_of
+from shards.modelpath import check_model_path
+
+T5_PRECISIONS = ("nf4", "int8", "bf16", "fp16", "fp32", "none")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # diffusers SD3 pipeline folder or hub id
+    revision: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # folder of images with same-stem .txt captions (searched recursively)
+    caption_source: str = "file"  # file: the .txt caption (instance_prompt if it is missing); instance: always instance_prompt
+    instance_prompt: Optional[str] = None
+    caption_ext: str = ".txt"
+
+
+@dataclass
+class BucketConfig:
+    resolution: int = 1024  # target area = resolution²
+    step: int = 64  # bucket sides are multiples of this (and of 16 = VAE factor × patch size)
+    min_aspect: float = 0.5  # height/width limits of the buckets
+    max_aspect: float = 2.0
+
+
+@dataclass
+class TextConfig:
+    t5_precision: str = "nf4"
+    clip_precision: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    max_sequence_length: int = 77  # T5 tokens
+
+
+@dataclass
+class VaeConfig:
+    precision: str = "fp32"  # the SD3 VAE overflows in fp16 on some images
+
+
+@dataclass
+class OutConfig:
+    dir: str = ""
+    dtype: str = "bf16"  # storage dtype of latents and embeddings
+    samples_per_shard: int = 1000
+    overwrite: bool = False
+
+
+@dataclass
+class ValidationConfig:
+    prompts: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PrecomputeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    out: OutConfig = field(default_factory=OutConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    batch_size: int = 4
+    device: str = "auto"  # auto: cuda if available, else cpu
+    seed: int = 0
+
+    def __post_init__(self):
+        p = []
+        check_model_path("model.path", self.model.path, p)
+        if not self.data.path:
+            p.append("config key 'data.path' is required (a folder of images and .txt captions)")
+        elif not os.path.isdir(self.data.path):
+            p.append(f"config key 'data.path': no such folder: {self.data.path}")
+        one_of(p, "data.caption_source", self.data.caption_source, ("file", "instance"))
+        if self.data.caption_source == "instance" and not self.data.instance_prompt:
+            p.append("config key 'data.instance_prompt' is required when data.caption_source is 'instance'")
+        b = self.buckets
+        if b.step <= 0 or b.step % 16:
+            p.append(f"config key 'buckets.step': {b.step} is not a positive multiple of 16 (VAE factor 8 × patch 2)")
+        elif b.resolution < b.step:
+            p.append(f"config key 'buckets.resolution': {b.resolution} is smaller than buckets.step {b.step}")
+        if not 0 < b.min_aspect <= 1 <= b.max_aspect:
+            p.append("config keys 'buckets.min_aspect'/'buckets.max_aspect' must satisfy 0 < min_aspect <= 1 <= max_aspect")
+        one_of(p, "text.t5_precision", self.text.t5_precision, T5_PRECISIONS)
+        one_of(p, "text.clip_precision", self.text.clip_precision, PRECISIONS)
+        one_of(p, "vae.precision", self.vae.precision, PRECISIONS)
+        if not 1 <= self.text.max_sequence_length <= 512:
+            p.append(f"config key 'text.max_sequence_length': {self.text.max_sequence_length} is outside 1..512")
+        if not self.out.dir:
+            p.append("config key 'out.dir' is required")
+        one_of(p, "out.dtype", self.out.dtype, ("bf16", "fp16", "fp32"))
+        if self.out.samples_per_shard < 1:
+            p.append("config key 'out.samples_per_shard' must be at least 1")
+        if self.batch_size < 1:
+            p.append("config key 'batch_size' must be at least 1")
+        check(p)

@@ -1,0 +1,86 @@
+"""Dataset reading: find images and captions, load images as RGB, report what cannot be used."""
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from PIL import Image, ImageOps
+
+from .config import IMAGE_EXTS, DataConfig
+
+# A decompression bomb is rejected rather than decoded.
+Image.MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+@dataclass
+class Item:
+    source: str  # path relative to data.path
+    path: str
+    caption: Optional[str] = None
+    sha256: str = ""
+
+
+def scan_folder(cfg: DataConfig) -> Tuple[List[Item], List[Tuple[str, str]]]:
+    """Images under `cfg.path` (recursive, sorted) with their captions; and (source, reason) rejects."""
+    items, rejects = [], []
+    for root, dirs, files in os.walk(cfg.path):
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
+                continue
+            path = os.path.join(root, name)
+            source = os.path.relpath(path, cfg.path)
+            caption, why = _caption_for(path, cfg)
+            if why:
+                rejects.append((source, why))
+            else:
+                items.append(Item(source=source, path=path, caption=caption))
+    items.sort(key=lambda it: it.source)
+    return items, rejects
+
+
+def _caption_for(image_path: str, cfg: DataConfig):
+    if cfg.caption_source == "instance":
+        return cfg.instance_prompt, None
+    txt = os.path.splitext(image_path)[0] + cfg.caption_ext
+    if not os.path.exists(txt):
+        if cfg.instance_prompt:
+            return cfg.instance_prompt, None
+        return None, f"missing caption: no {os.path.basename(txt)} and no data.instance_prompt"
+    try:
+        with open(txt, encoding="utf-8") as f:
+            caption = " ".join(f.read().split())
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"unreadable caption {os.path.basename(txt)}: {e}"
+    if not caption:
+        return None, f"empty caption in {os.path.basename(txt)}"
+    return caption, None
+
+
+def load_rgb(path: str) -> Tuple[Image.Image, str]:
+    """Decode fully (so truncated files fail here), honour EXIF orientation, convert to RGB.
+
+    Returns the image and the sha256 of the file's bytes.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError("empty file")
+    digest = hashlib.sha256(data).hexdigest()
+    with Image.open(io.BytesIO(data)) as im:
+        im.seek(0)  # first frame of animated images
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, rgba).convert("RGB")
+        else:
+            im = im.convert("RGB")
+    return im, digest
+
+
+def sample_key(source: str, sha256: str) -> str:
+    """Stable key from the source path and content hash; never from a loader position."""
+    return hashlib.sha256(f"{source}\0{sha256}".encode()).hexdigest()[:24]

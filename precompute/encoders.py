@@ -1,0 +1,114 @@
+"""CLIP-L, CLIP-G, T5 and the VAE encoder, computing exactly what StableDiffusion3Pipeline computes."""
+import json
+import os
+from typing import List, Optional
+
+import torch
+
+from shards.modelpath import component_dir
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def _load_t5(root: str, precision: str, device: torch.device):
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    path = component_dir(root, "text_encoder_3")
+    if precision in ("nf4", "int8"):
+        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if precision == "nf4":
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        else:
+            q = BitsAndBytesConfig(load_in_8bit=True)
+        # bitsandbytes quantizes while moving weights to the device, so load there directly.
+        return T5EncoderModel.from_pretrained(path, quantization_config=q, dtype=compute,
+                                              device_map={"": device}).eval()
+    return T5EncoderModel.from_pretrained(path, dtype=_DTYPES[precision]).to(device).eval()
+
+
+class TextEncoders:
+    """`encode(prompts)` -> (prompt_embeds [B, 77+T, D], pooled [B, P]) in fp32, as encode_prompt does.
+
+    CLIP: penultimate hidden states of L and G concatenated, zero-padded to T5's width; pooled =
+    both projected text_embeds concatenated. T5: max-length padding, no attention mask; zeros of the
+    same shape when T5 is not used (`t5_precision: none`).
+    """
+
+    def __init__(self, root: str, t5_precision: str, clip_dtype: torch.dtype, device: torch.device,
+                 max_sequence_length: int):
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+
+        self.device = device
+        self.max_sequence_length = max_sequence_length
+        self.tokenizers = [CLIPTokenizer.from_pretrained(component_dir(root, n)) for n in ("tokenizer", "tokenizer_2")]
+        self.clips = [
+            CLIPTextModelWithProjection.from_pretrained(component_dir(root, n), dtype=clip_dtype).to(device).eval()
+            for n in ("text_encoder", "text_encoder_2")
+        ]
+        self.t5 = None
+        if t5_precision != "none":
+            self.t5_tokenizer = T5TokenizerFast.from_pretrained(component_dir(root, "tokenizer_3"))
+            self.t5 = _load_t5(root, t5_precision, device)
+            self.width = self.t5.config.d_model
+        else:
+            with open(os.path.join(component_dir(root, "transformer"), "config.json")) as f:
+                self.width = json.load(f)["joint_attention_dim"]
+        self.clip_tokens = self.tokenizers[0].model_max_length
+        self.pooled_dim = sum(c.config.projection_dim for c in self.clips)
+
+    def truncated(self, prompts: List[str]) -> dict:
+        """How many prompts lose tokens to CLIP's 77 or to max_sequence_length."""
+        out = {"clip": 0, "t5": 0}
+        for p in prompts:
+            if len(self.tokenizers[0](p).input_ids) > self.clip_tokens:
+                out["clip"] += 1
+            if self.t5 is not None and len(self.t5_tokenizer(p).input_ids) > self.max_sequence_length:
+                out["t5"] += 1
+        return out
+
+    @torch.no_grad()
+    def encode(self, prompts: List[str]):
+        hidden, pooled = [], []
+        for tok, enc in zip(self.tokenizers, self.clips):
+            ids = tok(prompts, padding="max_length", max_length=self.clip_tokens, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            out = enc(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].float())
+            pooled.append(out[0].float())
+        clip = torch.cat(hidden, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
+        if self.t5 is None:
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, self.width, device=self.device)
+        else:
+            ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                    truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+            t5 = self.t5(ids.to(self.device))[0].float()
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+class VaeEncoder:
+    """The VAE's encoder half; returns the raw posterior mean and std (no shift/scale applied)."""
+
+    def __init__(self, root: str, dtype: torch.dtype, device: torch.device):
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(component_dir(root, "vae"), torch_dtype=dtype)
+        self.vae.decoder = None  # never used here; frees its memory
+        self.vae.to(device).eval()
+        self.device, self.dtype = device, dtype
+        cfg = self.vae.config
+        self.scaling_factor = cfg.scaling_factor
+        self.shift_factor = cfg.shift_factor if cfg.shift_factor is not None else 0.0
+        self.latent_channels = cfg.latent_channels
+        self.downsample_factor = 2 ** (len(cfg.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor):
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()

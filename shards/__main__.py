@@ -1,0 +1,26 @@
+import argparse
+import sys
+
+from .config import run_cli
+from .errors import DataError
+from .verify import inspect, verify
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="python -m shards", description="Inspect or verify a shardtune shard set.")
+    ap.add_argument("command", choices=["inspect", "verify"])
+    ap.add_argument("path", help="shard set folder or URL")
+    ap.add_argument("--quick", action="store_true", help="verify: check sizes and hashes only, do not decode samples")
+    a = ap.parse_args(argv)
+    if a.command == "inspect":
+        print(inspect(a.path))
+        return
+    problems = verify(a.path, deep=not a.quick)
+    if problems:
+        for p in problems:
+            print(p, file=sys.stderr)
+        raise DataError(f"{a.path}: {len(problems)} problem(s) found")
+    print(f"{a.path}: OK")
+
+
+run_cli("shards", main)

@@ -1,0 +1,47 @@
+"""Atomic file writes: a reader never sees a half-written file under its final name."""
+import contextlib
+import json
+import os
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb"):
+    """Write to `path.tmp`, fsync, then rename onto `path`; on error the temp file is removed."""
+    tmp = path + ".tmp"
+    f = open(tmp, mode)
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
+        f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)

@@ -1,0 +1,34 @@
+"""Shard set format v1: names and fields shared by writer, reader and verifier (see DESIGN.md)."""
+
+FORMAT_NAME = "shardtune-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+EXTRAS = "extras.safetensors"
+REJECTED = "rejected.jsonl"
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+# Tensors every sample carries, and the optional flipped pair.
+SAMPLE_TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
+OPTIONAL_TENSORS = ("latent_mean_flip", "latent_std_flip")
+SAMPLE_META = ("key", "caption", "source", "original_size", "crop_top_left", "bucket")
+
+# Tensors of extras.safetensors.
+EXTRAS_TENSORS = (
+    "empty_prompt_embeds", "empty_pooled_prompt_embeds",
+    "validation_prompt_embeds", "validation_pooled_prompt_embeds",
+)
+
+MANIFEST_FIELDS = (
+    "format", "format_version", "producer", "model", "vae", "latent_channels", "embeddings",
+    "max_sequence_length", "precisions", "dtype", "buckets", "shards", "counts", "extras", "config",
+)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def producer() -> str:
+    try:
+        from importlib.metadata import version
+        return f"shardtune {version('shardtune')}"
+    except Exception:
+        return "shardtune (not installed)"

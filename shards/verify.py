@@ -1,0 +1,93 @@
+"""`python -m shards verify|inspect DIR`: check a shard set end to end, or summarise it."""
+import os
+from typing import List
+
+from . import format as F
+from .fingerprint import file_sha256
+from .reader import decode_sample, iter_tar, read_extras, read_manifest, read_rejected, _is_url, _join
+
+
+def expected_shapes(manifest: dict):
+    emb = manifest["embeddings"]
+    return {
+        "prompt_embeds": (emb["clip_tokens"] + manifest["max_sequence_length"], emb["prompt_embeds_dim"]),
+        "pooled_prompt_embeds": (emb["pooled_dim"],),
+    }
+
+
+def verify(path: str, deep: bool = True) -> List[str]:
+    """Problems found (empty list = good). `deep` decodes every sample and checks its shapes."""
+    problems = []
+    manifest = read_manifest(path)
+    absent = [f for f in F.MANIFEST_FIELDS if f not in manifest]
+    if absent:
+        problems.append(f"manifest lacks fields {absent}")
+    shapes = expected_shapes(manifest)
+    channels = manifest["latent_channels"]
+    total = 0
+    keys = set()
+    for shard in manifest["shards"]:
+        url = _join(path, shard["name"])
+        if not _is_url(path):
+            if not os.path.exists(url):
+                problems.append(f"{shard['name']}: missing")
+                continue
+            if os.path.getsize(url) != shard["bytes"]:
+                problems.append(f"{shard['name']}: {os.path.getsize(url)} bytes, manifest says {shard['bytes']}")
+            elif file_sha256(url) != shard["sha256"]:
+                problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupt or replaced)")
+        if not deep:
+            continue
+        n = 0
+        for raw in iter_tar(url):
+            s = decode_sample(raw)
+            n += 1
+            k = s["key"]
+            if k in keys:
+                problems.append(f"{shard['name']}: duplicate key {k}")
+            keys.add(k)
+            for name, shape in shapes.items():
+                if tuple(s[name].shape) != shape:
+                    problems.append(f"{shard['name']}/{k}: {name} shape {tuple(s[name].shape)}, expected {shape}")
+            bh, bw = s["meta"]["bucket"]
+            f = manifest["vae"]["downsample_factor"]
+            for name in ("latent_mean", "latent_std"):
+                if tuple(s[name].shape) != (channels, bh // f, bw // f):
+                    problems.append(f"{shard['name']}/{k}: {name} shape {tuple(s[name].shape)} does not fit bucket {bh}x{bw}")
+            missing_meta = [m for m in F.SAMPLE_META if m not in s["meta"]]
+            if missing_meta:
+                problems.append(f"{shard['name']}/{k}: meta lacks {missing_meta}")
+        if n != shard["samples"]:
+            problems.append(f"{shard['name']}: {n} samples, manifest says {shard['samples']}")
+        total += n
+    if deep and total != manifest["counts"]["written"]:
+        problems.append(f"{total} samples in shards, manifest counts {manifest['counts']['written']}")
+    extras = read_extras(path)
+    for name in F.EXTRAS_TENSORS:
+        if name not in extras:
+            problems.append(f"{F.EXTRAS} lacks {name}")
+    return problems
+
+
+def inspect(path: str) -> str:
+    m = read_manifest(path)
+    emb = m["embeddings"]
+    lines = [
+        f"shard set   {path}",
+        f"producer    {m['producer']} (format v{m['format_version']})",
+        f"model       {m['model']['path']}",
+        f"samples     {m['counts']['written']} written, {m['counts']['rejected']} rejected, {m['counts']['seen']} seen",
+        f"shards      {len(m['shards'])} ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB, {m['dtype']})",
+        f"latents     {m['latent_channels']} channels, scale {m['vae']['scaling_factor']}, shift {m['vae']['shift_factor']}",
+        f"text        {emb['clip_tokens']}+{m['max_sequence_length']} tokens x {emb['prompt_embeds_dim']}, pooled {emb['pooled_dim']}",
+        f"precisions  " + ", ".join(f"{k}={v}" for k, v in m["precisions"].items()),
+        "buckets     " + ", ".join(f"{b}: {n}" for b, n in m["buckets"].items()),
+        f"validation  {len(m['extras'].get('validation_prompts', []))} prompts",
+    ]
+    if not _is_url(path):
+        reasons = {}
+        for r in read_rejected(path):
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        if reasons:
+            lines.append("rejected    " + ", ".join(f"{why}: {n}" for why, n in reasons.items()))
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+# shardtune: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel here; on a CUDA machine the same pin installs the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+TINY_MODEL := build/tiny-sd3
+SAMPLE_DATA := build/sample-data
+ARGS ?=
+
+.PHONY: help venv tiny-model sample-data precompute train merge demo test clean
+
+help:
+	@echo "make demo        set up, build the tiny model + sample data, run precompute -> train -> merge"
+	@echo "make test        run the test suite"
+	@echo "make precompute|train|merge [CONFIG=file.yaml] [ARGS='key=value ...']"
+	@echo "make tiny-model | sample-data | clean"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+$(TINY_MODEL)/model_index.json: $(STAMP) precompute/tiny.py
+	$(PY) -m precompute.tiny model $(TINY_MODEL)
+
+$(SAMPLE_DATA)/.complete: $(STAMP) precompute/tiny.py
+	$(PY) -m precompute.tiny data $(SAMPLE_DATA)
+	touch $@
+
+tiny-model: $(TINY_MODEL)/model_index.json
+sample-data: $(SAMPLE_DATA)/.complete
+
+# With no CONFIG each stage runs on the built-in tiny model and reads the previous stage's output.
+TINY_DEPS = $(if $(CONFIG),,tiny-model sample-data)
+
+precompute: $(STAMP) $(TINY_DEPS)
+	$(PY) -m precompute --config $(or $(CONFIG),configs/tiny/precompute.yaml) $(if $(CONFIG),,out.overwrite=true) $(ARGS)
+
+train: $(STAMP) $(TINY_DEPS)
+	$(PY) -m train --config $(or $(CONFIG),configs/tiny/train.yaml) $(ARGS)
+
+merge: $(STAMP) $(TINY_DEPS)
+	$(PY) -m merge --config $(or $(CONFIG),configs/tiny/merge.yaml) $(if $(CONFIG),,out.overwrite=true) $(ARGS)
+
+demo: $(STAMP)
+	$(MAKE) --no-print-directory tiny-model sample-data
+	$(MAKE) --no-print-directory precompute train merge CONFIG= ARGS=
+	$(PY) -m merge.sample build/merged build/merged/sample.png
+	@echo
+	@echo "demo finished:"
+	@echo "  tiny SD3 model      $(TINY_MODEL)/"
+	@echo "  sample dataset      $(SAMPLE_DATA)/"
+	@echo "  shard set           build/shards/   (python -m shards inspect build/shards)"
+	@echo "  LoRA + loss curve   build/train/pytorch_lora_weights.safetensors, build/train/loss.png"
+	@echo "  merged pipeline     build/merged/   (sample image: build/merged/sample.png)"
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf build

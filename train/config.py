@@ -1,0 +1,128 @@
+"""Train config schema."""
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from shards.config import check, one_of
+from shards.modelpath import check_model_path
+
+from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING
+
+ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # diffusers SD3 folder or hub id; only transformer/ and scheduler/ are read
+    revision: Optional[str] = None
+    precision: str = "auto"  # weights of the frozen transformer: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # shard set folder or URL
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class OutConfig:
+    dir: str = ""
+
+
+@dataclass
+class TrainLoopConfig:
+    max_steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16, no
+    seed: int = 0
+    log_every: int = 1
+    device: str = "auto"
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0  # LoRA output is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: list(ATTN_TARGETS))
+
+
+@dataclass
+class LossConfig:
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    weighting: str = "none"
+    precondition_outputs: bool = True
+    shift: Optional[float] = None  # None: the scheduler config's shift (3.0 for SD3)
+    caption_dropout: float = 0.0  # probability of training on the empty-prompt embeddings
+
+
+@dataclass
+class ValidationConfig:
+    """Images for the validation prompts stored in the shard set's extras."""
+    enabled: bool = True
+    every: int = 0  # steps between validations; 0 = only at the end
+    steps: int = 28  # sampling steps
+    guidance: float = 5.0
+    height: int = 0  # 0 = the shard set's most common bucket
+    width: int = 0
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out: OutConfig = field(default_factory=OutConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self):
+        p = []
+        check_model_path("model.path", self.model.path, p)
+        one_of(p, "model.precision", self.model.precision, ("auto", "bf16", "fp16", "fp32"))
+        if not self.data.shards:
+            p.append("config key 'data.shards' is required (a shard set folder from precompute)")
+        elif "://" not in self.data.shards and not os.path.isdir(self.data.shards):
+            p.append(f"config key 'data.shards': no such folder: {self.data.shards}")
+        if not self.out.dir:
+            p.append("config key 'out.dir' is required")
+        t = self.train
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(t, key) < 1:
+                p.append(f"config key 'train.{key}' must be at least 1")
+        if t.lr <= 0:
+            p.append("config key 'train.lr' must be positive")
+        one_of(p, "train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp16", "no"))
+        if self.lora.rank < 1:
+            p.append("config key 'lora.rank' must be at least 1")
+        if self.lora.alpha <= 0:
+            p.append("config key 'lora.alpha' must be positive")
+        if not 0 <= self.lora.dropout < 1:
+            p.append("config key 'lora.dropout' must be in [0, 1)")
+        if not self.lora.targets:
+            p.append("config key 'lora.targets' must name at least one module")
+        one_of(p, "loss.timestep_sampling", self.loss.timestep_sampling, TIMESTEP_SAMPLING)
+        one_of(p, "loss.weighting", self.loss.weighting, LOSS_WEIGHTING)
+        if self.loss.shift is not None and self.loss.shift <= 0:
+            p.append("config key 'loss.shift' must be positive")
+        if not 0 <= self.loss.caption_dropout <= 1:
+            p.append("config key 'loss.caption_dropout' must be in [0, 1]")
+        v = self.validation
+        if v.every < 0 or v.steps < 1:
+            p.append("config keys 'validation.every' (>= 0) and 'validation.steps' (>= 1) are out of range")
+        if (v.height or v.width) and (v.height % 16 or v.width % 16 or v.height <= 0 or v.width <= 0):
+            p.append("config keys 'validation.height'/'validation.width' must both be positive multiples of 16")
+        check(p)

@@ -1,0 +1,47 @@
+"""Shard stream -> seeded shuffle buffer -> batches that each hold one bucket."""
+import random
+from collections import defaultdict
+from typing import Dict, Iterator, List
+
+import torch
+
+from shards import read_samples
+
+TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
+
+
+def collate(samples: List[dict]) -> Dict:
+    batch = {name: torch.stack([s[name] for s in samples]) for name in TENSORS}
+    batch["keys"] = [s["key"] for s in samples]
+    return batch
+
+
+def _shuffled(samples: Iterator[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
+    pool = []
+    for s in samples:
+        pool.append(s)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from pool
+
+
+def bucket_batches(shards: str, batch_size: int, seed: int, shuffle_buffer: int = 256) -> Iterator[Dict]:
+    """Endless batches; epoch e reshuffles with seed + e. A bucket's leftover samples at the end
+    of an epoch form a smaller batch rather than being dropped."""
+    epoch = 0
+    while True:
+        rng = random.Random(seed * 100003 + epoch)
+        pending = defaultdict(list)
+        n = 0
+        for s in _shuffled(read_samples(shards), shuffle_buffer, rng):
+            n += 1
+            bucket = tuple(s["meta"]["bucket"])
+            pending[bucket].append(s)
+            if len(pending[bucket]) == batch_size:
+                yield collate(pending.pop(bucket))
+        if n == 0:
+            raise ValueError(f"shard set {shards} holds no samples")
+        for bucket in sorted(pending):
+            yield collate(pending[bucket])
+        epoch += 1

@@ -1,0 +1,204 @@
+"""Stage 2: stream a shard set into a LoRA on the frozen SD3 transformer."""
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from shards import read_extras, read_manifest
+from shards.config import to_dict
+from shards.errors import DataError
+from shards.modelpath import resolve_model
+
+from . import flow
+from .config import TrainConfig
+from .data import bucket_batches
+from .lora_file import save_lora
+from .model import add_lora, check_shard_set, load_transformer, scheduler_config
+from .plot import loss_curve_png
+from .sampling import generate, load_vae_decoder, save_grid
+
+# What the trainer reads from a pipeline folder: never a text encoder.
+MODEL_FILES = ["model_index.json", "transformer/*", "scheduler/*", "vae/*"]
+MAX_BAD_STEPS = 5
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtypes(cfg: TrainConfig, device: torch.device):
+    weights = cfg.model.precision
+    if weights == "auto":
+        weights = "bf16" if device.type == "cuda" else "fp32"
+    amp = cfg.train.mixed_precision
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "no"
+    return _DTYPES[weights], (None if amp == "no" else _DTYPES[amp])
+
+
+class Objective:
+    """One micro-batch's loss; owns the generator so every random draw is reproducible."""
+
+    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, sched: dict, device, weight_dtype, amp_dtype):
+        self.cfg, self.device, self.weight_dtype, self.amp_dtype = cfg.loss, device, weight_dtype, amp_dtype
+        shift = cfg.loss.shift if cfg.loss.shift is not None else sched.get("shift", 1.0)
+        self.table = flow.sigma_table(sched.get("num_train_timesteps", 1000), shift)
+        self.shift_factor = manifest["vae"]["shift_factor"]
+        self.scaling_factor = manifest["vae"]["scaling_factor"]
+        self.empty = (extras["empty_prompt_embeds"].float(), extras["empty_pooled_prompt_embeds"].float())
+        self.gen = torch.Generator().manual_seed(cfg.train.seed)
+
+    def __call__(self, transformer, batch):
+        c, g, dev = self.cfg, self.gen, self.device
+        x0 = flow.model_latents(batch["latent_mean"], batch["latent_std"], g, self.shift_factor,
+                                self.scaling_factor).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        sigma = flow.sigmas_for(flow.sample_u(c.timestep_sampling, x0.shape[0], g, c.logit_mean, c.logit_std,
+                                              c.mode_scale), self.table).to(dev)
+        noisy = flow.noisy_latents(x0, noise, sigma)
+        embeds, pooled = batch["prompt_embeds"].float(), batch["pooled_prompt_embeds"].float()
+        if c.caption_dropout > 0:
+            drop = torch.rand(x0.shape[0], generator=g) < c.caption_dropout
+            embeds[drop], pooled[drop] = self.empty[0], self.empty[1]
+        with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = transformer(hidden_states=noisy.to(self.weight_dtype), timestep=sigma * 1000,
+                              encoder_hidden_states=embeds.to(dev, self.weight_dtype),
+                              pooled_projections=pooled.to(dev, self.weight_dtype), return_dict=False)[0]
+        loss = flow.flow_matching_loss(out, x0, noise, noisy, sigma, c.weighting, c.precondition_outputs)
+        return loss, sigma
+
+
+class Validator:
+    """Sample images for the shard set's validation prompts and save them as a PNG grid."""
+
+    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, root: str, sched: dict, device, dtype):
+        self.cfg, self.sched, self.dtype = cfg.validation, sched, dtype
+        self.prompts = manifest["extras"].get("validation_prompts", [])
+        self.embeds = (extras["validation_prompt_embeds"].float(), extras["validation_pooled_prompt_embeds"].float())
+        self.empty = (extras["empty_prompt_embeds"].float()[None], extras["empty_pooled_prompt_embeds"].float()[None])
+        self.enabled = self.cfg.enabled and bool(self.prompts)
+        if self.enabled:
+            h, w = self.cfg.height, self.cfg.width
+            if not h:
+                common = max(manifest["buckets"].items(), key=lambda kv: kv[1])[0]
+                h, w = (int(x) for x in common.split("x"))
+            self.size = (h, w)
+            self.vae = load_vae_decoder(root, device)
+            self.dir = os.path.join(cfg.out.dir, "samples")
+
+    def __call__(self, transformer, step: int):
+        if not self.enabled:
+            return None
+        v = self.cfg
+        images = generate(transformer, self.vae, self.sched, *self.embeds, *self.empty, *self.size, v.steps,
+                          v.guidance, v.seed, self.dtype)
+        return save_grid(images, self.prompts, os.path.join(self.dir, f"step-{step:06d}.png"),
+                         f"step {step}, {v.steps} steps, guidance {v.guidance}, seed {v.seed}")
+
+
+def train(cfg: TrainConfig) -> dict:
+    t_start = time.time()
+    device = _device(cfg.train.device)
+    weight_dtype, amp_dtype = _dtypes(cfg, device)
+    torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
+    manifest = read_manifest(cfg.data.shards)
+    extras = read_extras(cfg.data.shards)
+    root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
+    transformer = load_transformer(root, weight_dtype, device)
+    check_shard_set(manifest, transformer.config)
+    params = add_lora(transformer, cfg.lora)
+    for p in params:  # LoRA weights train in fp32 whatever the base precision
+        p.data = p.data.float()
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    sched = scheduler_config(root)
+    objective = Objective(cfg, manifest, extras, sched, device, weight_dtype, amp_dtype)
+    validate = Validator(cfg, manifest, extras, root, sched, device, weight_dtype)
+    t = cfg.train
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                            weight_decay=t.weight_decay)
+    batches = bucket_batches(cfg.data.shards, t.batch_size, t.seed, cfg.data.shuffle_buffer)
+
+    os.makedirs(cfg.out.dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out.dir, "metrics.jsonl")
+    history, bad_in_a_row, samples = [], 0, 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(range(1, t.max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    with open(metrics_path, "w") as metrics:
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            total, sigmas = 0.0, []
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                loss, sigma = objective(transformer, batch)
+                (loss / t.grad_accum).backward()
+                total += loss.item() / t.grad_accum
+                sigmas.append(sigma.detach().cpu())
+                samples += sigma.shape[0]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
+            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                bad_in_a_row += 1
+                tqdm.write(f"train: step {step}: non-finite loss {total} or gradient norm {grad_norm}; step skipped")
+                if bad_in_a_row >= MAX_BAD_STEPS:
+                    raise DataError(f"loss or gradients were non-finite for {MAX_BAD_STEPS} steps in a row "
+                                    f"(last at step {step}); lower train.lr or use model.precision=fp32")
+                continue
+            bad_in_a_row = 0
+            opt.step()
+            history.append(total)
+            record = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                      "sigmas": [round(x, 5) for x in torch.cat(sigmas).tolist()],
+                      "seconds": round(time.time() - t_start, 3)}
+            if step % t.log_every == 0 or step == t.max_steps:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{record['lr']:.2e}")
+            if cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
+                validate(transformer, step)
+    bar.close()
+    last_samples = validate(transformer, t.max_steps)
+
+    seconds = time.time() - t_start
+    info = {
+        "base_model": cfg.model.path, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+        "targets": list(cfg.lora.targets), "steps": t.max_steps,
+        "shard_set": {"path": cfg.data.shards, "manifest_sha256": _manifest_hash(cfg.data.shards),
+                      "model": manifest["model"]["path"]},
+        "validation_prompts": manifest["extras"].get("validation_prompts", []),
+        "config": to_dict(cfg),
+    }
+    lora_path = save_lora(cfg.out.dir, transformer, info)
+    curve = loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
+    result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "samples": last_samples,
+              "steps": len(history),
+              "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
+              "seconds": seconds, "samples_per_second": samples / max(seconds, 1e-9)}
+    if device.type == "cuda":
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def _manifest_hash(path: str) -> str:
+    import hashlib
+    from shards.reader import _join, _read_bytes
+    return hashlib.sha256(_read_bytes(_join(path, "manifest.json"))).hexdigest()
+
+
+def summary(r: dict) -> str:
+    lines = [f"LoRA: {r['lora']}",
+             f"  {r['steps']} steps in {r['seconds']:.1f} s ({r['samples_per_second']:.2f} samples/s), "
+             f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last step)",
+             f"  metrics: {r['metrics']}   loss curve: {r['loss_curve']}"]
+    if r["samples"]:
+        lines.append(f"  validation images: {r['samples']}")
+    if "peak_gpu_memory_gb" in r:
+        lines.append(f"  peak GPU memory: {r['peak_gpu_memory_gb']:.2f} GiB")
+    return "\n".join(lines)

@@ -183,6 +183,7 @@ def train(cfg: TrainConfig) -> dict:
               "seconds": seconds, "samples_per_second": samples / max(seconds, 1e-9)}
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    result["transformer"] = transformer  # for callers in the same process (tests, notebooks)
     return result
 
 

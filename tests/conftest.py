@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny model, sample data and a shard set are built once per test session."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 600):
+    """Run `python -m module args...` as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from precompute.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    from precompute.tiny import build_sample_dataset
+
+    return build_sample_dataset(str(tmp_path_factory.mktemp("data") / "sample"))
+
+
+def precompute_cfg(model, data, out, **over):
+    from precompute.config import PrecomputeConfig
+    from shards.config import load_config
+
+    args = [f"model.path={model}", f"data.path={data}", f"out.dir={out}", "buckets.resolution=128",
+            "buckets.step=32", "validation.prompts=[a photo of a cat,a red apple]"]
+    args += [f"{k}={v}" for k, v in over.items()]
+    return load_config(PrecomputeConfig, args)
+
+
+@pytest.fixture(scope="session")
+def shard_set_fp32(tiny_model, sample_data, tmp_path_factory):
+    """Full-precision shard set (fp32 T5 and storage) for exact comparisons with diffusers."""
+    from precompute.run import run
+
+    out = str(tmp_path_factory.mktemp("shards") / "fp32")
+    run(precompute_cfg(tiny_model, sample_data, out, **{"text.t5_precision": "fp32", "out.dtype": "fp32",
+                                                          "out.samples_per_shard": 3}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_without_text_encoders(tiny_model, tmp_path_factory):
+    """A copy of the tiny pipeline with its text encoders and tokenizers deleted."""
+    dst = str(tmp_path_factory.mktemp("noenc") / "tiny-sd3")
+    shutil.copytree(tiny_model, dst)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.rmtree(os.path.join(dst, name))
+    return dst

@@ -1,0 +1,124 @@
+"""Shard set format v1: round trip, manifest fields, verification, refusing broken sets."""
+import json
+import os
+import shutil
+import tarfile
+
+import pytest
+import torch
+
+from shards import ShardSetWriter, read_extras, read_manifest, read_rejected, read_samples
+from shards import format as F
+from shards.errors import DataError
+from shards.verify import verify
+
+
+def _fields():
+    return {"model": {"path": "m", "components": {"vae": "abc"}}, "vae": {"scaling_factor": 1.5, "shift_factor": 0.1,
+            "downsample_factor": 8}, "latent_channels": 4, "embeddings": {"prompt_embeds_dim": 6, "clip_tokens": 2,
+            "pooled_dim": 5}, "max_sequence_length": 3, "precisions": {"t5": "fp32"}, "config": {"a": 1}}
+
+
+def _write(out, n=5, dtype="fp32", per_shard=2):
+    g = torch.Generator().manual_seed(0)
+    w = ShardSetWriter(out, dtype=dtype, samples_per_shard=per_shard)
+    written = {}
+    for i in range(n):
+        t = {"latent_mean": torch.randn(4, 2, 3, generator=g), "latent_std": torch.rand(4, 2, 3, generator=g),
+             "prompt_embeds": torch.randn(5, 6, generator=g), "pooled_prompt_embeds": torch.randn(5, generator=g)}
+        meta = {"caption": f"caption {i}", "source": f"img{i}.png", "original_size": [20, 30],
+                "crop_top_left": [0, i], "bucket": [16, 24]}
+        w.add(f"k{i:03d}", t, meta)
+        written[f"k{i:03d}"] = (t, meta)
+    w.reject("bad.png", "unreadable image: broken")
+    w.write_extras({"empty_prompt_embeds": torch.zeros(5, 6), "empty_pooled_prompt_embeds": torch.ones(5),
+                    "validation_prompt_embeds": torch.ones(2, 5, 6), "validation_pooled_prompt_embeds": torch.ones(2, 5)},
+                   {"validation_prompts": ["p1", "p2"]})
+    return w.close(_fields(), seen=n + 1), written
+
+
+def test_round_trip_is_exact(tmp_path):
+    manifest, written = _write(str(tmp_path))
+    got = list(read_samples(str(tmp_path)))
+    assert [s["key"] for s in got] == sorted(written)
+    for s in got:
+        t, meta = written[s["key"]]
+        for name, tensor in t.items():
+            assert s[name].dtype == torch.float32 and torch.equal(s[name], tensor)
+        assert s["meta"] == {"key": s["key"], **meta}
+    assert read_extras(str(tmp_path))["validation_prompt_embeds"].shape == (2, 5, 6)
+    assert read_rejected(str(tmp_path)) == [{"source": "bad.png", "reason": "unreadable image: broken"}]
+    assert read_manifest(str(tmp_path)) == manifest
+
+
+def test_manifest_has_every_design_field(tmp_path):
+    manifest, _ = _write(str(tmp_path))
+    for f in F.MANIFEST_FIELDS:
+        assert f in manifest
+    assert manifest["format_version"] == 1 and manifest["dtype"] == "fp32"
+    assert manifest["counts"] == {"seen": 6, "written": 5, "rejected": 1}
+    assert manifest["buckets"] == {"16x24": 5}
+    assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
+    for s in manifest["shards"]:
+        assert set(s) == {"name", "samples", "bytes", "sha256"}
+        assert os.path.getsize(tmp_path / s["name"]) == s["bytes"]
+    assert manifest["extras"]["validation_prompts"] == ["p1", "p2"]
+    # The last thing written is the manifest; no temp files are left.
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_bf16_storage_and_webdataset_layout(tmp_path):
+    _write(str(tmp_path), dtype="bf16")
+    s = next(iter(read_samples(str(tmp_path))))
+    assert s["latent_mean"].dtype == torch.bfloat16
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["k000.safetensors", "k000.json", "k001.safetensors", "k001.json"]
+
+
+def test_same_samples_give_the_same_bytes(tmp_path):
+    a, _ = _write(str(tmp_path / "a"))
+    b, _ = _write(str(tmp_path / "b"))
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_verify_finds_corruption(tmp_path):
+    _write(str(tmp_path))
+    assert verify(str(tmp_path)) == []
+    with open(tmp_path / "shard-000001.tar", "r+b") as f:
+        f.seek(600)
+        f.write(b"\xff\xff")
+    problems = verify(str(tmp_path), deep=False)
+    assert problems == ["shard-000001.tar: sha256 differs from the manifest (corrupt or replaced)"]
+
+
+def test_incomplete_set_is_refused(tmp_path):
+    _write(str(tmp_path))
+    os.remove(tmp_path / "manifest.json")
+    with pytest.raises(DataError, match="incomplete"):
+        read_manifest(str(tmp_path))
+
+
+def test_keys_must_be_unique_and_webdataset_safe(tmp_path):
+    w = ShardSetWriter(str(tmp_path))
+    t = {"latent_mean": torch.zeros(1), "latent_std": torch.zeros(1), "prompt_embeds": torch.zeros(1),
+         "pooled_prompt_embeds": torch.zeros(1)}
+    with pytest.raises(ValueError, match="must not contain"):
+        w.add("a.b", t, {"bucket": [8, 8]})
+    w.add("ab", t, {"bucket": [8, 8]})
+    with pytest.raises(ValueError, match="duplicate"):
+        w.add("ab", t, {"bucket": [8, 8]})
+    w.abort()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_cli_inspect_and_verify(shard_set_fp32, tmp_path):
+    from conftest import run_module
+
+    r = run_module("shards", "inspect", shard_set_fp32)
+    assert r.returncode == 0 and "8 written" in r.stdout and "128x128" in r.stdout
+    assert run_module("shards", "verify", shard_set_fp32).returncode == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(shard_set_fp32, broken)
+    os.remove(broken / "shard-000001.tar")
+    r = run_module("shards", "verify", str(broken))
+    assert r.returncode == 1 and "shard-000001.tar: missing" in r.stderr and "Traceback" not in r.stderr

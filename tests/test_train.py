@@ -1,0 +1,166 @@
+"""Stage 2: trains without text encoders, loss falls, the LoRA loads in diffusers with the same effect."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from shards import read_manifest, read_samples
+from train import flow
+from conftest import REPO
+
+TEXT_ENCODER_MODULES = ("modeling_clip", "modeling_t5", "tokenization_clip", "tokenization_t5")
+
+
+def train_args(model, shards, out, *extra):
+    return [f"model.path={model}", f"data.shards={shards}", f"out.dir={out}", "train.batch_size=2",
+            "lora.rank=4", "lora.alpha=8", "validation.steps=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(model_without_text_encoders, shard_set_fp32, tmp_path_factory):
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.loop import train
+
+    out = str(tmp_path_factory.mktemp("train"))
+    cfg = load_config(TrainConfig, train_args(model_without_text_encoders, shard_set_fp32, out,
+                                              "train.max_steps=100", "train.lr=5e-3"))
+    return train(cfg)
+
+
+def _eval_loss(transformer, shards):
+    """Loss over every sample at fixed sigmas and fixed noise: comparable before and after training."""
+    m = read_manifest(shards)
+    g = torch.Generator().manual_seed(0)
+    table = flow.sigma_table(1000, 3.0)
+    losses = []
+    with torch.no_grad():
+        for s in read_samples(shards):
+            for u in (0.2, 0.4, 0.6, 0.8):
+                x0 = flow.model_latents(s["latent_mean"][None], s["latent_std"][None], g,
+                                        m["vae"]["shift_factor"], m["vae"]["scaling_factor"])
+                noise = torch.randn(x0.shape, generator=g)
+                sigma = flow.sigmas_for(torch.tensor([u]), table)
+                noisy = flow.noisy_latents(x0, noise, sigma)
+                out = transformer(hidden_states=noisy, timestep=sigma * 1000,
+                                  encoder_hidden_states=s["prompt_embeds"][None].float(),
+                                  pooled_projections=s["pooled_prompt_embeds"][None].float(), return_dict=False)[0]
+                losses.append(flow.flow_matching_loss(out, x0, noise, noisy, sigma).item())
+    return sum(losses) / len(losses)
+
+
+def test_loss_falls_when_overfitting(trained, shard_set_fp32):
+    t = trained["transformer"]
+    after = _eval_loss(t, shard_set_fp32)
+    t.disable_adapters()
+    try:
+        before = _eval_loss(t, shard_set_fp32)
+    finally:
+        t.enable_adapters()
+    assert after < 0.95 * before, (before, after)
+
+
+def test_outputs_written(trained):
+    out = os.path.dirname(trained["lora"])
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 100 and json.loads(lines[-1])["step"] == 100
+    assert Image.open(trained["loss_curve"]).size == (800, 400)
+    grid = Image.open(trained["samples"])
+    assert grid.size[1] > 128 and grid.size[0] >= 2 * 128  # two validation prompts, 128x128 bucket
+
+
+def test_lora_file_metadata(trained):
+    with safe_open(trained["lora"], "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 8
+    info = json.loads(meta["shardtune"])
+    assert info["rank"] == 4 and info["alpha"] == 8 and info["steps"] == 100 and len(info["shard_set"]["manifest_sha256"]) == 64
+    assert all(k.startswith("transformer.transformer_blocks.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    # 2 blocks x 8 projections (the last block has no to_add_out: context_pre_only) x A and B.
+    assert len(keys) == (8 + 7) * 2
+
+
+def test_lora_loads_in_diffusers_with_the_trained_effect(trained, tiny_model):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
+    g = torch.Generator().manual_seed(5)
+    probe = dict(hidden_states=torch.randn(1, 16, 16, 16, generator=g), timestep=torch.tensor([700.0]),
+                 encoder_hidden_states=torch.randn(1, 154, 128, generator=g),
+                 pooled_projections=torch.randn(1, 80, generator=g), return_dict=False)
+    with torch.no_grad():
+        base = pipe.transformer(**probe)[0]
+        trainer_out = trained["transformer"](**probe)[0]
+        kw = dict(prompt="a photo of a cat", num_inference_steps=3, height=64, width=64, output_type="latent")
+        base_img = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        pipe.load_lora_weights(os.path.dirname(trained["lora"]))
+        loaded = pipe.transformer(**probe)[0]
+        lora_img = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert (trainer_out - base).abs().max() > 1e-3  # the LoRA does something...
+    assert torch.allclose(loaded, trainer_out, atol=1e-5, rtol=1e-5)  # ...and the same thing in diffusers (alpha/rank = 2)
+    assert (lora_img - base_img).abs().max() > 1e-3
+
+
+def test_trains_without_text_encoders_and_never_imports_them(model_without_text_encoders, shard_set_fp32, tmp_path):
+    assert not any(n.startswith(("text_encoder", "tokenizer")) for n in os.listdir(model_without_text_encoders))
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "train",
+                        *train_args(model_without_text_encoders, shard_set_fp32, str(tmp_path), "train.max_steps=2")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "import time:" in r.stderr and "train.loop" in r.stderr
+    imported = [line for line in r.stderr.splitlines() if any(m in line for m in TEXT_ENCODER_MODULES)]
+    assert imported == []
+    assert os.path.exists(tmp_path / "pytorch_lora_weights.safetensors")
+
+
+def test_refuses_a_shard_set_for_another_model(tiny_model, shard_set_fp32, tmp_path, capsys):
+    from shards.config import run_cli
+    from train.__main__ import main
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(shard_set_fp32, wrong)
+    m = json.load(open(wrong / "manifest.json"))
+    m["embeddings"]["prompt_embeds_dim"] = 4096
+    json.dump(m, open(wrong / "manifest.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", main, train_args(tiny_model, str(wrong), str(tmp_path / "out"), "train.max_steps=1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert "prompt embedding width 4096 vs joint_attention_dim 128" in err
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("lora.rnk=4", "unknown config key 'lora.rnk'"),
+    ("train.max_steps=abc", "config key 'train.max_steps'"),
+    ("data.shards=/no/such/set", "data.shards': no such folder: /no/such/set"),
+    ("lora.targets=[to_q,to_qq]", "lora.targets: to_qq match(es) no linear layer"),
+    ("loss.weighting=cos", "config key 'loss.weighting'"),
+])
+def test_config_errors_are_one_line(arg, needle, tiny_model, shard_set_fp32, tmp_path, capsys):
+    from shards.config import run_cli
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", main, train_args(tiny_model, shard_set_fp32, str(tmp_path), "train.max_steps=1", arg))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_model, shard_set_fp32, tmp_path, capsys):
+    from shards.config import run_cli
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", main, train_args(tiny_model, shard_set_fp32, str(tmp_path), "train.max_steps=20",
+                                          "train.lr=1e30", "train.max_grad_norm=1e30", "validation.enabled=false"))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "non-finite for 5 steps in a row" in err

@@ -52,14 +52,15 @@ merge: $(STAMP) $(TINY_DEPS)
 demo: $(STAMP)
 	$(MAKE) --no-print-directory tiny-model sample-data
 	$(MAKE) --no-print-directory precompute train merge CONFIG= ARGS=
-	$(PY) -m merge.sample build/merged build/merged/sample.png
 	@echo
 	@echo "demo finished:"
 	@echo "  tiny SD3 model      $(TINY_MODEL)/"
 	@echo "  sample dataset      $(SAMPLE_DATA)/"
 	@echo "  shard set           build/shards/   (python -m shards inspect build/shards)"
-	@echo "  LoRA + loss curve   build/train/pytorch_lora_weights.safetensors, build/train/loss.png"
-	@echo "  merged pipeline     build/merged/   (sample image: build/merged/sample.png)"
+	@echo "  LoRA                build/train/pytorch_lora_weights.safetensors"
+	@echo "  loss curve          build/train/loss.png   (per step: build/train/metrics.jsonl)"
+	@echo "  validation images   build/train/samples/"
+	@echo "  merged pipeline     build/merged/   (StableDiffusion3Pipeline.from_pretrained)"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

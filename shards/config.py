@@ -91,9 +91,25 @@ def one_of(problems: List[str], key: str, value, allowed) -> None:
         problems.append(f"config key '{key}': '{value}' is not one of {', '.join(map(str, allowed))}")
 
 
+def quiet_libraries() -> None:
+    """Keep the terminal for shardtune's own progress bars and messages."""
+    import logging
+
+    # bitsandbytes notes at import, on CPUs with AVX512-BF16, that an optional kernel package is absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()  # "Loading weights" bars for components of a few MB to GB
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def run_cli(prog: str, main: Callable[[List[str]], None], argv=None) -> None:
     """Run a stage's main, turning user errors into one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
+    quiet_libraries()
     try:
         main(argv)
     except UsageError as e:

@@ -73,7 +73,7 @@ class ValidationConfig:
     enabled: bool = True
     every: int = 0  # steps between validations; 0 = only at the end
     steps: int = 28  # sampling steps
-    guidance: float = 5.0
+    guidance: float = 7.0  # the SD3 pipeline default
     height: int = 0  # 0 = the shard set's most common bucket
     width: int = 0
     seed: int = 42

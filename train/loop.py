@@ -160,7 +160,7 @@ def train(cfg: TrainConfig) -> dict:
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{record['lr']:.2e}")
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
             if cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
                 validate(transformer, step)
     bar.close()
@@ -177,9 +177,11 @@ def train(cfg: TrainConfig) -> dict:
     }
     lora_path = save_lora(cfg.out.dir, transformer, info)
     curve = loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
+    tenth = max(1, len(history) // 10)
     result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "samples": last_samples,
               "steps": len(history),
-              "first_loss": history[0] if history else None, "last_loss": history[-1] if history else None,
+              "first_loss": sum(history[:tenth]) / tenth if history else float("nan"),
+              "last_loss": sum(history[-tenth:]) / tenth if history else float("nan"),
               "seconds": seconds, "samples_per_second": samples / max(seconds, 1e-9)}
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -196,7 +198,7 @@ def _manifest_hash(path: str) -> str:
 def summary(r: dict) -> str:
     lines = [f"LoRA: {r['lora']}",
              f"  {r['steps']} steps in {r['seconds']:.1f} s ({r['samples_per_second']:.2f} samples/s), "
-             f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last step)",
+             f"mean loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last tenth of the steps)",
              f"  metrics: {r['metrics']}   loss curve: {r['loss_curve']}"]
     if r["samples"]:
         lines.append(f"  validation images: {r['samples']}")

@@ -1,0 +1,6 @@
+from shards.config import run_cli
+
+from .run import main
+
+if __name__ == "__main__":
+    run_cli("merge", main)

@@ -1,0 +1,147 @@
+"""Reading a diffusers/peft SD3 transformer LoRA file: its modules, ranks and per-module scales."""
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from shards.errors import DataError, UsageError
+
+LORA_FILE_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+METADATA_KEY = "lora_adapter_metadata"
+# peft's LoraConfig defaults; diffusers builds a LoraConfig from the metadata, so missing fields get these.
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
+# peft.save_pretrained and diffusers' pipeline save add these in front of the transformer's module names.
+KEY_PREFIXES = ("transformer.", "base_model.model.")
+TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers' and kohya's
+OTHER_COMPONENTS = TEXT_ENCODER_PREFIXES + ("lora_unet_",)  # kohya's transformer keys use original SD3 names
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    name: str  # module path inside the transformer, e.g. transformer_blocks.0.attn.to_q
+    down: torch.Tensor  # lora_A, [rank, in_features]
+    up: torch.Tensor  # lora_B, [out_features, rank]
+    scale: float  # everything that multiplies up @ down: lora.scale * alpha / rank (or / sqrt(rank))
+
+    def delta(self) -> torch.Tensor:
+        """The fp32 weight update; fp32 so bf16 LoRAs do not lose the small products."""
+        return self.scale * (self.up.float() @ self.down.float())
+
+
+def find_lora_file(path: str) -> str:
+    if os.path.isdir(path):
+        f = os.path.join(path, LORA_FILE_NAME)
+        if not os.path.isfile(f):
+            raise UsageError(f"lora.path '{path}' is a folder without {LORA_FILE_NAME}")
+        return f
+    if not os.path.isfile(path):
+        raise UsageError(f"lora.path '{path}' does not exist")
+    if not path.endswith(".safetensors"):
+        raise UsageError(f"lora.path '{path}' is not a .safetensors file")
+    return path
+
+
+def split_key(key: str) -> Optional[Tuple[str, str]]:
+    """'transformer.a.b.lora_A.weight' -> ('a.b', 'A'); None for anything but a transformer LoRA A/B weight."""
+    if key.startswith(OTHER_COMPONENTS):
+        return None
+    name = key
+    for prefix in KEY_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    for part in ("A", "B"):
+        suffix = f".lora_{part}.weight"
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], part
+    return None
+
+
+def _key_error(path: str, key: str) -> DataError:
+    if key.startswith(TEXT_ENCODER_PREFIXES):
+        return DataError(f"{path}: '{key}' is a text encoder LoRA weight; merging text encoder LoRAs is not "
+                        "supported yet (only transformer LoRAs are)")
+    if key.startswith("lora_unet_"):
+        return DataError(f"{path}: '{key}' is a kohya-format key; merge reads diffusers/peft LoRA files only so far")
+    return DataError(f"{path}: '{key}' is not a transformer LoRA weight (expected "
+                    "transformer.<module>.lora_A.weight / .lora_B.weight; DoRA and LoRA biases are not supported)")
+
+
+def adapter_config(header: Optional[Dict[str, str]], path: str) -> Optional[dict]:
+    """The transformer's peft LoraConfig fields from the file header, None when the file has none."""
+    raw = (header or {}).get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{path}: header entry '{METADATA_KEY}' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: header entry '{METADATA_KEY}' is not a JSON object")
+    # Pipeline-level saves prefix every field with the component; a model's save_lora_adapter does not.
+    prefixed = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    return prefixed or meta
+
+
+def _pattern_value(patterns, module: str, default):
+    """peft's rank_pattern / alpha_pattern rule: the first key that matches a dotted suffix of the name wins."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scale(config: Optional[dict], module: str, rank: int, scale: float, path: str = "") -> float:
+    """lora.scale * alpha / rank (alpha / sqrt(rank) with rsLoRA), with alpha as diffusers would load it."""
+    if config is None:
+        return scale  # diffusers loads a LoRA without metadata with alpha = rank
+    try:
+        declared = _pattern_value(config.get("rank_pattern"), module, config.get("r", PEFT_DEFAULT_R))
+        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    except re.error as e:
+        raise DataError(f"{path}: adapter metadata has an invalid module pattern ({e})") from None
+    if declared != rank:
+        raise DataError(f"{path}: module '{module}' has rank {rank} but the adapter metadata says {declared}; "
+                        "diffusers could not load this LoRA either")
+    divisor = math.sqrt(rank) if config.get("use_rslora") else rank
+    return scale * float(alpha) / divisor
+
+
+def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
+    """Every transformer LoRA module in a .safetensors file, by module name, with its final scale."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"cannot read LoRA file {path}: {e}") from None
+    if not tensors:
+        raise DataError(f"{path}: the LoRA file holds no tensors")
+    parts: Dict[str, Dict[str, Tuple[str, torch.Tensor]]] = {}
+    for key in sorted(tensors):
+        split = split_key(key)
+        if split is None:
+            raise _key_error(path, key)
+        module, part = split
+        seen = parts.setdefault(module, {})
+        if part in seen:  # the same module under two prefixes would be folded twice
+            raise DataError(f"{path}: module '{module}' appears twice, as '{seen[part][0]}' and '{key}'")
+        seen[part] = (key, tensors[key])
+
+    config = adapter_config(header, path)
+    modules = {}
+    for name, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise DataError(f"{path}: module '{name}' has no {missing} weight")
+        down, up = ab["A"][1], ab["B"][1]
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise DataError(f"{path}: module '{name}' has lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)}, "
+                            "which are not the two matrices of one linear LoRA")
+        modules[name] = LoraModule(name, down, up, module_scale(config, name, down.shape[0], scale, path))
+    return modules

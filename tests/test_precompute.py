@@ -218,3 +218,21 @@ def test_refuses_to_overwrite_a_complete_set(tiny_model, sample_data, shard_set_
         run_cli("precompute", main, [f"model.path={tiny_model}", f"data.path={sample_data}", f"out.dir={shard_set_fp32}"])
     assert e.value.code == 2 and "out.overwrite=true" in capsys.readouterr().err
     assert json.load(open(os.path.join(shard_set_fp32, "manifest.json")))["counts"]["written"] == 8
+
+
+def test_tiny_model_keeps_the_real_shape_relations(tiny_model):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, T5Config
+
+    l = CLIPTextConfig.from_pretrained(os.path.join(tiny_model, "text_encoder"))
+    g = CLIPTextConfig.from_pretrained(os.path.join(tiny_model, "text_encoder_2"))
+    t5 = T5Config.from_pretrained(os.path.join(tiny_model, "text_encoder_3"))
+    tr = SD3Transformer2DModel.load_config(os.path.join(tiny_model, "transformer"))
+    vae = AutoencoderKL.load_config(os.path.join(tiny_model, "vae"))
+    sched = FlowMatchEulerDiscreteScheduler.load_config(os.path.join(tiny_model, "scheduler"))
+    assert l.hidden_size != g.hidden_size and l.hidden_size + g.hidden_size < t5.d_model
+    assert tr["joint_attention_dim"] == t5.d_model
+    assert tr["pooled_projection_dim"] == l.projection_dim + g.projection_dim
+    assert vae["latent_channels"] == 16 and 2 ** (len(vae["block_out_channels"]) - 1) == 8
+    assert (vae["scaling_factor"], vae["shift_factor"]) == (1.5305, 0.0609)
+    assert sched["shift"] == 3.0

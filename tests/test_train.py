@@ -164,3 +164,25 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_model, shard_set_fp32, 
                                           "train.lr=1e30", "train.max_grad_norm=1e30", "validation.enabled=false"))
     err = capsys.readouterr().err
     assert e.value.code == 1 and "non-finite for 5 steps in a row" in err
+
+
+def test_bf16_weights_autocast_accumulation_and_checkpointing(tiny_model, shard_set_fp32, tmp_path):
+    from safetensors.torch import load_file
+
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.loop import train
+
+    cfg = load_config(TrainConfig, train_args(tiny_model, shard_set_fp32, str(tmp_path), "train.max_steps=3",
+                                              "model.precision=bf16", "train.mixed_precision=bf16",
+                                              "train.grad_accum=2", "model.gradient_checkpointing=true",
+                                              "validation.enabled=false"))
+    r = train(cfg)
+    t = r["transformer"]
+    assert t.is_gradient_checkpointing
+    assert t.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.bfloat16
+    lora = load_file(r["lora"])
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in lora.values())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    lines = open(r["metrics"]).read().splitlines()
+    assert len(json.loads(lines[0])["sigmas"]) == 4  # 2 micro-batches of 2 per step

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from shards import ShardSetWriter
+from shards.writer import check_writable
 from shards.config import to_dict
 from shards.fingerprint import folder_fingerprint
 from shards.modelpath import resolve_model
@@ -56,13 +57,15 @@ def run(cfg: PrecomputeConfig) -> dict:
     items, early_rejects = scan_folder(cfg.data)
     buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
 
-    writer = ShardSetWriter(cfg.out.dir, cfg.out.dtype, cfg.out.samples_per_shard, cfg.out.overwrite)
-    for source, reason in early_rejects:
-        writer.reject(source, reason)
+    check_writable(cfg.out.dir, cfg.out.overwrite)
     clip_dtype = resolve_dtype(cfg.text.clip_precision, device)
     vae_dtype = resolve_dtype(cfg.vae.precision, device)
     text = TextEncoders(root, cfg.text.t5_precision, clip_dtype, device, cfg.text.max_sequence_length)
     vae = VaeEncoder(root, vae_dtype, device)
+
+    writer = ShardSetWriter(cfg.out.dir, cfg.out.dtype, cfg.out.samples_per_shard, cfg.out.overwrite)
+    for source, reason in early_rejects:
+        writer.reject(source, reason)
 
     seen_hashes = {}
     truncated = Counter()
@@ -111,10 +114,10 @@ def run(cfg: PrecomputeConfig) -> dict:
              "validation_prompt_embeds": val_embeds, "validation_pooled_prompt_embeds": val_pooled},
             {"validation_prompts": prompts},
         )
-        components = {n: folder_fingerprint(os.path.join(root, n))
-                      for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae",
-                                "tokenizer", "tokenizer_2", "tokenizer_3")
-                      if os.path.isdir(os.path.join(root, n)) and (cfg.text.t5_precision != "none" or not n.endswith("_3"))}
+        used = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"]
+        if text.t5 is not None:
+            used += ["text_encoder_3", "tokenizer_3"]
+        components = {n: folder_fingerprint(os.path.join(root, n)) for n in used}
         seconds = time.time() - t0
         manifest = writer.close({
             "model": {"path": cfg.model.path, "revision": cfg.model.revision, "components": components},

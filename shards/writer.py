@@ -36,6 +36,13 @@ def encode_sample(tensors: Dict[str, torch.Tensor], dtype: torch.dtype, metadata
     return st_save(out, metadata=metadata)
 
 
+def check_writable(out_dir: str, overwrite: bool) -> None:
+    """Refuse to replace a complete shard set unless asked to (call before any slow work)."""
+    if os.path.exists(os.path.join(out_dir, F.MANIFEST)) and not overwrite:
+        raise UsageError(f"out.dir {out_dir} already holds a complete shard set; "
+                         "choose another out.dir or set out.overwrite=true")
+
+
 class ShardSetWriter:
     """Writes one shard set. `add` samples, `reject` inputs, then `close(manifest_fields)`.
 
@@ -50,11 +57,8 @@ class ShardSetWriter:
         self.dtype_name = dtype
         self.dtype = _TORCH_DTYPES[dtype]
         self.samples_per_shard = samples_per_shard
+        check_writable(out_dir, overwrite)
         os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(os.path.join(out_dir, F.MANIFEST)):
-            if not overwrite:
-                raise UsageError(f"out.dir {out_dir} already holds a complete shard set; "
-                                 "choose another out.dir or set out.overwrite=true")
         self._clear_previous()
         self.shards = []
         self.buckets = Counter()

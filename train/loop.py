@@ -102,90 +102,109 @@ class Validator:
                          f"step {step}, {v.steps} steps, guidance {v.guidance}, seed {v.seed}")
 
 
+class Run:
+    """Everything a training run holds: the model with its LoRA, objective, optimizer, data, validator."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = _device(cfg.train.device)
+        weight_dtype, amp_dtype = _dtypes(cfg, self.device)
+        torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
+        self.manifest = read_manifest(cfg.data.shards)
+        extras = read_extras(cfg.data.shards)
+        root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
+        self.transformer = load_transformer(root, weight_dtype, self.device)
+        check_shard_set(self.manifest, self.transformer.config)
+        self.params = add_lora(self.transformer, cfg.lora)
+        for p in self.params:  # LoRA weights train in fp32 whatever the base precision
+            p.data = p.data.float()
+        if cfg.model.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()
+        sched = scheduler_config(root)
+        self.objective = Objective(cfg, self.manifest, extras, sched, self.device, weight_dtype, amp_dtype)
+        self.validate = Validator(cfg, self.manifest, extras, root, sched, self.device, weight_dtype)
+        t = cfg.train
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                     weight_decay=t.weight_decay)
+        self.batches = bucket_batches(cfg.data.shards, t.batch_size, t.seed, cfg.data.shuffle_buffer)
+
+    def step(self):
+        """One optimizer step over grad_accum micro-batches; (loss, grad norm, sigmas), or None if skipped."""
+        t = self.cfg.train
+        self.opt.zero_grad(set_to_none=True)
+        total, sigmas = 0.0, []
+        for _ in range(t.grad_accum):
+            loss, sigma = self.objective(self.transformer, next(self.batches))
+            (loss / t.grad_accum).backward()
+            total += loss.item() / t.grad_accum
+            sigmas.append(sigma.detach().cpu())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm).item()
+        sigmas = torch.cat(sigmas)
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            return None, (total, grad_norm), sigmas
+        self.opt.step()
+        return total, grad_norm, sigmas
+
+
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
-    device = _device(cfg.train.device)
-    weight_dtype, amp_dtype = _dtypes(cfg, device)
-    torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
-    manifest = read_manifest(cfg.data.shards)
-    extras = read_extras(cfg.data.shards)
-    root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
-    transformer = load_transformer(root, weight_dtype, device)
-    check_shard_set(manifest, transformer.config)
-    params = add_lora(transformer, cfg.lora)
-    for p in params:  # LoRA weights train in fp32 whatever the base precision
-        p.data = p.data.float()
-    if cfg.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    sched = scheduler_config(root)
-    objective = Objective(cfg, manifest, extras, sched, device, weight_dtype, amp_dtype)
-    validate = Validator(cfg, manifest, extras, root, sched, device, weight_dtype)
-    t = cfg.train
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                            weight_decay=t.weight_decay)
-    batches = bucket_batches(cfg.data.shards, t.batch_size, t.seed, cfg.data.shuffle_buffer)
-
+    run, t = Run(cfg), cfg.train
     os.makedirs(cfg.out.dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out.dir, "metrics.jsonl")
-    history, bad_in_a_row, samples = [], 0, 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(range(1, t.max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
-    with open(metrics_path, "w") as metrics:
+    history, bad_in_a_row, samples, step_seconds = [], 0, 0, 0.0
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    with open(metrics_path, "w") as metrics, tqdm(range(1, t.max_steps + 1), desc="train", unit="step",
+                                                 dynamic_ncols=True) as bar:
         for step in bar:
-            opt.zero_grad(set_to_none=True)
-            total, sigmas = 0.0, []
-            for _ in range(t.grad_accum):
-                batch = next(batches)
-                loss, sigma = objective(transformer, batch)
-                (loss / t.grad_accum).backward()
-                total += loss.item() / t.grad_accum
-                sigmas.append(sigma.detach().cpu())
-                samples += sigma.shape[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm).item()
-            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            t0 = time.time()
+            loss, grad_norm, sigmas = run.step()
+            step_seconds += time.time() - t0
+            samples += len(sigmas)
+            if loss is None:
                 bad_in_a_row += 1
-                tqdm.write(f"train: step {step}: non-finite loss {total} or gradient norm {grad_norm}; step skipped")
+                tqdm.write(f"train: step {step}: non-finite loss or gradient norm {grad_norm}; step skipped")
                 if bad_in_a_row >= MAX_BAD_STEPS:
                     raise DataError(f"loss or gradients were non-finite for {MAX_BAD_STEPS} steps in a row "
                                     f"(last at step {step}); lower train.lr or use model.precision=fp32")
                 continue
             bad_in_a_row = 0
-            opt.step()
-            history.append(total)
-            record = {"step": step, "loss": total, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-                      "sigmas": [round(x, 5) for x in torch.cat(sigmas).tolist()],
-                      "seconds": round(time.time() - t_start, 3)}
+            history.append(loss)
+            lr = run.opt.param_groups[0]["lr"]
             if step % t.log_every == 0 or step == t.max_steps:
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                          "sigmas": [round(x, 5) for x in sigmas.tolist()],
+                                          "seconds": round(time.time() - t_start, 3)}) + "\n")
                 metrics.flush()
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
-                validate(transformer, step)
-    bar.close()
-    last_samples = validate(transformer, t.max_steps)
+                run.validate(run.transformer, step)
+    last_samples = run.validate(run.transformer, t.max_steps)
+    return _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds, time.time() - t_start)
 
-    seconds = time.time() - t_start
+
+def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds, seconds) -> dict:
     info = {
         "base_model": cfg.model.path, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-        "targets": list(cfg.lora.targets), "steps": t.max_steps,
+        "targets": list(cfg.lora.targets), "steps": cfg.train.max_steps,
         "shard_set": {"path": cfg.data.shards, "manifest_sha256": _manifest_hash(cfg.data.shards),
-                      "model": manifest["model"]["path"]},
-        "validation_prompts": manifest["extras"].get("validation_prompts", []),
+                      "model": run.manifest["model"]["path"]},
+        "validation_prompts": run.manifest["extras"].get("validation_prompts", []),
         "config": to_dict(cfg),
     }
-    lora_path = save_lora(cfg.out.dir, transformer, info)
+    lora_path = save_lora(cfg.out.dir, run.transformer, info)
     curve = loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
     tenth = max(1, len(history) // 10)
     result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "samples": last_samples,
               "steps": len(history),
               "first_loss": sum(history[:tenth]) / tenth if history else float("nan"),
               "last_loss": sum(history[-tenth:]) / tenth if history else float("nan"),
-              "seconds": seconds, "samples_per_second": samples / max(seconds, 1e-9)}
-    if device.type == "cuda":
-        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    result["transformer"] = transformer  # for callers in the same process (tests, notebooks)
+              "seconds": seconds, "mean_step_seconds": step_seconds / max(cfg.train.max_steps, 1),
+              "samples_per_second": samples / max(step_seconds, 1e-9)}
+    if run.device.type == "cuda":
+        result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    result["transformer"] = run.transformer  # for callers in the same process (tests, notebooks)
     return result
 
 
@@ -197,7 +216,8 @@ def _manifest_hash(path: str) -> str:
 
 def summary(r: dict) -> str:
     lines = [f"LoRA: {r['lora']}",
-             f"  {r['steps']} steps in {r['seconds']:.1f} s ({r['samples_per_second']:.2f} samples/s), "
+             f"  {r['steps']} steps, {r['mean_step_seconds'] * 1000:.0f} ms/step ({r['samples_per_second']:.2f} samples/s), "
+             f"{r['seconds']:.1f} s in all, "
              f"mean loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last tenth of the steps)",
              f"  metrics: {r['metrics']}   loss curve: {r['loss_curve']}"]
     if r["samples"]:

@@ -64,8 +64,9 @@ class Objective:
         noisy = flow.noisy_latents(x0, noise, sigma)
         embeds, pooled = batch["prompt_embeds"].float(), batch["pooled_prompt_embeds"].float()
         if c.caption_dropout > 0:
-            drop = torch.rand(x0.shape[0], generator=g) < c.caption_dropout
-            embeds[drop], pooled[drop] = self.empty[0], self.empty[1]
+            drop = torch.rand(x0.shape[0], generator=g) < c.caption_dropout  # the batch itself is left as it is
+            embeds = torch.where(drop[:, None, None], self.empty[0], embeds)
+            pooled = torch.where(drop[:, None], self.empty[1], pooled)
         with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = transformer(hidden_states=noisy.to(self.weight_dtype), timestep=sigma * 1000,
                               encoder_hidden_states=embeds.to(dev, self.weight_dtype),

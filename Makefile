@@ -39,15 +39,17 @@ sample-data: $(SAMPLE_DATA)/.complete
 
 # With no CONFIG each stage runs on the built-in tiny model and reads the previous stage's output.
 TINY_DEPS = $(if $(CONFIG),,tiny-model sample-data)
+# The tiny runs replace their own build/ outputs; never a folder the user named in ARGS.
+REPLACE_TINY = $(if $(CONFIG)$(findstring out.dir,$(ARGS)),,out.overwrite=true)
 
 precompute: $(STAMP) $(TINY_DEPS)
-	$(PY) -m precompute --config $(or $(CONFIG),configs/tiny/precompute.yaml) $(if $(CONFIG),,out.overwrite=true) $(ARGS)
+	$(PY) -m precompute --config $(or $(CONFIG),configs/tiny/precompute.yaml) $(REPLACE_TINY) $(ARGS)
 
 train: $(STAMP) $(TINY_DEPS)
-	$(PY) -m train --config $(or $(CONFIG),configs/tiny/train.yaml) $(ARGS)
+	$(PY) -m train --config $(or $(CONFIG),configs/tiny/train.yaml) $(REPLACE_TINY) $(ARGS)
 
 merge: $(STAMP) $(TINY_DEPS)
-	$(PY) -m merge --config $(or $(CONFIG),configs/tiny/merge.yaml) $(if $(CONFIG),,out.overwrite=true) $(ARGS)
+	$(PY) -m merge --config $(or $(CONFIG),configs/tiny/merge.yaml) $(REPLACE_TINY) $(ARGS)
 
 demo: $(STAMP)
 	$(MAKE) --no-print-directory tiny-model sample-data

@@ -12,4 +12,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_cli("precompute", main)
+    run_cli("precompute", main, schema=PrecomputeConfig)

@@ -9,6 +9,8 @@ from shards.modelpath import check_model_path
 T5_PRECISIONS = ("nf4", "int8", "bf16", "fp16", "fp32", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Image files we see but do not read; listed in rejected.jsonl so nothing disappears silently.
+OTHER_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".svg", ".ico", ".psd", ".raw")
 
 
 @dataclass
@@ -95,6 +97,8 @@ class PrecomputeConfig:
             p.append(f"config key 'text.max_sequence_length': {self.text.max_sequence_length} is outside 1..512")
         if not self.out.dir:
             p.append("config key 'out.dir' is required")
+        elif self.data.path and os.path.abspath(self.out.dir) == os.path.abspath(self.data.path):
+            p.append("config keys 'out.dir' and 'data.path' name the same folder; write the shard set elsewhere")
         one_of(p, "out.dtype", self.out.dtype, ("bf16", "fp16", "fp32"))
         if self.out.samples_per_shard < 1:
             p.append("config key 'out.samples_per_shard' must be at least 1")

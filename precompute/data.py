@@ -1,13 +1,16 @@
-"""Dataset reading: find images and captions, load images as RGB, report what cannot be used."""
+"""Dataset reading: find images and captions, load images as RGB, report what cannot be used.
+
+Every reason is "category: detail", so summaries can count by category.
+"""
 import hashlib
 import io
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import IMAGE_EXTS, DataConfig
+from .config import IMAGE_EXTS, OTHER_IMAGE_EXTS, DataConfig
 
 # A decompression bomb is rejected rather than decoded.
 Image.MAX_IMAGE_PIXELS = 16384 * 16384
@@ -23,19 +26,28 @@ class Item:
 
 def scan_folder(cfg: DataConfig) -> Tuple[List[Item], List[Tuple[str, str]]]:
     """Images under `cfg.path` (recursive, sorted) with their captions; and (source, reason) rejects."""
-    items, rejects = [], []
+    items, rejects, captioned = [], [], set()
+    captions = []
     for root, dirs, files in os.walk(cfg.path):
         dirs.sort()
         for name in sorted(files):
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
-                continue
             path = os.path.join(root, name)
             source = os.path.relpath(path, cfg.path)
-            caption, why = _caption_for(path, cfg)
-            if why:
-                rejects.append((source, why))
-            else:
-                items.append(Item(source=source, path=path, caption=caption))
+            ext = os.path.splitext(name)[1].lower()
+            if ext == cfg.caption_ext:
+                captions.append(source)
+            elif ext in OTHER_IMAGE_EXTS:
+                rejects.append((source, f"unsupported image format: {ext} (use {', '.join(IMAGE_EXTS)})"))
+            elif ext in IMAGE_EXTS:
+                caption, why = _caption_for(path, cfg)
+                captioned.add(os.path.splitext(source)[0])
+                if why:
+                    rejects.append((source, why))
+                else:
+                    items.append(Item(source=source, path=path, caption=caption))
+    for source in captions:
+        if os.path.splitext(source)[0] not in captioned:
+            rejects.append((source, "caption without an image: no image file of the same name"))
     items.sort(key=lambda it: it.source)
     return items, rejects
 
@@ -52,9 +64,9 @@ def _caption_for(image_path: str, cfg: DataConfig):
         with open(txt, encoding="utf-8") as f:
             caption = " ".join(f.read().split())
     except (OSError, UnicodeDecodeError) as e:
-        return None, f"unreadable caption {os.path.basename(txt)}: {e}"
+        return None, f"unreadable caption: {os.path.basename(txt)}: {type(e).__name__}"
     if not caption:
-        return None, f"empty caption in {os.path.basename(txt)}"
+        return None, f"empty caption: {os.path.basename(txt)} is blank"
     return caption, None
 
 
@@ -79,6 +91,18 @@ def load_rgb(path: str) -> Tuple[Image.Image, str]:
         else:
             im = im.convert("RGB")
     return im, digest
+
+
+def why_unreadable(e: Exception) -> str:
+    """A short reason for a failed decode, without PIL's object addresses."""
+    if isinstance(e, UnidentifiedImageError):
+        return "unreadable image: not an image, or a format PIL cannot read"
+    if isinstance(e, Image.DecompressionBombError):
+        return "unreadable image: too many pixels (decompression bomb guard)"
+    if isinstance(e, PermissionError):
+        return "unreadable image: permission denied"
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"unreadable image: {detail[:100]}"
 
 
 def sample_key(source: str, sha256: str) -> str:

@@ -43,6 +43,9 @@ class TextEncoders:
     def __init__(self, root: str, t5_precision: str, clip_dtype: torch.dtype, device: torch.device,
                  max_sequence_length: int):
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()  # per-component "Loading weights" bars would bury our own
 
         self.device = device
         self.max_sequence_length = max_sequence_length

@@ -9,13 +9,14 @@ from tqdm import tqdm
 
 from shards import ShardSetWriter
 from shards.writer import check_writable
-from shards.config import to_dict
+from shards.config import resolve_device, to_dict
+from shards.errors import DataError
 from shards.fingerprint import folder_fingerprint
 from shards.modelpath import resolve_model
 
 from .buckets import make_buckets, nearest_bucket, resize_and_crop
 from .config import PrecomputeConfig
-from .data import Item, load_rgb, sample_key, scan_folder
+from .data import Item, load_rgb, sample_key, scan_folder, why_unreadable
 from .encoders import TextEncoders, VaeEncoder, resolve_dtype
 
 # What precompute reads from a pipeline folder: never the transformer weights.
@@ -23,19 +24,12 @@ MODEL_FILES = ["model_index.json", "text_encoder*/*", "tokenizer*/*", "vae/*", "
                "scheduler/*"]
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _prepare(item: Item, buckets):
     """Decode and crop one image; returns None plus the reason when it cannot be used."""
     try:
         img, digest = load_rgb(item.path)
     except Exception as e:  # PIL raises many types for corrupt, truncated or foreign files
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return None, f"unreadable image: {reason}"
+        return None, why_unreadable(e)
     item.sha256 = digest
     w, h = img.size
     bucket = nearest_bucket(h, w, buckets)
@@ -52,7 +46,7 @@ def _batches(seq: List, n: int):
 
 def run(cfg: PrecomputeConfig) -> dict:
     t0 = time.time()
-    device = pick_device(cfg.device)
+    device = resolve_device("device", cfg.device)
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
     items, early_rejects = scan_folder(cfg.data)
     buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
@@ -80,7 +74,7 @@ def run(cfg: PrecomputeConfig) -> dict:
                     writer.reject(item.source, why)
                     reasons[why.split(":")[0]] += 1
                 elif item.sha256 in seen_hashes:
-                    why = f"duplicate of {seen_hashes[item.sha256]}"
+                    why = f"duplicate: same content as {seen_hashes[item.sha256]}"
                     writer.reject(item.source, why)
                     reasons["duplicate"] += 1
                 else:
@@ -96,12 +90,17 @@ def run(cfg: PrecomputeConfig) -> dict:
                                "prompt_embeds": embeds[j], "pooled_prompt_embeds": pooled[j]}
                     bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
                     if bad:
-                        writer.reject(item.source, f"non-finite values in {', '.join(bad)}")
+                        writer.reject(item.source, f"non-finite values: in {', '.join(bad)} (fp16 overflow?)")
                         reasons["non-finite values"] += 1
                         continue
                     writer.add(sample_key(item.source, item.sha256), tensors, meta)
             bar.update(len(chunk))
         bar.close()
+        if writer.written == 0:
+            writer.finish_rejects()
+            raise DataError(f"no usable images in {cfg.data.path} ({writer.rejected} rejected: "
+                            + ", ".join(f"{r}: {n}" for r, n in reasons.items()) + "); reasons are in "
+                            + os.path.join(cfg.out.dir, "rejected.jsonl"))
 
         prompts = list(cfg.validation.prompts)
         empty_embeds, empty_pooled = text.encode([""])

@@ -5,8 +5,10 @@ wrong key, a wrong type or a missing file is always reported the same way: one l
 """
 import dataclasses
 import errno
+import math
 import os
 import sys
+import warnings
 from typing import Callable, List, Sequence, Type, TypeVar
 
 from omegaconf import OmegaConf
@@ -17,6 +19,10 @@ from .errors import DataError, UsageError
 T = TypeVar("T")
 
 
+class HelpRequested(Exception):
+    """`-h` / `--help`: print the keys with their defaults instead of running."""
+
+
 def parse_argv(argv: Sequence[str]):
     """Split `--config FILE` and `key=value` tokens."""
     config_path, overrides = None, []
@@ -24,6 +30,8 @@ def parse_argv(argv: Sequence[str]):
     i = 0
     while i < len(args):
         a = args[i]
+        if a in ("-h", "--help"):
+            raise HelpRequested()
         if a in ("--config", "-c"):
             if i + 1 >= len(args):
                 raise UsageError("--config needs a file path")
@@ -35,49 +43,88 @@ def parse_argv(argv: Sequence[str]):
         elif "=" in a and not a.startswith("-"):
             overrides.append(a)
         else:
-            raise UsageError(f"unexpected argument '{a}': use --config FILE and key=value overrides")
+            raise UsageError(f"unexpected argument '{a}': use --config FILE and key=value overrides (--help lists the keys)")
         i += 1
     return config_path, overrides
 
 
-def _describe(e: OmegaConfBaseException) -> str:
-    key = getattr(e, "full_key", None) or "?"
+def _describe(e: OmegaConfBaseException, token: str = "") -> str:
+    key = getattr(e, "full_key", None) or token.split("=", 1)[0] or "?"
+    msg = str(e).splitlines()[0]
     if isinstance(e, ConfigKeyError):
-        return f"unknown config key '{key}'"
-    if isinstance(e, ValidationError):
-        msg = str(e).splitlines()[0]
-        return f"config key '{key}': {msg}"
-    return f"config key '{key}': {str(e).splitlines()[0]}"
+        return f"unknown config key '{key}' (--help lists the keys)"
+    if "ListConfig" in msg:
+        return f"config key '{key}' takes a list: write {key}=[a,b] (quote it in the shell)"
+    if "is not a subclass of" in msg or "Merge error" in msg:
+        return f"config key '{key}' is a section, not a value: set one of its keys, e.g. {key}.something=..."
+    if msg.startswith("Incompatible value 'None'") or "Non optional field cannot be assigned None" in msg:
+        return f"config key '{key}' needs a value"
+    return f"config key '{key}': {msg}"
 
 
 def load_config(schema: Type[T], argv: Sequence[str]) -> T:
     """Build a `schema` instance from argv; `__post_init__` validation errors become UsageError."""
     config_path, overrides = parse_argv(argv)
-    layers = [OmegaConf.structured(schema)]
+    merged = OmegaConf.structured(schema)
     if config_path is not None:
         if not os.path.isfile(config_path):
             raise UsageError(f"config file not found: {config_path}")
         try:
-            layers.append(OmegaConf.load(config_path))
+            yaml = OmegaConf.load(config_path)
         except Exception as e:  # YAML syntax errors carry line numbers in the first line
             raise UsageError(f"cannot read config file {config_path}: {str(e).splitlines()[0]}") from None
-    for o in overrides:
+        try:
+            merged = OmegaConf.merge(merged, yaml)
+        except OmegaConfBaseException as e:
+            raise UsageError(f"{_describe(e)} (in {config_path})") from None
+    for o in overrides:  # one at a time, so an error names the command-line token at fault
         if not o.split("=", 1)[0]:
             raise UsageError(f"override '{o}' has no key")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o]))
+        except OmegaConfBaseException as e:
+            raise UsageError(f"{_describe(e, o)} (on the command line)") from None
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        where = f" (in {config_path})" if config_path else ""
-        raise UsageError(_describe(e) + where) from None
+        raise UsageError(_describe(e)) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def describe_keys(schema) -> str:
+    """Every key with its default, as YAML (what `--help` prints)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(schema))
 
 
 def to_dict(cfg) -> dict:
     """Plain dict of a config dataclass, for manifests and metadata."""
     return dataclasses.asdict(cfg)
+
+
+def positive(problems: List[str], key: str, value, allow_zero: bool = False) -> None:
+    """A finite number above zero (or at least zero)."""
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        problems.append(f"config key '{key}' must be a finite number {'>= 0' if allow_zero else '> 0'}, not {value}")
+
+
+def resolve_device(key: str, name: str):
+    """`auto` -> cuda when present, else cpu; an explicit device must exist on this machine."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"config key '{key}': '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"config key '{key}': '{name}' asked for, but this machine has no CUDA GPU "
+                         f"(or torch was installed without CUDA); use {key}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"config key '{key}': '{name}' asked for, but there are {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def check(problems: List[str]) -> None:
@@ -97,21 +144,23 @@ def quiet_libraries() -> None:
 
     # bitsandbytes notes at import, on CPUs with AVX512-BF16, that an optional kernel package is absent.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:
-        import transformers.utils.logging as tlog
-
-        tlog.disable_progress_bar()  # "Loading weights" bars for components of a few MB to GB
-        tlog.set_verbosity_error()
-    except ImportError:
-        pass
+    # int8 T5 on CPU warns once per matmul that inputs are cast.
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    # transformers' own notices (we report truncation ourselves); read when transformers is first imported.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def run_cli(prog: str, main: Callable[[List[str]], None], argv=None) -> None:
+def run_cli(prog: str, main: Callable[[List[str]], None], argv=None, schema=None) -> None:
     """Run a stage's main, turning user errors into one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     quiet_libraries()
     try:
         main(argv)
+    except HelpRequested:
+        print(f"usage: python -m {prog} [--config FILE.yaml] [key=value ...]\n")
+        if schema is not None:
+            print("keys and their defaults (README.md says what each does):\n")
+            print(describe_keys(schema))
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -119,11 +168,12 @@ def run_cli(prog: str, main: Callable[[List[str]], None], argv=None) -> None:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"{prog}: error: no space left on the device writing {e.filename or 'output'}: "
-              "free some space and run the same command again", file=sys.stderr)
+        # Disk full, permission denied, read-only or vanished paths: the file and the reason are enough.
+        where = f" {e.filename}" if e.filename else ""
+        advice = "free some space and run the same command again" if e.errno == errno.ENOSPC else \
+            "check the path and its permissions"
+        print(f"{prog}: error: cannot access{where}: {e.strerror or e}; {advice}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; run the same command again to continue", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -4,7 +4,8 @@ from typing import List
 
 from . import format as F
 from .fingerprint import file_sha256
-from .reader import decode_sample, iter_tar, read_extras, read_manifest, read_rejected, _is_url, _join
+from .errors import DataError
+from .reader import _decoded, _is_url, _join, read_extras, read_manifest, read_rejected
 
 
 def expected_shapes(manifest: dict):
@@ -34,38 +35,51 @@ def verify(path: str, deep: bool = True) -> List[str]:
                 continue
             if os.path.getsize(url) != shard["bytes"]:
                 problems.append(f"{shard['name']}: {os.path.getsize(url)} bytes, manifest says {shard['bytes']}")
-            elif file_sha256(url) != shard["sha256"]:
+                continue
+            if not deep and file_sha256(url) != shard["sha256"]:
                 problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupt or replaced)")
         if not deep:
             continue
         n = 0
-        for raw in iter_tar(url):
-            s = decode_sample(raw)
-            n += 1
-            k = s["key"]
-            if k in keys:
-                problems.append(f"{shard['name']}: duplicate key {k}")
-            keys.add(k)
-            for name, shape in shapes.items():
-                if tuple(s[name].shape) != shape:
-                    problems.append(f"{shard['name']}/{k}: {name} shape {tuple(s[name].shape)}, expected {shape}")
-            bh, bw = s["meta"]["bucket"]
-            f = manifest["vae"]["downsample_factor"]
-            for name in ("latent_mean", "latent_std"):
-                if tuple(s[name].shape) != (channels, bh // f, bw // f):
-                    problems.append(f"{shard['name']}/{k}: {name} shape {tuple(s[name].shape)} does not fit bucket {bh}x{bw}")
-            missing_meta = [m for m in F.SAMPLE_META if m not in s["meta"]]
-            if missing_meta:
-                problems.append(f"{shard['name']}/{k}: meta lacks {missing_meta}")
+        try:
+            for s in _decoded(url, shard["sha256"]):
+                n += 1
+                problems += _sample_problems(shard["name"], s, shapes, channels, manifest, keys)
+        except DataError as e:
+            problems.append(str(e))
+            continue
         if n != shard["samples"]:
             problems.append(f"{shard['name']}: {n} samples, manifest says {shard['samples']}")
         total += n
-    if deep and total != manifest["counts"]["written"]:
+    if deep and not problems and total != manifest["counts"]["written"]:
         problems.append(f"{total} samples in shards, manifest counts {manifest['counts']['written']}")
-    extras = read_extras(path)
+    try:
+        extras = read_extras(path)
+    except DataError as e:
+        return problems + [str(e)]
     for name in F.EXTRAS_TENSORS:
         if name not in extras:
             problems.append(f"{F.EXTRAS} lacks {name}")
+    return problems
+
+
+def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest: dict, keys: set) -> List[str]:
+    problems = []
+    k = s["key"]
+    if k in keys:
+        problems.append(f"{shard}: duplicate key {k}")
+    keys.add(k)
+    for name, shape in shapes.items():
+        if tuple(s[name].shape) != shape:
+            problems.append(f"{shard}/{k}: {name} shape {tuple(s[name].shape)}, expected {shape}")
+    bh, bw = s["meta"]["bucket"]
+    f = manifest["vae"]["downsample_factor"]
+    for name in ("latent_mean", "latent_std"):
+        if tuple(s[name].shape) != (channels, bh // f, bw // f):
+            problems.append(f"{shard}/{k}: {name} shape {tuple(s[name].shape)} does not fit bucket {bh}x{bw}")
+    missing_meta = [m for m in F.SAMPLE_META if m not in s["meta"]]
+    if missing_meta:
+        problems.append(f"{shard}/{k}: meta lacks {missing_meta}")
     return problems
 
 

@@ -120,6 +120,15 @@ class ShardSetWriter:
         self._rejects.write(json.dumps({"source": source, "reason": reason, **extra}) + "\n")
         self.rejected += 1
 
+    def finish_rejects(self) -> None:
+        """Put rejected.jsonl in place (also when the run stops because nothing was usable)."""
+        if self._rejects.closed:
+            return
+        self._rejects.flush()
+        os.fsync(self._rejects.fileno())
+        self._rejects.close()
+        os.replace(os.path.join(self.out_dir, F.REJECTED + ".tmp"), os.path.join(self.out_dir, F.REJECTED))
+
     def write_extras(self, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> dict:
         missing = [t for t in F.EXTRAS_TENSORS if t not in tensors]
         if missing:
@@ -133,10 +142,7 @@ class ShardSetWriter:
     def close(self, fields: dict, seen: int) -> dict:
         """Finish the last shard and write the manifest; `fields` holds model/encoder facts."""
         self._finish_shard()
-        self._rejects.flush()
-        os.fsync(self._rejects.fileno())
-        self._rejects.close()
-        os.replace(os.path.join(self.out_dir, F.REJECTED + ".tmp"), os.path.join(self.out_dir, F.REJECTED))
+        self.finish_rejects()
         if not hasattr(self, "extras"):
             raise ValueError("write_extras must be called before close")
         manifest = {

@@ -44,3 +44,53 @@ def test_shipped_config_loads(path, tiny_model, tmp_path):
         overrides.append(f"model.path={tiny_model}")
     cfg = load_config(_schema(stage), ["--config", path, *overrides])
     assert cfg.out.dir
+
+
+def _err(capsys, *argv):
+    from precompute.__main__ import main
+    from precompute.config import PrecomputeConfig
+    from shards.config import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("precompute", main, list(argv), schema=PrecomputeConfig)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_messages_say_where_the_mistake_is(capsys, tmp_path):
+    cfg = os.path.join(REPO, "configs", "tiny", "precompute.yaml")
+    code, err = _err(capsys, "--config", cfg, "data.pth=x")
+    assert code == 2 and "unknown config key 'data.pth'" in err and "(on the command line)" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  pth: x\n")
+    code, err = _err(capsys, "--config", str(bad))
+    assert code == 2 and f"(in {bad})" in err
+    code, err = _err(capsys, "--config", cfg, "validation.prompts=hello")
+    assert "takes a list: write validation.prompts=[a,b]" in err
+    code, err = _err(capsys, "--config", cfg, "text=5")
+    assert "config key 'text' is a section" in err
+
+
+def test_help_lists_every_key(capsys):
+    from precompute.__main__ import main
+    from precompute.config import PrecomputeConfig
+    from shards.config import run_cli
+
+    run_cli("precompute", main, ["--help"], schema=PrecomputeConfig)
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m precompute")
+    for key in ("t5_precision: nf4", "max_sequence_length: 77", "instance_prompt: null", "resolution: 1024"):
+        assert key in out
+
+
+def test_unknown_or_absent_device_is_a_usage_error():
+    import torch
+
+    from shards.config import resolve_device
+    from shards.errors import UsageError
+
+    assert resolve_device("device", "cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="is not a device"):
+        resolve_device("device", "gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            resolve_device("train.device", "cuda")

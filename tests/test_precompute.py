@@ -155,7 +155,7 @@ def test_bad_inputs_are_rejected_not_fatal(tiny_model, sample_data, tmp_path):
     assert set(rejected) == {"empty.png", "corrupt.jpg", "text.png", "nocaption.png", "sub_dup.png", "blank.png"}
     assert "missing caption" in rejected["nocaption.png"]
     assert "empty caption" in rejected["blank.png"]
-    assert "duplicate of coffee.png" in rejected["sub_dup.png"]
+    assert rejected["sub_dup.png"] == "duplicate: same content as coffee.png"
     assert rejected["empty.png"].startswith("unreadable image")
     assert m["counts"] == {"seen": 14, "written": 8, "rejected": 6}
 
@@ -236,3 +236,36 @@ def test_tiny_model_keeps_the_real_shape_relations(tiny_model):
     assert vae["latent_channels"] == 16 and 2 ** (len(vae["block_out_channels"]) - 1) == 8
     assert (vae["scaling_factor"], vae["shift_factor"]) == (1.5305, 0.0609)
     assert sched["shift"] == 3.0
+
+
+def test_nothing_usable_is_an_error_with_the_reasons(tiny_model, tmp_path, capsys):
+    from precompute.__main__ import main
+    from shards.config import run_cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.gif").write_bytes(b"GIF89a")
+    (data / "orphan.txt").write_text("a caption with no image")
+    (data / "b.png").write_bytes(b"")
+    (data / "b.txt").write_text("zero bytes")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        run_cli("precompute", main, [f"model.path={tiny_model}", f"data.path={data}", f"out.dir={out}",
+                                     "text.t5_precision=none"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("precompute: error: no usable images")
+    rejected = {r["source"]: r["reason"] for r in read_rejected(str(out))}
+    assert rejected["a.gif"].startswith("unsupported image format: .gif")
+    assert rejected["orphan.txt"].startswith("caption without an image")
+    assert rejected["b.png"].startswith("unreadable image")
+    assert not os.path.exists(out / "manifest.json")
+
+
+def test_out_dir_must_differ_from_data_path(tiny_model, sample_data, capsys):
+    from precompute.__main__ import main
+    from shards.config import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("precompute", main, [f"model.path={tiny_model}", f"data.path={sample_data}", f"out.dir={sample_data}"])
+    assert e.value.code == 2 and "name the same folder" in capsys.readouterr().err

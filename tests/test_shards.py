@@ -122,3 +122,31 @@ def test_cli_inspect_and_verify(shard_set_fp32, tmp_path):
     os.remove(broken / "shard-000001.tar")
     r = run_module("shards", "verify", str(broken))
     assert r.returncode == 1 and "shard-000001.tar: missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_damage_is_reported_not_raised_as_a_traceback(tmp_path):
+    _write(str(tmp_path))
+    # Same size, different bytes inside the tensor data: decodes fine, so only the hash can tell.
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        first = tar.getmembers()[0]
+    data = bytearray(shard.read_bytes())
+    data[first.offset_data + first.size - 4] ^= 0xFF  # inside the last tensor's bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="sha256 differs"):
+        list(read_samples(str(tmp_path)))
+    assert any("sha256 differs" in p for p in verify(str(tmp_path)))
+    # Truncated: verify (deep) lists it instead of failing.
+    with open(tmp_path / "shard-000001.tar", "r+b") as f:
+        f.truncate(1000)
+    problems = verify(str(tmp_path))
+    assert any(p.startswith("shard-000001.tar: 1000 bytes") for p in problems)
+    os.remove(tmp_path / "extras.safetensors")
+    with pytest.raises(DataError, match="extras.safetensors is missing"):
+        read_extras(str(tmp_path))
+
+
+def test_a_folder_that_is_not_a_shard_set_is_named_as_such(tmp_path):
+    (tmp_path / "cat.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="is not a shard set"):
+        read_manifest(str(tmp_path))

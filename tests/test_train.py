@@ -186,3 +186,28 @@ def test_bf16_weights_autocast_accumulation_and_checkpointing(tiny_model, shard_
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
     lines = open(r["metrics"]).read().splitlines()
     assert len(json.loads(lines[0])["sigmas"]) == 4  # 2 micro-batches of 2 per step
+
+
+def test_an_earlier_run_is_not_overwritten_silently(tiny_model, shard_set_fp32, tmp_path, capsys):
+    from shards.config import run_cli
+    from train.__main__ import main
+
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notes.md").write_text("mine")
+    args = train_args(tiny_model, shard_set_fp32, str(tmp_path), "train.max_steps=1", "validation.enabled=false")
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", main, args)
+    assert e.value.code == 2 and "out.overwrite=true" in capsys.readouterr().err
+    run_cli("train", main, args + ["out.overwrite=true"])
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists() and (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_validation_size_is_checked_before_training(tiny_model, shard_set_fp32, tmp_path, capsys):
+    from shards.config import run_cli
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", main, train_args(tiny_model, shard_set_fp32, str(tmp_path), "train.max_steps=1",
+                                          "validation.height=1024", "validation.width=1024"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "position grid" in err and not (tmp_path / "metrics.jsonl").exists()

@@ -11,4 +11,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_cli("train", main)
+    run_cli("train", main, schema=TrainConfig)

@@ -1,9 +1,10 @@
 """Train config schema."""
+import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from shards.config import check, one_of
+from shards.config import check, one_of, positive
 from shards.modelpath import check_model_path
 
 from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING
@@ -28,6 +29,7 @@ class DataConfig:
 @dataclass
 class OutConfig:
     dir: str = ""
+    overwrite: bool = False  # replace the LoRA, metrics and samples of an earlier run in out.dir
 
 
 @dataclass
@@ -103,23 +105,31 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(t, key) < 1:
                 p.append(f"config key 'train.{key}' must be at least 1")
-        if t.lr <= 0:
-            p.append("config key 'train.lr' must be positive")
+        for key in ("lr", "adam_eps", "max_grad_norm"):
+            positive(p, f"train.{key}", getattr(t, key))
+        positive(p, "train.weight_decay", t.weight_decay, allow_zero=True)
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(t, key) < 1:
+                p.append(f"config key 'train.{key}' must be in [0, 1), not {getattr(t, key)}")
         one_of(p, "train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp16", "no"))
         if self.lora.rank < 1:
             p.append("config key 'lora.rank' must be at least 1")
-        if self.lora.alpha <= 0:
-            p.append("config key 'lora.alpha' must be positive")
+        positive(p, "lora.alpha", self.lora.alpha)
         if not 0 <= self.lora.dropout < 1:
             p.append("config key 'lora.dropout' must be in [0, 1)")
         if not self.lora.targets:
             p.append("config key 'lora.targets' must name at least one module")
         one_of(p, "loss.timestep_sampling", self.loss.timestep_sampling, TIMESTEP_SAMPLING)
         one_of(p, "loss.weighting", self.loss.weighting, LOSS_WEIGHTING)
-        if self.loss.shift is not None and self.loss.shift <= 0:
-            p.append("config key 'loss.shift' must be positive")
+        if self.loss.shift is not None:
+            positive(p, "loss.shift", self.loss.shift)
+        positive(p, "loss.logit_std", self.loss.logit_std)
+        for key in ("logit_mean", "mode_scale"):
+            if not math.isfinite(getattr(self.loss, key)):
+                p.append(f"config key 'loss.{key}' must be a finite number")
         if not 0 <= self.loss.caption_dropout <= 1:
             p.append("config key 'loss.caption_dropout' must be in [0, 1]")
+        positive(p, "validation.guidance", self.validation.guidance, allow_zero=True)
         v = self.validation
         if v.every < 0 or v.steps < 1:
             p.append("config keys 'validation.every' (>= 0) and 'validation.steps' (>= 1) are out of range")

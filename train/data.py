@@ -6,6 +6,7 @@ from typing import Dict, Iterator, List
 import torch
 
 from shards import read_samples
+from shards.errors import DataError
 
 TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 
@@ -41,7 +42,7 @@ def bucket_batches(shards: str, batch_size: int, seed: int, shuffle_buffer: int 
             if len(pending[bucket]) == batch_size:
                 yield collate(pending.pop(bucket))
         if n == 0:
-            raise ValueError(f"shard set {shards} holds no samples")
+            raise DataError(f"shard set {shards} holds no samples")
         for bucket in sorted(pending):
             yield collate(pending[bucket])
         epoch += 1

@@ -2,21 +2,23 @@
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
 from tqdm import tqdm
 
 from shards import read_extras, read_manifest
-from shards.config import to_dict
-from shards.errors import DataError
+from shards.config import resolve_device, to_dict
+from shards.errors import DataError, UsageError
+from shards.reader import check_shard_files
 from shards.modelpath import resolve_model
 
 from . import flow
 from .config import TrainConfig
 from .data import bucket_batches
-from .lora_file import save_lora
-from .model import add_lora, check_shard_set, load_transformer, scheduler_config
+from .lora_file import WEIGHT_NAME, save_lora
+from .model import add_lora, check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
 from .plot import loss_curve_png
 from .sampling import generate, load_vae_decoder, save_grid
 
@@ -24,12 +26,6 @@ from .sampling import generate, load_vae_decoder, save_grid
 MODEL_FILES = ["model_index.json", "transformer/*", "scheduler/*", "vae/*"]
 MAX_BAD_STEPS = 5
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _dtypes(cfg: TrainConfig, device: torch.device):
@@ -78,17 +74,26 @@ class Objective:
 class Validator:
     """Sample images for the shard set's validation prompts and save them as a PNG grid."""
 
-    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, root: str, sched: dict, device, dtype):
+    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, root: str, sched: dict, device, dtype,
+                 transformer_config):
         self.cfg, self.sched, self.dtype = cfg.validation, sched, dtype
         self.prompts = manifest["extras"].get("validation_prompts", [])
         self.embeds = (extras["validation_prompt_embeds"].float(), extras["validation_pooled_prompt_embeds"].float())
         self.empty = (extras["empty_prompt_embeds"].float()[None], extras["empty_pooled_prompt_embeds"].float()[None])
         self.enabled = self.cfg.enabled and bool(self.prompts)
+        if self.cfg.enabled and not self.prompts:
+            tqdm.write("train: the shard set has no validation prompts (precompute validation.prompts), "
+                       "so no sample images will be made")
         if self.enabled:
             h, w = self.cfg.height, self.cfg.width
             if not h:
                 common = max(manifest["buckets"].items(), key=lambda kv: kv[1])[0]
                 h, w = (int(x) for x in common.split("x"))
+            limit = transformer_config.pos_embed_max_size * transformer_config.patch_size * \
+                manifest["vae"]["downsample_factor"]
+            if max(h, w) > limit:
+                raise UsageError(f"validation size {h}x{w} is larger than this transformer's position grid "
+                                 f"allows ({limit} px a side); lower validation.height/width")
             self.size = (h, w)
             self.vae = load_vae_decoder(root, device)
             self.dir = os.path.join(cfg.out.dir, "samples")
@@ -108,14 +113,23 @@ class Run:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.device = _device(cfg.train.device)
+        self.device = resolve_device("train.device", cfg.train.device)
         weight_dtype, amp_dtype = _dtypes(cfg, self.device)
+        self.weight_dtype = weight_dtype
         torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
         self.manifest = read_manifest(cfg.data.shards)
+        check_shard_files(cfg.data.shards, self.manifest)
+        if not self.manifest["counts"]["written"]:
+            raise DataError(f"shard set {cfg.data.shards} holds no samples")
+        largest = max(self.manifest["buckets"].values())
+        if cfg.train.batch_size > largest:
+            tqdm.write(f"train: train.batch_size {cfg.train.batch_size} is larger than the largest bucket "
+                       f"({largest} samples); batches hold one bucket, so they will be smaller")
         extras = read_extras(cfg.data.shards)
         root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
         self.transformer = load_transformer(root, weight_dtype, self.device)
         check_shard_set(self.manifest, self.transformer.config)
+        warn_if_other_vae(self.manifest, root)
         self.params = add_lora(self.transformer, cfg.lora)
         for p in self.params:  # LoRA weights train in fp32 whatever the base precision
             p.data = p.data.float()
@@ -124,7 +138,8 @@ class Run:
         self.transformer.train()
         sched = scheduler_config(root)
         self.objective = Objective(cfg, self.manifest, extras, sched, self.device, weight_dtype, amp_dtype)
-        self.validate = Validator(cfg, self.manifest, extras, root, sched, self.device, weight_dtype)
+        self.validate = Validator(cfg, self.manifest, extras, root, sched, self.device, weight_dtype,
+                                  self.transformer.config)
         t = cfg.train
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                      weight_decay=t.weight_decay)
@@ -148,10 +163,26 @@ class Run:
         return total, grad_norm, sigmas
 
 
+def prepare_out_dir(cfg: TrainConfig) -> None:
+    """Refuse to mix a new run into an earlier one's outputs unless out.overwrite says so."""
+    d = cfg.out.dir
+    ours = [n for n in (WEIGHT_NAME, "metrics.jsonl", "loss.png", "samples") if os.path.exists(os.path.join(d, n))]
+    if ours and not cfg.out.overwrite:
+        raise UsageError(f"out.dir {d} holds an earlier run ({', '.join(ours)}); choose another out.dir "
+                         "or set out.overwrite=true")
+    for n in ours:
+        path = os.path.join(d, n)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"config key 'out.dir': cannot create {d} ({e.strerror})") from None
+
+
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
+    prepare_out_dir(cfg)
     run, t = Run(cfg), cfg.train
-    os.makedirs(cfg.out.dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out.dir, "metrics.jsonl")
     history, bad_in_a_row, samples, step_seconds = [], 0, 0, 0.0
     if run.device.type == "cuda":
@@ -167,8 +198,10 @@ def train(cfg: TrainConfig) -> dict:
                 bad_in_a_row += 1
                 tqdm.write(f"train: step {step}: non-finite loss or gradient norm {grad_norm}; step skipped")
                 if bad_in_a_row >= MAX_BAD_STEPS:
+                    advice = "lower train.lr" if run.weight_dtype == torch.float32 else \
+                        "lower train.lr or use model.precision=fp32"
                     raise DataError(f"loss or gradients were non-finite for {MAX_BAD_STEPS} steps in a row "
-                                    f"(last at step {step}); lower train.lr or use model.precision=fp32")
+                                    f"(last at step {step}); {advice}")
                 continue
             bad_in_a_row = 0
             history.append(loss)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save
 
 from shards.atomic import write_bytes
+from shards.errors import DataError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -43,5 +44,10 @@ def save_lora(out_dir: str, transformer, info: dict) -> str:
         "shardtune": json.dumps(info, sort_keys=True),
     }
     path = os.path.join(out_dir, WEIGHT_NAME)
-    write_bytes(path, save(lora_state_dict(transformer), metadata=metadata))
+    state = lora_state_dict(transformer)
+    broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise DataError(f"the LoRA holds non-finite values ({broken[0]} and {len(broken) - 1} more); nothing was "
+                        "saved: lower train.lr")
+    write_bytes(path, save(state, metadata=metadata))
     return path

@@ -1,6 +1,7 @@
 """The frozen SD3 transformer with peft LoRA adapters; nothing else is loaded."""
 import json
 import os
+import sys
 from typing import List
 
 import torch
@@ -36,8 +37,9 @@ def add_lora(transformer, cfg: LoraConfig) -> List[torch.nn.Parameter]:
     names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     unmatched = [t for t in cfg.targets if not any(_matches(n, t) for n in names)]
     if unmatched:
-        raise UsageError(f"lora.targets: {', '.join(unmatched)} match(es) no linear layer of the transformer "
-                         f"(e.g. {', '.join(sorted({n.split('.')[-1] for n in names})[:8])})")
+        known = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()} | {"to_out.0"})
+        raise UsageError(f"lora.targets: {', '.join(unmatched)} match(es) no linear layer of the transformer; "
+                         f"names that do: {', '.join(known)}")
     transformer.add_adapter(PeftLoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
         init_lora_weights="gaussian",
@@ -71,3 +73,14 @@ def check_shard_set(manifest: dict, transformer_config) -> None:
     if wrong:
         raise DataError(f"shard set was made for another model ({manifest['model']['path']}): "
                         + "; ".join(wrong) + "; run precompute with this model.path")
+
+
+def warn_if_other_vae(manifest: dict, root: str) -> None:
+    """Latents from another VAE fit the shapes but not the model; the fingerprints tell."""
+    from shards.fingerprint import folder_fingerprint
+
+    recorded = manifest["model"].get("components", {}).get("vae")
+    vae = os.path.join(root, "vae")
+    if recorded and os.path.isdir(vae) and folder_fingerprint(vae) != recorded:
+        print(f"train: warning: the shard set's latents come from another VAE than {vae} "
+              f"(shard set made from {manifest['model']['path']}); check that this is intended", file=sys.stderr)

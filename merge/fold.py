@@ -75,6 +75,22 @@ def _out_tensor(name: str, w: torch.Tensor, module: Optional[LoraModule], dtype:
     return out.contiguous()
 
 
+def _file_mode() -> int:
+    """What open() gives a new file under this process's umask (reading the umask means setting it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _save(tensors: Dict[str, torch.Tensor], path: str) -> None:
+    try:
+        save_file(tensors, path, metadata=FILE_METADATA)
+    except SafetensorError as e:  # safetensors reports a failed write (disk full, I/O error) as its own type
+        raise DataError(f"cannot write {path}: {e}") from None
+    # safetensors 0.8 writes through a private temp file (mode 0600); a release must be readable like any file.
+    os.chmod(path, _file_mode())
+
+
 def _shard_names(count: int) -> List[str]:
     if count == 1:
         return [WEIGHTS_NAME]
@@ -121,7 +137,7 @@ def _write_parts(where, lora, out_dir, dtype, max_shard_bytes, progress):
 
         def flush():
             part = f"part-{len(parts):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, part), metadata=FILE_METADATA)
+            _save(shard, os.path.join(out_dir, part))
             parts.append((part, sorted(shard)))
             shard.clear()
 

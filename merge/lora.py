@@ -143,5 +143,10 @@ def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
         if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
             raise DataError(f"{path}: module '{name}' has lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)}, "
                             "which are not the two matrices of one linear LoRA")
+        for part, t in (("lora_A", down), ("lora_B", up)):
+            # Checked here, as folding would blame lora.scale or out.dtype for it.
+            if not torch.isfinite(t).all():
+                raise DataError(f"{path}: module '{name}' {part} holds non-finite values "
+                                "(the LoRA itself is broken: retrain it)")
         modules[name] = LoraModule(name, down, up, module_scale(config, name, down.shape[0], scale, path))
     return modules

@@ -4,7 +4,9 @@ import shutil
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
-from shards.errors import UsageError
+from shards.errors import DataError, UsageError
+
+PIPELINE_MARKER = "model_index.json"  # what makes a folder a diffusers pipeline, i.e. an earlier release
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -19,7 +21,16 @@ def check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence[str] = ()) -> 
             raise UsageError(f"out.dir '{out_dir}' overlaps the input {p}; pick an out.dir outside the inputs")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"out.dir '{out_dir}' exists and is not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    try:
+        entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    except OSError as e:
+        raise UsageError(f"out.dir '{out_dir}' cannot be read: {e.strerror}") from None
+    # Overwrite exists to redo a release; a folder of anything else is the user's and is never deleted.
+    if entries and PIPELINE_MARKER not in entries:
+        raise UsageError(f"out.dir '{out_dir}' holds other files (it is not a diffusers pipeline folder: no "
+                         f"{PIPELINE_MARKER}); out.overwrite=true only replaces an earlier release, so choose "
+                         "another out.dir")
+    if entries and not overwrite:
         raise UsageError(f"out.dir '{out_dir}' already exists and is not empty; choose another out.dir "
                          "or set out.overwrite=true to replace it")
 
@@ -88,10 +99,17 @@ def staged(out_dir: str) -> Iterator[str]:
     out_dir = os.path.normpath(out_dir)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)  # also creates missing parent folders
+    except OSError as e:
+        raise UsageError(f"cannot create out.dir '{out_dir}': {e.filename}: {e.strerror}") from None
     try:
         yield tmp
         publish(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            # A copy or rename names both ends and either can be the one that failed.
+            where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename or tmp
+            raise DataError(f"writing the release to out.dir '{out_dir}' failed: {where}: {e.strerror or e}") from None
         raise

@@ -116,6 +116,15 @@ def _jitter_(module: torch.nn.Module, seed: int, std: float = 0.02):
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+def _umask_modes(folder: str) -> None:
+    """safetensors writes 0600 files; give them the mode any other file of this process gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def build_tiny_model(out_dir: str, seed: int = 0, qk_norm=None, dual_attention_layers=()):
     """Write a diffusers-format SD3 pipeline folder that `StableDiffusion3Pipeline.from_pretrained` loads."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -182,6 +191,7 @@ def build_tiny_model(out_dir: str, seed: int = 0, qk_norm=None, dual_attention_l
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # keep the files as built (spiece.model too)
             shutil.rmtree(os.path.join(staged, name))
             shutil.copytree(os.path.join(tmp, name), os.path.join(staged, name))
+        _umask_modes(staged)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(staged, out_dir)
@@ -206,6 +216,9 @@ def build_sample_dataset(out_dir: str):
 
 
 def main(argv=None):
+    from shards.config import quiet_libraries
+
+    quiet_libraries()
     ap = argparse.ArgumentParser(prog="python -m precompute.tiny", description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["model", "data"])
     ap.add_argument("out")

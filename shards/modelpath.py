@@ -6,8 +6,10 @@ from .errors import UsageError
 
 
 def looks_like_hub_id(path: str) -> bool:
+    """`org/name`, unless its first part is a local folder (then it is a mistyped local path)."""
     parts = path.split("/")
-    return len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and not os.path.isabs(path)
+    return (len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and not os.path.isabs(path)
+            and not os.path.isdir(parts[0]))
 
 
 def check_model_path(key: str, path: str, problems: list) -> None:
@@ -26,14 +28,20 @@ def resolve_model(path: str, allow_patterns: Optional[Sequence[str]] = None, rev
         raise UsageError(f"model.path: no such folder: {path}")
     from huggingface_hub import snapshot_download
 
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
     try:
         return snapshot_download(path, allow_patterns=list(allow_patterns) if allow_patterns else None,
                                  revision=revision)
-    except Exception as e:  # gated repo, no network, typo in the id
-        raise UsageError(
-            f"model.path: cannot download '{path}' from the Hugging Face hub ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); accept its licence and run `hf auth login`, "
-            "or pass a local folder") from None
+    except GatedRepoError:
+        why = "the repository is gated: accept its licence on the hub page and run `hf auth login`"
+    except RepositoryNotFoundError:
+        why = "no such repository (or it is private: run `hf auth login`)"
+    except RevisionNotFoundError:
+        why = f"it has no revision '{revision}'"
+    except Exception as e:  # no network, disk full, proxy trouble: all need the user
+        why = f"{type(e).__name__}; check the network, or download it and pass the local folder"
+    raise UsageError(f"model.path: '{path}' is not a local folder and cannot be had from the Hugging Face hub: {why}")
 
 
 def component_dir(root: str, name: str) -> str:

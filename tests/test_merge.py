@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -258,6 +259,14 @@ def _missing_b(t):
     del t["transformer.transformer_blocks.1.attn.to_k.lora_B.weight"]
 
 
+def _nan_in_b(t):
+    t["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"][0, 0] = float("nan")
+
+
+def _inf_in_a(t):
+    t["transformer.transformer_blocks.1.attn.to_k.lora_A.weight"][1, 2] = float("-inf")
+
+
 def _run(argv, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli("merge", main, [str(a) for a in argv])
@@ -274,6 +283,9 @@ def _run(argv, capsys):
     (_alpha_tensor, 1, ["transformer.transformer_blocks.0.attn.to_q.alpha"]),
     (_duplicate_module, 1, ["transformer_blocks.0.attn.to_q", "twice"]),
     (_missing_b, 1, ["transformer_blocks.1.attn.to_k", "lora_B"]),
+    # A broken LoRA is not fixed by a smaller lora.scale or a wider out.dtype: say so.
+    (_nan_in_b, 1, ["transformer_blocks.0.attn.to_q", "lora_B", "non-finite", "retrain"]),
+    (_inf_in_a, 1, ["transformer_blocks.1.attn.to_k", "lora_A", "non-finite", "retrain"]),
 ])
 def test_bad_lora_files_are_refused(base_model, lora_dir, tmp_path, capsys, edit, code, words):
     lora = _edited_lora(lora_dir, tmp_path, edit)
@@ -333,6 +345,62 @@ def test_existing_out_dir_is_refused_without_overwrite(base_model, lora_dir, tmp
     code, line = _run([f"model.path={base_model}", f"lora.path={lora_dir}", f"out.dir={out}"], capsys)
     assert code == 2 and "out.overwrite=true" in line and str(out) in line
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_release(base_model, lora_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    argv = [f"model.path={base_model}", f"lora.path={lora_dir}", f"out.dir={out}", "out.overwrite=true"]
+    code, line = _run(argv, capsys)
+    assert code == 2 and "holds other files" in line and str(out) in line, line
+    assert os.listdir(out) == ["notes.md"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_overwrite_replaces_an_empty_folder(base_model, lora_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    out = merge(base_model, lora_dir, tmp_path / "out", "out.overwrite=true")
+    assert (Path(out) / "model_index.json").is_file() and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "{tmp}/a-file/out"])
+def test_out_dir_that_cannot_be_created_is_a_usage_error(base_model, lora_dir, tmp_path, capsys, where):
+    if where.startswith("/proc") and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    (tmp_path / "a-file").write_text("not a folder")
+    out = where.format(tmp=tmp_path)
+    code, line = _run([f"model.path={base_model}", f"lora.path={lora_dir}", f"out.dir={out}"], capsys)
+    assert code == 2 and f"out.dir '{out}'" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["a-file"] and not os.path.exists(out + ".tmp")
+
+
+# A write that fails mid-way (here: past a file size limit, as a full or broken disk would) is one line, no .tmp.
+@pytest.mark.parametrize("link", ["hardlink", "copy"])  # fails in safetensors' writer / in the component copy
+def test_write_failure_mid_way_is_one_line_and_leaves_nothing(base_model, lora_dir, tmp_path, link):
+    limited = ("import resource, runpy, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY)); "
+               "runpy.run_module('merge', run_name='__main__', alter_sys=True)")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", limited, f"model.path={base_model}", f"lora.path={lora_dir}",
+                        f"out.dir={out}", f"out.link={link}"], cwd=REPO, capture_output=True, text=True)
+    line = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert line.startswith("merge: error: ") and "File too large" in line and f"{out}.tmp/" in line, line
+    assert os.listdir(tmp_path) == []
+
+
+# safetensors writes 0600 files; a release on a shared machine must be readable as the umask allows.
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_release_files_get_the_umask_mode(base_model, lora_dir, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = merge(base_model, lora_dir, tmp_path / "out", "out.max_shard_bytes=100000", "out.link=copy")
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in Path(out).rglob("*") if p.is_file()}
+    assert f"transformer/{WEIGHTS}.index.json" in modes
+    assert sum(name.startswith("transformer/diffusion_pytorch_model-") for name in modes) >= 2
+    assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_out_dir_overlapping_the_base_is_refused(base_model, lora_dir, capsys):

@@ -105,7 +105,7 @@ class Validator:
         images = generate(transformer, self.vae, self.sched, *self.embeds, *self.empty, *self.size, v.steps,
                           v.guidance, v.seed, self.dtype)
         return save_grid(images, self.prompts, os.path.join(self.dir, f"step-{step:06d}.png"),
-                         f"step {step}, {v.steps} steps, guidance {v.guidance}, seed {v.seed}")
+                         f"training step {step}; sampler: {v.steps} Euler steps, guidance {v.guidance}, seed {v.seed}")
 
 
 class Run:

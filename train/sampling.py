@@ -56,7 +56,8 @@ def save_grid(images: List[Image.Image], prompts: List[str], path: str, label: s
     d = ImageDraw.Draw(grid)
     for i, (im, p) in enumerate(zip(images, prompts)):
         grid.paste(im, (i * cell_w, 0))
-        d.text((i * cell_w + 2, h + 4), p[: cell_w // 6], fill="black")
+        fits = cell_w // 6
+        d.text((i * cell_w + 2, h + 4), p if len(p) <= fits else p[: fits - 1] + "…", fill="black")
     d.text((2, h + 26), label, fill=(90, 90, 90))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path + ".tmp.png")

@@ -1,6 +1,7 @@
 """Aspect-ratio buckets around a target area, and the resize + center crop into one."""
 import math
-from typing import List, Tuple
+import random
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,14 +28,18 @@ def nearest_bucket(height: int, width: int, buckets: List[Tuple[int, int]]) -> T
     return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - r), -hw[0] * hw[1]))
 
 
-def resize_and_crop(img: Image.Image, bucket: Tuple[int, int]):
-    """Scale to cover the bucket, center crop. Returns ([3,h,w] tensor in [-1, 1], (top, left))."""
+def resize_and_crop(img: Image.Image, bucket: Tuple[int, int], rng: Optional[random.Random] = None):
+    """Scale to cover the bucket, then crop: centered, or at a position drawn from `rng`.
+    Returns ([3,h,w] tensor in [-1, 1], (top, left))."""
     bh, bw = bucket
     w, h = img.size
     scale = max(bh / h, bw / w)
     rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
     img = img.resize((rw, rh), Image.Resampling.LANCZOS)
-    top, left = (rh - bh) // 2, (rw - bw) // 2
+    if rng is None:
+        top, left = (rh - bh) // 2, (rw - bw) // 2
+    else:
+        top, left = rng.randint(0, rh - bh), rng.randint(0, rw - bw)
     img = img.crop((left, top, left + bw, top + bh))
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (top, left)

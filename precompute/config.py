@@ -33,6 +33,14 @@ class BucketConfig:
     step: int = 64  # bucket sides are multiples of this (and of 16 = VAE factor × patch size)
     min_aspect: float = 0.5  # height/width limits of the buckets
     max_aspect: float = 2.0
+    min_size: int = 512  # images whose shorter side is below this are rejected...
+    upscale: bool = False  # ...unless this is true (then they are upscaled into their bucket)
+    crop: str = "center"  # center | random (seeded per image: the same image always gets the same crop)
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = False  # also store the latent of the horizontally flipped image (latent_mean_flip/std_flip)
 
 
 @dataclass
@@ -69,9 +77,13 @@ class PrecomputeConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     out: OutConfig = field(default_factory=OutConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 4
-    device: str = "auto"  # auto: cuda if available, else cpu
+    num_workers: int = 2  # processes decoding and resizing images while the encoders run
+    device: str = "auto"  # auto: cuda if available, else cpu (cuda:LOCAL_RANK under torchrun)
     seed: int = 0
+    part: int = 0  # this process's part of the inputs when `parts` > 1 (set from RANK under torchrun)
+    parts: int = 1
 
     def __post_init__(self):
         p = []
@@ -88,6 +100,9 @@ class PrecomputeConfig:
             p.append(f"config key 'buckets.step': {b.step} is not a positive multiple of 16 (VAE factor 8 × patch 2)")
         elif b.resolution < b.step:
             p.append(f"config key 'buckets.resolution': {b.resolution} is smaller than buckets.step {b.step}")
+        one_of(p, "buckets.crop", b.crop, ("center", "random"))
+        if b.min_size < 0:
+            p.append("config key 'buckets.min_size' must be >= 0")
         if not 0 < b.min_aspect <= 1 <= b.max_aspect:
             p.append("config keys 'buckets.min_aspect'/'buckets.max_aspect' must satisfy 0 < min_aspect <= 1 <= max_aspect")
         one_of(p, "text.t5_precision", self.text.t5_precision, T5_PRECISIONS)
@@ -104,4 +119,8 @@ class PrecomputeConfig:
             p.append("config key 'out.samples_per_shard' must be at least 1")
         if self.batch_size < 1:
             p.append("config key 'batch_size' must be at least 1")
+        if self.num_workers < 0:
+            p.append("config key 'num_workers' must be >= 0")
+        if self.parts < 1 or not 0 <= self.part < self.parts:
+            p.append(f"config keys 'part'/'parts': need 0 <= part < parts, got part={self.part} parts={self.parts}")
         check(p)

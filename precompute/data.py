@@ -21,7 +21,26 @@ class Item:
     source: str  # path relative to data.path
     path: str
     caption: Optional[str] = None
-    sha256: str = ""
+    reject: Optional[str] = None  # known to be unusable before decoding, and why
+    size: int = -1
+    mtime_ns: int = -1
+
+    def signature(self) -> list:
+        """What identifies this input's state between runs (content is checked when this differs)."""
+        return [self.source, self.size, self.mtime_ns, self.reject]
+
+
+def list_inputs(cfg: DataConfig) -> List[Item]:
+    """Every input under `cfg.path`, usable or not, in a fixed order (sorted by relative path)."""
+    items, rejects = scan_folder(cfg)
+    items += [Item(source=s, path=os.path.join(cfg.path, s), reject=why) for s, why in rejects]
+    for it in items:
+        try:
+            st = os.stat(it.path)
+            it.size, it.mtime_ns = st.st_size, st.st_mtime_ns
+        except OSError:
+            pass
+    return sorted(items, key=lambda it: it.source)
 
 
 def scan_folder(cfg: DataConfig) -> Tuple[List[Item], List[Tuple[str, str]]]:

@@ -65,15 +65,11 @@ class TextEncoders:
         self.clip_tokens = self.tokenizers[0].model_max_length
         self.pooled_dim = sum(c.config.projection_dim for c in self.clips)
 
-    def truncated(self, prompts: List[str]) -> dict:
-        """How many prompts lose tokens to CLIP's 77 or to max_sequence_length."""
-        out = {"clip": 0, "t5": 0}
-        for p in prompts:
-            if len(self.tokenizers[0](p).input_ids) > self.clip_tokens:
-                out["clip"] += 1
-            if self.t5 is not None and len(self.t5_tokenizer(p).input_ids) > self.max_sequence_length:
-                out["t5"] += 1
-        return out
+    def truncated(self, prompts: List[str]) -> List[tuple]:
+        """Per prompt: (loses tokens to CLIP's 77, loses tokens to max_sequence_length)."""
+        return [(len(self.tokenizers[0](p).input_ids) > self.clip_tokens,
+                 self.t5 is not None and len(self.t5_tokenizer(p).input_ids) > self.max_sequence_length)
+                for p in prompts]
 
     @torch.no_grad()
     def encode(self, prompts: List[str]):

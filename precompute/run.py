@@ -1,154 +1,361 @@
-"""Stage 1 driver: dataset -> encoders -> shard set."""
+"""Stage 1 driver: inputs -> planned shards -> encoders -> shard set.
+
+The inputs are sorted and cut into shards of `out.samples_per_shard` inputs each, so shard i always
+holds the same inputs. That makes a run restartable (complete shards are kept, the rest redone),
+partitionable (`part=i parts=N` takes shards i, i+N, ...; the parts together equal one run), and
+stale-proof (each shard records its inputs' sizes and times; run.json records config and model).
+"""
+import json
+import math
 import os
+import random
+import resource
 import time
-from collections import Counter
-from typing import List
+from typing import Dict, List
 
 import torch
 from tqdm import tqdm
 
-from shards import ShardSetWriter
-from shards.writer import check_writable
+from shards import format as F
+from shards.atomic import write_json
 from shards.config import resolve_device, to_dict
-from shards.errors import DataError
-from shards.fingerprint import folder_fingerprint
+from shards.errors import DataError, UsageError
+from shards.fingerprint import file_sha256, folder_fingerprint
 from shards.modelpath import resolve_model
+from shards.writer import ShardWriter, assemble, clear_set, read_sidecar, sidecar_path, shard_name, write_extras
 
 from .buckets import make_buckets, nearest_bucket, resize_and_crop
-from .config import PrecomputeConfig
-from .data import Item, load_rgb, sample_key, scan_folder, why_unreadable
+from .config import IMAGE_EXTS, PrecomputeConfig
+from .data import Item, list_inputs, load_rgb, sample_key, why_unreadable
 from .encoders import TextEncoders, VaeEncoder, resolve_dtype
 
 # What precompute reads from a pipeline folder: never the transformer weights.
 MODEL_FILES = ["model_index.json", "text_encoder*/*", "tokenizer*/*", "vae/*", "transformer/config.json",
                "scheduler/*"]
+# Keys that do not change what is written (where things are, how fast, which part).
+NOT_CONTENT = ("model.path", "model.revision", "data.path", "out.dir", "out.overwrite", "batch_size",
+               "num_workers", "device", "part", "parts")
 
 
-def _prepare(item: Item, buckets):
-    """Decode and crop one image; returns None plus the reason when it cannot be used."""
+def content_config(cfg: PrecomputeConfig) -> Dict:
+    flat = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg))
+    return {k: v for k, v in flat.items() if k not in NOT_CONTENT}
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def model_facts(root: str, cfg: PrecomputeConfig, device: torch.device) -> dict:
+    """The manifest's model fields, read from the component configs (no weights loaded)."""
+    vae = _read_json(os.path.join(root, "vae", "config.json"))
+    clips = [_read_json(os.path.join(root, n, "config.json")) for n in ("text_encoder", "text_encoder_2")]
+    tok = os.path.join(root, "tokenizer", "tokenizer_config.json")
+    clip_tokens = _read_json(tok).get("model_max_length", 77) if os.path.exists(tok) else 77
+    if cfg.text.t5_precision == "none":
+        width = _read_json(os.path.join(root, "transformer", "config.json"))["joint_attention_dim"]
+    else:
+        width = _read_json(os.path.join(root, "text_encoder_3", "config.json"))["d_model"]
+    used = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"]
+    if cfg.text.t5_precision != "none":
+        used += ["text_encoder_3", "tokenizer_3"]
+    return {
+        "model": {"path": cfg.model.path, "revision": cfg.model.revision,
+                  "components": {n: folder_fingerprint(os.path.join(root, n)) for n in used}},
+        "vae": {"scaling_factor": vae["scaling_factor"], "shift_factor": vae.get("shift_factor") or 0.0,
+                "downsample_factor": 2 ** (len(vae["block_out_channels"]) - 1)},
+        "latent_channels": vae["latent_channels"],
+        "embeddings": {"prompt_embeds_dim": width, "clip_tokens": min(int(clip_tokens), 77),
+                       "pooled_dim": sum(c["projection_dim"] for c in clips)},
+        "max_sequence_length": cfg.text.max_sequence_length,
+        "precisions": {"clip": str(resolve_dtype(cfg.text.clip_precision, device)).replace("torch.", ""),
+                       "t5": cfg.text.t5_precision,
+                       "vae": str(resolve_dtype(cfg.vae.precision, device)).replace("torch.", "")},
+        "flipped_latents": cfg.augment.flip,
+    }
+
+
+class Plan:
+    """Inputs cut into shards; shard i is inputs[i*n : (i+1)*n] whatever else happens."""
+
+    def __init__(self, inputs: List[Item], per_shard: int):
+        self.inputs, self.per_shard = inputs, per_shard
+        self.n = max(1, math.ceil(len(inputs) / per_shard))
+
+    def shard(self, i: int) -> List[Item]:
+        return self.inputs[i * self.per_shard:(i + 1) * self.per_shard]
+
+    def signature(self, i: int) -> list:
+        return [it.signature() for it in self.shard(i)]
+
+
+def _same_inputs(record: dict, items: List[Item]) -> bool:
+    """Did this shard's inputs stay the same? A changed size or time is checked against the content hash."""
+    old = record.get("inputs", [])
+    if len(old) != len(items):
+        return False
+    hashes = dict(zip(record["sources"], record["content"]))
+    for o, it in zip(old, items):
+        if o == it.signature():
+            continue
+        if o[0] != it.source or o[3] != it.reject or it.source not in hashes:
+            return False
+        try:
+            if file_sha256(it.path) != hashes[it.source]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _describe_changes(old: dict, new: dict) -> str:
+    parts = []
+    changed = [k for k in sorted(set(old["config"]) | set(new["config"])) if old["config"].get(k) != new["config"].get(k)]
+    if changed:
+        parts.append("config " + ", ".join(f"{k} ({old['config'].get(k)!r} -> {new['config'].get(k)!r})"
+                                           for k in changed[:4]) + (" ..." if len(changed) > 4 else ""))
+    comps = [k for k in sorted(set(old["components"]) | set(new["components"]))
+             if old["components"].get(k) != new["components"].get(k)]
+    if comps:
+        parts.append("model components " + ", ".join(comps))
+    if old["inputs"] != new["inputs"]:
+        parts.append(f"number of inputs ({old['inputs']} -> {new['inputs']})")
+    return "; ".join(parts)
+
+
+def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[int]) -> List[int]:
+    """Check out.dir against this run and return the shards of this part still to do."""
+    d = cfg.out.dir
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"config key 'out.dir': cannot create {d} ({e.strerror})") from None
+    state_path = os.path.join(d, F.RUN_STATE)
+    old = _read_json(state_path) if os.path.exists(state_path) else None
+    if old is not None and {k: old.get(k) for k in state} != state:
+        if not cfg.out.overwrite:
+            raise UsageError(f"out.dir {d} holds a shard set made differently: {_describe_changes(old, state)}; "
+                             "set out.overwrite=true to rebuild it, or choose another out.dir")
+        clear_set(d)
+    elif old is None and any(n.startswith("shard-") or n == F.MANIFEST for n in os.listdir(d)):
+        if not cfg.out.overwrite:
+            raise UsageError(f"out.dir {d} holds shard files of unknown origin; set out.overwrite=true or choose another")
+        clear_set(d)
+    for i in mine:  # a temp file of ours is from a killed run; another part's are not ours to touch
+        for tmp in (os.path.join(d, shard_name(i) + ".tmp"), sidecar_path(d, i) + ".tmp"):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    write_json(state_path, state)
+
+    todo, changed = [], []
+    for i in mine:
+        rec = read_sidecar(d, i)
+        if rec is None:
+            todo.append(i)
+        elif not _same_inputs(rec, plan.shard(i)):
+            changed.append(i)
+    complete = os.path.exists(os.path.join(d, F.MANIFEST))
+    if changed and not cfg.out.overwrite:
+        sources = [it.source for i in changed for it in plan.shard(i)]
+        raise UsageError(f"source files changed since out.dir {d} was made (in shards {', '.join(map(str, changed[:5]))}, "
+                         f"e.g. {sources[0]}); set out.overwrite=true to redo the affected shards")
+    if complete and not changed and not cfg.out.overwrite:
+        raise UsageError(f"out.dir {d} already holds a complete shard set; choose another out.dir "
+                         "or set out.overwrite=true")
+    if (todo or changed) and complete:
+        os.remove(os.path.join(d, F.MANIFEST))
+    return sorted(todo + changed)
+
+
+def _prepare(item: Item, buckets, cfg: PrecomputeConfig) -> dict:
+    """Decode and crop one image (runs in DataLoader workers)."""
+    if item.reject:
+        return {"item": item, "reject": item.reject}
     try:
         img, digest = load_rgb(item.path)
     except Exception as e:  # PIL raises many types for corrupt, truncated or foreign files
-        return None, why_unreadable(e)
-    item.sha256 = digest
+        return {"item": item, "reject": why_unreadable(e)}
     w, h = img.size
+    b = cfg.buckets
+    if min(w, h) < b.min_size and not b.upscale:
+        return {"item": item, "reject": f"too small: {w}x{h} is under buckets.min_size {b.min_size} "
+                                        "(buckets.upscale=true keeps it)"}
     bucket = nearest_bucket(h, w, buckets)
-    pixels, crop = resize_and_crop(img, bucket)
+    rng = random.Random(f"{cfg.seed}:{item.source}") if b.crop == "random" else None
+    pixels, crop = resize_and_crop(img, bucket, rng)
     meta = {"caption": item.caption, "source": item.source, "original_size": [h, w],
             "crop_top_left": list(crop), "bucket": list(bucket), "sha256": digest}
-    return (pixels, meta), None
+    return {"item": item, "pixels": pixels, "meta": meta}
 
 
-def _batches(seq: List, n: int):
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, jobs, buckets, cfg):
+        self.jobs, self.buckets, self.cfg = jobs, buckets, cfg
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, i):
+        shard, item = self.jobs[i]
+        return {"shard": shard, **_prepare(item, self.buckets, self.cfg)}
+
+
+def _distributed(cfg: PrecomputeConfig):
+    """Under torchrun / accelerate launch each process takes its own part and its own GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    part, parts, device = cfg.part, cfg.parts, cfg.device
+    if world > 1 and parts == 1:
+        part, parts = int(os.environ.get("RANK", "0")), world
+        if device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return part, parts, resolve_device("device", device)
+
+
+def _encode_latents(vae: VaeEncoder, ready: List[dict], batch: int, flip: bool) -> None:
+    """VAE-encode in same-bucket batches (images of one bucket share a size), in place."""
+    by_bucket: Dict[tuple, List[dict]] = {}
+    for r in ready:
+        by_bucket.setdefault(tuple(r["meta"]["bucket"]), []).append(r)
+    for group in by_bucket.values():
+        for k in range(0, len(group), batch):
+            chunk = group[k:k + batch]
+            pixels = torch.stack([r["pixels"] for r in chunk])
+            mean, std = vae.encode(pixels)
+            if flip:
+                mean_f, std_f = vae.encode(pixels.flip(-1))
+            for j, r in enumerate(chunk):
+                r["tensors"] = {"latent_mean": mean[j], "latent_std": std[j]}
+                if flip:
+                    r["tensors"].update(latent_mean_flip=mean_f[j], latent_std_flip=std_f[j])
 
 
 def run(cfg: PrecomputeConfig) -> dict:
+    """Do this part's shards; returns the manifest when the set is complete, else a progress dict."""
     t0 = time.time()
-    device = resolve_device("device", cfg.device)
+    part, parts, device = _distributed(cfg)
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
-    items, early_rejects = scan_folder(cfg.data)
-    buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
-
-    check_writable(cfg.out.dir, cfg.out.overwrite)
-    clip_dtype = resolve_dtype(cfg.text.clip_precision, device)
-    vae_dtype = resolve_dtype(cfg.vae.precision, device)
-    text = TextEncoders(root, cfg.text.t5_precision, clip_dtype, device, cfg.text.max_sequence_length)
-    vae = VaeEncoder(root, vae_dtype, device)
-
-    writer = ShardSetWriter(cfg.out.dir, cfg.out.dtype, cfg.out.samples_per_shard, cfg.out.overwrite)
-    for source, reason in early_rejects:
-        writer.reject(source, reason)
-
-    seen_hashes = {}
-    truncated = Counter()
-    reasons = Counter(reason.split(":")[0] for _, reason in early_rejects)
-    bar = tqdm(total=len(items), desc="precompute", unit="img", dynamic_ncols=True)
-    try:
-        for chunk in _batches(items, cfg.batch_size):
-            ready = []
-            for item in chunk:
-                prepared, why = _prepare(item, buckets)
-                if prepared is None:
-                    writer.reject(item.source, why)
-                    reasons[why.split(":")[0]] += 1
-                elif item.sha256 in seen_hashes:
-                    why = f"duplicate: same content as {seen_hashes[item.sha256]}"
-                    writer.reject(item.source, why)
-                    reasons["duplicate"] += 1
-                else:
-                    seen_hashes[item.sha256] = item.source
-                    ready.append((item, *prepared))
-            if ready:
-                captions = [it.caption for it, _, _ in ready]
-                truncated.update(text.truncated(captions))
-                embeds, pooled = text.encode(captions)
-                for j, (item, pixels, meta) in enumerate(ready):
-                    mean, std = vae.encode(pixels[None])
-                    tensors = {"latent_mean": mean[0], "latent_std": std[0],
-                               "prompt_embeds": embeds[j], "pooled_prompt_embeds": pooled[j]}
-                    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
-                    if bad:
-                        writer.reject(item.source, f"non-finite values: in {', '.join(bad)} (fp16 overflow?)")
-                        reasons["non-finite values"] += 1
-                        continue
-                    writer.add(sample_key(item.source, item.sha256), tensors, meta)
-            bar.update(len(chunk))
-        bar.close()
-        if writer.written == 0:
-            writer.finish_rejects()
-            raise DataError(f"no usable images in {cfg.data.path} ({writer.rejected} rejected: "
-                            + ", ".join(f"{r}: {n}" for r, n in reasons.items()) + "); reasons are in "
-                            + os.path.join(cfg.out.dir, "rejected.jsonl"))
-
-        prompts = list(cfg.validation.prompts)
-        empty_embeds, empty_pooled = text.encode([""])
-        if prompts:
-            val_embeds, val_pooled = text.encode(prompts)
-        else:
-            val_embeds, val_pooled = empty_embeds[:0], empty_pooled[:0]
-        writer.write_extras(
-            {"empty_prompt_embeds": empty_embeds[0], "empty_pooled_prompt_embeds": empty_pooled[0],
-             "validation_prompt_embeds": val_embeds, "validation_pooled_prompt_embeds": val_pooled},
-            {"validation_prompts": prompts},
-        )
-        used = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae"]
-        if text.t5 is not None:
-            used += ["text_encoder_3", "tokenizer_3"]
-        components = {n: folder_fingerprint(os.path.join(root, n)) for n in used}
-        seconds = time.time() - t0
-        manifest = writer.close({
-            "model": {"path": cfg.model.path, "revision": cfg.model.revision, "components": components},
-            "vae": {"scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor,
-                    "downsample_factor": vae.downsample_factor},
-            "latent_channels": vae.latent_channels,
-            "embeddings": {"prompt_embeds_dim": text.width, "clip_tokens": text.clip_tokens,
-                           "pooled_dim": text.pooled_dim},
-            "max_sequence_length": cfg.text.max_sequence_length,
-            "precisions": {"clip": str(clip_dtype).replace("torch.", ""), "t5": cfg.text.t5_precision,
-                           "vae": str(vae_dtype).replace("torch.", "")},
-            "truncated_captions": dict(truncated),
-            "rejected_reasons": dict(reasons),
-            "stats": {"seconds": round(seconds, 2), "images_per_second": round(len(items) / max(seconds, 1e-9), 3)},
-            "config": to_dict(cfg),
-        }, seen=len(items) + len(early_rejects))
-    except BaseException:
-        bar.close()
-        writer.abort()
-        raise
+    inputs = list_inputs(cfg.data)
+    if not inputs:
+        raise DataError(f"data.path {cfg.data.path} holds no images (looked for {', '.join(IMAGE_EXTS)})")
+    plan = Plan(inputs, cfg.out.samples_per_shard)
+    facts = model_facts(root, cfg, device)
+    state = {"config": content_config(cfg), "components": facts["model"]["components"], "inputs": len(inputs),
+             "shards": plan.n}
+    mine = [i for i in range(plan.n) if i % parts == part]
+    todo = prepare_out_dir(cfg, state, plan, mine)
+    need_extras = not os.path.exists(os.path.join(cfg.out.dir, F.EXTRAS))
+    stats = {"images": 0, "seconds": 0.0}
+    if todo or need_extras:
+        text = TextEncoders(root, cfg.text.t5_precision, resolve_dtype(cfg.text.clip_precision, device), device,
+                            cfg.text.max_sequence_length)
+        if need_extras:
+            _write_extras(cfg, text)
+        if todo:
+            vae = VaeEncoder(root, resolve_dtype(cfg.vae.precision, device), device)
+            stats = _process(cfg, plan, todo, text, vae)
+    progress = {"part": part, "parts": parts, "shards_done_here": len(todo), "shards": plan.n,
+                "seconds": round(time.time() - t0, 2),
+                "images_per_second": round(stats["images"] / max(stats["seconds"], 1e-9), 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        progress["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    manifest = assemble(cfg.out.dir, plan.n, {**facts, "stats": progress, "config": to_dict(cfg)}, cfg.out.dtype)
+    if manifest is None:
+        return progress
+    if manifest["counts"]["written"] == 0:
+        os.remove(os.path.join(cfg.out.dir, F.MANIFEST))  # a set with nothing in it is no set
+        reasons = ", ".join(f"{r}: {n}" for r, n in manifest["rejected_reasons"].items())
+        raise DataError(f"no usable images in {cfg.data.path} ({manifest['counts']['rejected']} rejected: {reasons}); "
+                        f"reasons are in {os.path.join(cfg.out.dir, F.REJECTED)}")
     return manifest
 
 
-def summary(manifest: dict, out_dir: str) -> str:
-    c = manifest["counts"]
-    lines = [f"shard set: {out_dir}  ({c['written']} samples in {len(manifest['shards'])} shard(s), "
-             f"{c['rejected']} rejected of {c['seen']} seen, {manifest['stats']['seconds']} s)"]
-    if manifest["rejected_reasons"]:
-        lines.append("  rejected: " + ", ".join(f"{r}: {n}" for r, n in manifest["rejected_reasons"].items())
+def _write_extras(cfg: PrecomputeConfig, text: TextEncoders) -> None:
+    prompts = list(cfg.validation.prompts)
+    empty_embeds, empty_pooled = text.encode([""])
+    val_embeds, val_pooled = text.encode(prompts) if prompts else (empty_embeds[:0], empty_pooled[:0])
+    write_extras(cfg.out.dir, {"empty_prompt_embeds": empty_embeds[0], "empty_pooled_prompt_embeds": empty_pooled[0],
+                               "validation_prompt_embeds": val_embeds, "validation_pooled_prompt_embeds": val_pooled},
+                 cfg.out.dtype, {"validation_prompts": prompts})
+
+
+def _process(cfg: PrecomputeConfig, plan: Plan, todo: List[int], text: TextEncoders, vae: VaeEncoder) -> dict:
+    buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
+    jobs = [(i, item) for i in todo for item in plan.shard(i)]
+    loader = torch.utils.data.DataLoader(_Images(jobs, buckets, cfg), batch_size=cfg.batch_size,
+                                         num_workers=cfg.num_workers, collate_fn=list)
+    left = {i: len(plan.shard(i)) for i in todo}
+    writers: Dict[int, ShardWriter] = {}
+    seen_in_shard: Dict[int, Dict[str, str]] = {}
+    truncated: Dict[int, Dict[str, int]] = {}
+    t0 = time.time()
+    bar = tqdm(total=len(jobs), desc="precompute", unit="img", dynamic_ncols=True)
+    try:
+        for batch in loader:
+            ready = []
+            for r in batch:
+                i = r["shard"]
+                w = writers.get(i) or writers.setdefault(i, ShardWriter(cfg.out.dir, i, cfg.out.dtype))
+                seen = seen_in_shard.setdefault(i, {})
+                if "reject" in r:
+                    w.reject(r["item"].source, r["reject"])
+                elif r["meta"]["sha256"] in seen:
+                    w.reject(r["item"].source, f"duplicate: same content as {seen[r['meta']['sha256']]}")
+                else:
+                    seen[r["meta"]["sha256"]] = r["item"].source
+                    ready.append(r)
+            if ready:
+                captions = [r["meta"]["caption"] for r in ready]
+                flags = text.truncated(captions)
+                embeds, pooled = text.encode(captions)
+                _encode_latents(vae, ready, cfg.batch_size, cfg.augment.flip)
+                for j, r in enumerate(ready):
+                    t = truncated.setdefault(r["shard"], {"clip": 0, "t5": 0})
+                    t["clip"] += flags[j][0]
+                    t["t5"] += flags[j][1]
+                    tensors = {**r["tensors"], "prompt_embeds": embeds[j], "pooled_prompt_embeds": pooled[j]}
+                    bad = [n for n, x in tensors.items() if not torch.isfinite(x).all()]
+                    if bad:
+                        writers[r["shard"]].reject(r["item"].source, f"non-finite values: in {', '.join(bad)} (fp16 overflow?)")
+                        continue
+                    writers[r["shard"]].add(sample_key(r["item"].source, r["meta"]["sha256"]), tensors, r["meta"])
+            for r in batch:
+                i = r["shard"]
+                left[i] -= 1
+                if left[i] == 0:
+                    writers.pop(i).finish({"inputs": plan.signature(i), "truncated": truncated.pop(i, {"clip": 0, "t5": 0})})
+            bar.update(len(batch))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    return {"images": len(jobs), "seconds": time.time() - t0}
+
+
+def summary(result: dict, out_dir: str) -> str:
+    if not result.get("format"):
+        return (f"part {result['part']} of {result['parts']} done ({result['shards_done_here']} shard(s) written here, "
+                f"{result['seconds']} s); the set in {out_dir} completes when every part has run")
+    c = result["counts"]
+    lines = [f"shard set: {out_dir}  ({c['written']} samples in {len(result['shards'])} shard(s), "
+             f"{c['rejected']} rejected of {c['seen']} seen, {result['stats']['seconds']} s)"]
+    if result["rejected_reasons"]:
+        lines.append("  rejected: " + ", ".join(f"{r}: {n}" for r, n in result["rejected_reasons"].items())
                      + f"  (details in {os.path.join(out_dir, 'rejected.jsonl')})")
-    t = manifest["truncated_captions"]
+    t = result.get("truncated_captions", {})
     if t.get("clip") or t.get("t5"):
-        lines.append(f"  truncated captions: {t.get('clip', 0)} longer than CLIP's {manifest['embeddings']['clip_tokens']} "
-                     f"tokens, {t.get('t5', 0)} longer than max_sequence_length {manifest['max_sequence_length']}")
+        lines.append(f"  truncated captions: {t.get('clip', 0)} longer than CLIP's {result['embeddings']['clip_tokens']} "
+                     f"tokens, {t.get('t5', 0)} longer than max_sequence_length {result['max_sequence_length']}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 EXTRAS = "extras.safetensors"
 REJECTED = "rejected.jsonl"
+RUN_STATE = "run.json"  # what an unfinished run was started with: config, model and plan fingerprints
 SHARD_PATTERN = "shard-{:06d}.tar"
 
 # Tensors every sample carries, and the optional flipped pair.

@@ -150,6 +150,7 @@ def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:
 
     For a set, each shard's bytes are checked against the manifest's sha256 as they stream past.
     """
+    excluded = {}
     if isinstance(path_or_url, (list, tuple)):
         shards = [(u, None) for u in path_or_url]
     elif path_or_url.endswith(".tar"):
@@ -157,8 +158,11 @@ def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:
     else:
         manifest = read_manifest(path_or_url)
         shards = [(_join(path_or_url, s["name"]), s["sha256"]) for s in manifest["shards"]]
+        excluded = manifest.get("excluded", {})
     for url, sha in shards:
-        yield from _decoded(url, sha)
+        for sample in _decoded(url, sha):
+            if sample["key"] not in excluded:  # later copies of an image found in another shard
+                yield sample
 
 
 def read_extras(path_or_url: str) -> Dict[str, torch.Tensor]:

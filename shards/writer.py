@@ -1,5 +1,10 @@
-"""Shard set writer: tar shards of safetensors+json samples, extras, rejects, manifest last."""
-import hashlib
+"""Shard set writing: one `ShardWriter` per shard, `assemble` to complete the set.
+
+A shard is complete once its sidecar `shard-NNNNNN.json` exists: the tar is renamed into place first,
+then the sidecar is written atomically. A run killed at any moment therefore leaves complete shards
+(kept by the next run) and at most one temp file (discarded). `assemble` writes `rejected.jsonl` and,
+last, `manifest.json` once every planned shard is complete; its presence is what makes a set whole.
+"""
 import io
 import json
 import os
@@ -8,12 +13,13 @@ from collections import Counter
 from typing import Dict, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from . import format as F
 from .atomic import write_bytes, write_json
-from .fingerprint import file_sha256
 from .errors import UsageError
+from .fingerprint import file_sha256
 
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,65 +42,30 @@ def encode_sample(tensors: Dict[str, torch.Tensor], dtype: torch.dtype, metadata
     return st_save(out, metadata=metadata)
 
 
-def check_writable(out_dir: str, overwrite: bool) -> None:
-    """Refuse to replace a complete shard set unless asked to (call before any slow work)."""
-    if os.path.exists(os.path.join(out_dir, F.MANIFEST)) and not overwrite:
-        raise UsageError(f"out.dir {out_dir} already holds a complete shard set; "
-                         "choose another out.dir or set out.overwrite=true")
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _TORCH_DTYPES:
+        raise UsageError(f"shard dtype '{name}' is not one of {', '.join(_TORCH_DTYPES)}")
+    return _TORCH_DTYPES[name]
 
 
-class ShardSetWriter:
-    """Writes one shard set. `add` samples, `reject` inputs, then `close(manifest_fields)`.
+def shard_name(index: int) -> str:
+    return F.SHARD_PATTERN.format(index)
 
-    Each shard is written to `NAME.tmp` and renamed only once complete, and `manifest.json`
-    is written after everything else, so its presence means the set is whole.
-    """
 
-    def __init__(self, out_dir: str, dtype: str = "bf16", samples_per_shard: int = 1000, overwrite: bool = False):
-        if dtype not in _TORCH_DTYPES:
-            raise UsageError(f"shard dtype '{dtype}' is not one of {', '.join(_TORCH_DTYPES)}")
-        self.out_dir = out_dir
-        self.dtype_name = dtype
-        self.dtype = _TORCH_DTYPES[dtype]
-        self.samples_per_shard = samples_per_shard
-        check_writable(out_dir, overwrite)
-        os.makedirs(out_dir, exist_ok=True)
-        self._clear_previous()
-        self.shards = []
-        self.buckets = Counter()
-        self.keys = set()
-        self.rejected = 0
-        self.written = 0
-        self._tar = None
-        self._tar_file = None
-        self._in_shard = 0
-        self._rejects = open(os.path.join(out_dir, F.REJECTED + ".tmp"), "w")
+def sidecar_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, os.path.splitext(shard_name(index))[0] + ".json")
 
-    def _clear_previous(self) -> None:
-        for name in os.listdir(self.out_dir):
-            if name == F.MANIFEST or name.startswith("shard-") or name in (F.EXTRAS, F.REJECTED) or name.endswith(".tmp"):
-                os.remove(os.path.join(self.out_dir, name))
 
-    def _open_shard(self) -> None:
-        name = F.SHARD_PATTERN.format(len(self.shards))
-        self._shard_name = name
-        self._tar_file = open(os.path.join(self.out_dir, name + ".tmp"), "wb")
-        self._tar = tarfile.open(fileobj=self._tar_file, mode="w", format=tarfile.USTAR_FORMAT)
-        self._in_shard = 0
+class ShardWriter:
+    """Samples and rejects of one shard; `finish` makes it complete."""
 
-    def _finish_shard(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        self._tar_file.flush()
-        os.fsync(self._tar_file.fileno())
-        self._tar_file.close()
-        tmp = os.path.join(self.out_dir, self._shard_name + ".tmp")
-        final = os.path.join(self.out_dir, self._shard_name)
-        os.replace(tmp, final)
-        self.shards.append({"name": self._shard_name, "samples": self._in_shard,
-                            "bytes": os.path.getsize(final), "sha256": file_sha256(final)})
-        self._tar = self._tar_file = None
+    def __init__(self, out_dir: str, index: int, dtype: str = "bf16"):
+        self.out_dir, self.index, self.name = out_dir, index, shard_name(index)
+        self.dtype = torch_dtype(dtype)
+        self.tmp = os.path.join(out_dir, self.name + ".tmp")
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.keys, self.content, self.sources, self.buckets, self.rejected = [], [], [], [], []
 
     def add(self, key: str, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
         missing = [t for t in F.SAMPLE_TENSORS if t not in tensors]
@@ -104,71 +75,173 @@ class ShardSetWriter:
             raise ValueError(f"sample key '{key}' must not contain '.' or '/' (webdataset splits on them)")
         if key in self.keys:
             raise ValueError(f"duplicate sample key {key}")
-        if self._tar is None:
-            self._open_shard()
         meta = {"key": key, **meta}
         _tar_member(self._tar, f"{key}.safetensors", encode_sample(tensors, self.dtype))
         _tar_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        self.keys.add(key)
-        self.buckets["{}x{}".format(*meta["bucket"])] += 1
-        self.written += 1
-        self._in_shard += 1
-        if self._in_shard >= self.samples_per_shard:
-            self._finish_shard()
+        self.keys.append(key)
+        self.content.append(meta.get("sha256", ""))
+        self.sources.append(meta.get("source", ""))
+        self.buckets.append("{}x{}".format(*meta["bucket"]))
 
-    def reject(self, source: str, reason: str, **extra) -> None:
-        self._rejects.write(json.dumps({"source": source, "reason": reason, **extra}) + "\n")
-        self.rejected += 1
+    def reject(self, source: str, reason: str) -> None:
+        self.rejected.append({"source": source, "reason": reason})
 
-    def finish_rejects(self) -> None:
-        """Put rejected.jsonl in place (also when the run stops because nothing was usable)."""
-        if self._rejects.closed:
-            return
-        self._rejects.flush()
-        os.fsync(self._rejects.fileno())
-        self._rejects.close()
-        os.replace(os.path.join(self.out_dir, F.REJECTED + ".tmp"), os.path.join(self.out_dir, F.REJECTED))
+    def finish(self, extra: Optional[dict] = None) -> dict:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = os.path.join(self.out_dir, self.name)
+        os.replace(self.tmp, final)
+        record = {"index": self.index, "name": self.name, "samples": len(self.keys),
+                  "bytes": os.path.getsize(final), "sha256": file_sha256(final), "keys": self.keys,
+                  "content": self.content, "sources": self.sources, "buckets": self.buckets,
+                  "rejected": self.rejected, **(extra or {})}
+        write_json(sidecar_path(self.out_dir, self.index), record)
+        return record
 
-    def write_extras(self, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> dict:
-        missing = [t for t in F.EXTRAS_TENSORS if t not in tensors]
-        if missing:
-            raise ValueError(f"extras lack tensors {missing}")
-        md = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-        data = encode_sample(tensors, self.dtype, md or None)
-        write_bytes(os.path.join(self.out_dir, F.EXTRAS), data)
-        self.extras = {"name": F.EXTRAS, "sha256": hashlib.sha256(data).hexdigest(), **(metadata or {})}
-        return self.extras
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
-    def close(self, fields: dict, seen: int) -> dict:
-        """Finish the last shard and write the manifest; `fields` holds model/encoder facts."""
-        self._finish_shard()
-        self.finish_rejects()
-        if not hasattr(self, "extras"):
+
+def read_sidecar(out_dir: str, index: int) -> Optional[dict]:
+    """The record of a complete shard, or None when the shard must be (re)done."""
+    path = sidecar_path(out_dir, index)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    tar = os.path.join(out_dir, record.get("name", ""))
+    if not os.path.isfile(tar) or os.path.getsize(tar) != record.get("bytes"):
+        return None
+    return record
+
+
+def write_extras(out_dir: str, tensors: Dict[str, torch.Tensor], dtype: str, metadata: Optional[dict] = None) -> None:
+    missing = [t for t in F.EXTRAS_TENSORS if t not in tensors]
+    if missing:
+        raise ValueError(f"extras lack tensors {missing}")
+    md = {k: json.dumps(v) for k, v in (metadata or {}).items()}
+    write_bytes(os.path.join(out_dir, F.EXTRAS), encode_sample(tensors, torch_dtype(dtype), md or None))
+
+
+def _extras_record(out_dir: str) -> dict:
+    path = os.path.join(out_dir, F.EXTRAS)
+    with safe_open(path, "pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "format"}
+    return {"name": F.EXTRAS, "sha256": file_sha256(path), **meta}
+
+
+def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[dict]:
+    """Write rejected.jsonl and manifest.json if all `n_shards` shards are complete; else None.
+
+    Duplicates across shards (same content hash) are found here, in shard order, so one run and
+    several `part` runs give the same set: later copies are listed under `excluded` and skipped by readers.
+    """
+    records = [read_sidecar(out_dir, i) for i in range(n_shards)]
+    if any(r is None for r in records) or not os.path.exists(os.path.join(out_dir, F.EXTRAS)):
+        return None
+    first_of, excluded, rejects = {}, {}, []
+    buckets, truncated, total = Counter(), Counter(), 0
+    for r in records:
+        rejects += r["rejected"]
+        truncated.update(r.get("truncated", {}))
+        for key, digest, source in zip(r["keys"], r["content"], r["sources"]):
+            if digest and digest in first_of:
+                excluded[key] = f"duplicate: same content as {first_of[digest]}"
+                rejects.append({"source": source, "reason": excluded[key]})
+            else:
+                first_of.setdefault(digest, source)
+        total += r["samples"]
+    for r in records:  # bucket histogram of what readers will see
+        buckets.update(b for key, b in zip(r["keys"], r["buckets"]) if key not in excluded)
+    with open(os.path.join(out_dir, F.REJECTED + ".tmp"), "w") as f:
+        for rec in rejects:
+            f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(out_dir, F.REJECTED + ".tmp"), os.path.join(out_dir, F.REJECTED))
+    reasons = Counter(rec["reason"].split(":")[0] for rec in rejects)
+    manifest = {
+        "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "producer": F.producer(),
+        **fields,
+        "dtype": dtype,
+        "buckets": dict(sorted(buckets.items())),
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records if r["samples"]],
+        "counts": {"seen": total + sum(len(r["rejected"]) for r in records), "written": total - len(excluded),
+                   "rejected": len(rejects)},
+        "rejected_reasons": dict(reasons),
+        "truncated_captions": {"clip": truncated["clip"], "t5": truncated["t5"]},
+        "excluded": excluded,
+        "extras": _extras_record(out_dir),
+    }
+    absent = [f for f in F.MANIFEST_FIELDS if f not in manifest]
+    if absent:
+        raise ValueError(f"manifest lacks fields {absent}")
+    write_json(os.path.join(out_dir, F.MANIFEST), manifest)
+    return manifest
+
+
+def check_writable(out_dir: str, overwrite: bool) -> None:
+    """Refuse to replace a complete shard set unless asked to (call before any slow work)."""
+    if os.path.exists(os.path.join(out_dir, F.MANIFEST)) and not overwrite:
+        raise UsageError(f"out.dir {out_dir} already holds a complete shard set; "
+                         "choose another out.dir or set out.overwrite=true")
+
+
+def clear_set(out_dir: str) -> None:
+    """Remove every file a shard set consists of (and nothing else) from out_dir."""
+    for name in os.listdir(out_dir):
+        if name in (F.MANIFEST, F.EXTRAS, F.REJECTED, F.RUN_STATE) or name.startswith("shard-") or name.endswith(".tmp"):
+            os.remove(os.path.join(out_dir, name))
+
+
+class ShardSetWriter:
+    """Sequential writer for a whole set (tests, small tools): `add`/`reject`, `write_extras`, `close`."""
+
+    def __init__(self, out_dir: str, dtype: str = "bf16", samples_per_shard: int = 1000, overwrite: bool = False):
+        check_writable(out_dir, overwrite)
+        os.makedirs(out_dir, exist_ok=True)
+        clear_set(out_dir)
+        self.out_dir, self.dtype, self.per_shard = out_dir, dtype, samples_per_shard
+        torch_dtype(dtype)
+        self.n_shards, self.current, self.in_shard = 0, None, 0
+
+    def _shard(self) -> ShardWriter:
+        if self.current is None:
+            self.current = ShardWriter(self.out_dir, self.n_shards, self.dtype)
+            self.n_shards += 1
+        return self.current
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            self.current.finish()
+            self.current, self.in_shard = None, 0
+
+    def add(self, key: str, tensors: Dict[str, torch.Tensor], meta: dict) -> None:
+        self._shard().add(key, tensors, meta)
+        self.in_shard += 1
+        if self.in_shard >= self.per_shard:
+            self._finish()
+
+    def reject(self, source: str, reason: str) -> None:
+        self._shard().reject(source, reason)
+
+    def write_extras(self, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+        write_extras(self.out_dir, tensors, self.dtype, metadata)
+
+    def close(self, fields: dict) -> dict:
+        self._finish()
+        manifest = assemble(self.out_dir, self.n_shards, fields, self.dtype)
+        if manifest is None:
             raise ValueError("write_extras must be called before close")
-        manifest = {
-            "format": F.FORMAT_NAME,
-            "format_version": F.FORMAT_VERSION,
-            "producer": F.producer(),
-            **fields,
-            "dtype": self.dtype_name,
-            "buckets": dict(sorted(self.buckets.items())),
-            "shards": self.shards,
-            "counts": {"seen": seen, "written": self.written, "rejected": self.rejected},
-            "extras": self.extras,
-        }
-        absent = [f for f in F.MANIFEST_FIELDS if f not in manifest]
-        if absent:
-            raise ValueError(f"manifest lacks fields {absent}")
-        write_json(os.path.join(self.out_dir, F.MANIFEST), manifest)
         return manifest
 
     def abort(self) -> None:
-        """Leave no temp files behind after a failure (finished shards stay; there is no manifest)."""
-        if self._tar is not None:
-            self._tar_file.close()
-            os.remove(os.path.join(self.out_dir, self._shard_name + ".tmp"))
-            self._tar = None
-        if not self._rejects.closed:
-            self._rejects.close()
-            os.remove(os.path.join(self.out_dir, F.REJECTED + ".tmp"))
-
+        if self.current is not None:
+            self.current.abort()
+            self.current = None

@@ -35,7 +35,7 @@ def precompute_cfg(model, data, out, **over):
     from shards.config import load_config
 
     args = [f"model.path={model}", f"data.path={data}", f"out.dir={out}", "buckets.resolution=128",
-            "buckets.step=32", "validation.prompts=[a photo of a cat,a red apple]"]
+            "buckets.step=32", "buckets.min_size=64", "validation.prompts=[a photo of a cat,a red apple]"]
     args += [f"{k}={v}" for k, v in over.items()]
     return load_config(PrecomputeConfig, args)
 

@@ -65,8 +65,9 @@ def test_latents_equal_vae_encode(pipe, shard_set_fp32, sample_data):
         assert list(crop) == meta["crop_top_left"]
         with torch.no_grad():
             dist = pipe.vae.encode(pixels[None]).latent_dist
-        assert torch.allclose(s["latent_mean"], dist.mean[0], rtol=1e-5, atol=1e-6)
-        assert torch.allclose(s["latent_std"], dist.std[0], rtol=1e-5, atol=1e-6)
+        # precompute encodes same-bucket images as one batch; batched convolutions round slightly differently
+        assert torch.allclose(s["latent_mean"], dist.mean[0], rtol=1e-4, atol=1e-5)
+        assert torch.allclose(s["latent_std"], dist.std[0], rtol=1e-4, atol=1e-5)
         h, w = meta["bucket"]
         assert s["latent_mean"].shape == (16, h // 8, w // 8)
 

@@ -34,7 +34,7 @@ def _write(out, n=5, dtype="fp32", per_shard=2):
     w.write_extras({"empty_prompt_embeds": torch.zeros(5, 6), "empty_pooled_prompt_embeds": torch.ones(5),
                     "validation_prompt_embeds": torch.ones(2, 5, 6), "validation_pooled_prompt_embeds": torch.ones(2, 5)},
                    {"validation_prompts": ["p1", "p2"]})
-    return w.close(_fields(), seen=n + 1), written
+    return w.close(_fields()), written
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -65,6 +65,7 @@ def test_manifest_has_every_design_field(tmp_path):
     assert manifest["extras"]["validation_prompts"] == ["p1", "p2"]
     # The last thing written is the manifest; no temp files are left.
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert manifest["excluded"] == {}
 
 
 def test_bf16_storage_and_webdataset_layout(tmp_path):

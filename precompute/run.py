@@ -33,8 +33,10 @@ from .encoders import TextEncoders, VaeEncoder, resolve_dtype
 MODEL_FILES = ["model_index.json", "text_encoder*/*", "tokenizer*/*", "vae/*", "transformer/config.json",
                "scheduler/*"]
 # Keys that do not change what is written (where things are, how fast, which part).
-NOT_CONTENT = ("model.path", "model.revision", "data.path", "out.dir", "out.overwrite", "batch_size",
-               "num_workers", "device", "part", "parts")
+# batch_size is content: batched matmuls and convolutions round differently, and a resumed run must
+# give bit-identical tensors, so batches are cut the same way inside each shard every time.
+NOT_CONTENT = ("model.path", "model.revision", "data.path", "out.dir", "out.overwrite", "num_workers", "device",
+               "part", "parts")
 
 
 def content_config(cfg: PrecomputeConfig) -> Dict:
@@ -133,7 +135,7 @@ def _describe_changes(old: dict, new: dict) -> str:
     return "; ".join(parts)
 
 
-def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[int]) -> List[int]:
+def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[int], facts: dict) -> List[int]:
     """Check out.dir against this run and return the shards of this part still to do."""
     d = cfg.out.dir
     try:
@@ -155,7 +157,8 @@ def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[i
         for tmp in (os.path.join(d, shard_name(i) + ".tmp"), sidecar_path(d, i) + ".tmp"):
             if os.path.exists(tmp):
                 os.remove(tmp)
-    write_json(state_path, state)
+    # The manifest facts ride along so that any part, or `shards combine`, can complete the set.
+    write_json(state_path, {**state, "facts": {**facts, "config": to_dict(cfg)}})
 
     todo, changed = [], []
     for i in mine:
@@ -252,7 +255,7 @@ def run(cfg: PrecomputeConfig) -> dict:
     state = {"config": content_config(cfg), "components": facts["model"]["components"], "inputs": len(inputs),
              "shards": plan.n}
     mine = [i for i in range(plan.n) if i % parts == part]
-    todo = prepare_out_dir(cfg, state, plan, mine)
+    todo = prepare_out_dir(cfg, state, plan, mine, facts)
     need_extras = not os.path.exists(os.path.join(cfg.out.dir, F.EXTRAS))
     stats = {"images": 0, "seconds": 0.0}
     if todo or need_extras:
@@ -292,7 +295,12 @@ def _write_extras(cfg: PrecomputeConfig, text: TextEncoders) -> None:
 def _process(cfg: PrecomputeConfig, plan: Plan, todo: List[int], text: TextEncoders, vae: VaeEncoder) -> dict:
     buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
     jobs = [(i, item) for i in todo for item in plan.shard(i)]
-    loader = torch.utils.data.DataLoader(_Images(jobs, buckets, cfg), batch_size=cfg.batch_size,
+    batches, start = [], 0  # never across a shard boundary, so a resumed shard is batched as before
+    for i in todo:
+        n = len(plan.shard(i))
+        batches += [list(range(start + k, start + min(k + cfg.batch_size, n))) for k in range(0, n, cfg.batch_size)]
+        start += n
+    loader = torch.utils.data.DataLoader(_Images(jobs, buckets, cfg), batch_sampler=batches,
                                          num_workers=cfg.num_workers, collate_fn=list)
     left = {i: len(plan.shard(i)) for i in todo}
     writers: Dict[int, ShardWriter] = {}

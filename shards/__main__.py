@@ -8,10 +8,17 @@ from .verify import inspect, verify
 
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m shards", description="Inspect or verify a shardtune shard set.")
-    ap.add_argument("command", choices=["inspect", "verify"])
-    ap.add_argument("path", help="shard set folder or URL")
+    ap.add_argument("command", choices=["inspect", "verify", "combine"])
+    ap.add_argument("path", help="shard set folder or URL (combine: the output folder)")
+    ap.add_argument("parts", nargs="*", help="combine: the part folders")
     ap.add_argument("--quick", action="store_true", help="verify: check sizes and hashes only, do not decode samples")
     a = ap.parse_args(argv)
+    if a.command == "combine":
+        from .combine import combine
+
+        m = combine(a.path, a.parts)
+        print(f"{a.path}: {m['counts']['written']} samples in {len(m['shards'])} shard(s) from {len(a.parts)} part folder(s)")
+        return
     if a.command == "inspect":
         print(inspect(a.path))
         return

@@ -1,0 +1,68 @@
+"""`python -m shards combine OUT PART_DIR...`: one shard set from parts written to separate folders.
+
+Each part folder holds the same run.json (same config, model and inputs) and the shards of its part;
+the combined set is what a single run would have written.
+"""
+import json
+import os
+import shutil
+from typing import List
+
+from . import format as F
+from .errors import DataError, UsageError
+from .writer import assemble, read_sidecar, shard_name, sidecar_path
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return
+    if os.path.exists(dst):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
+def _state(folder: str) -> dict:
+    path = os.path.join(folder, F.RUN_STATE)
+    if not os.path.exists(path):
+        raise UsageError(f"{folder} has no {F.RUN_STATE}: it is not the output of a precompute part")
+    with open(path) as f:
+        return json.load(f)
+
+
+def combine(out_dir: str, parts: List[str]) -> dict:
+    if not parts:
+        raise UsageError("name at least one part folder")
+    states = [_state(p) for p in parts]
+    same = lambda s: {k: s.get(k) for k in ("config", "components", "inputs", "shards")}  # noqa: E731
+    for p, s in zip(parts[1:], states[1:]):
+        if same(s) != same(states[0]):
+            raise DataError(f"{p} was made with other settings, model or inputs than {parts[0]}; "
+                            "parts of one set must share them")
+    n = states[0]["shards"]
+    os.makedirs(out_dir, exist_ok=True)
+    found = set()
+    for p in parts:
+        for i in range(n):
+            if i not in found and read_sidecar(p, i) is not None:
+                _link_or_copy(os.path.join(p, shard_name(i)), os.path.join(out_dir, shard_name(i)))
+                _link_or_copy(sidecar_path(p, i), sidecar_path(out_dir, i))
+                found.add(i)
+    missing = sorted(set(range(n)) - found)
+    if missing:
+        raise DataError(f"shards {', '.join(map(str, missing[:10]))} are in none of the part folders "
+                        f"({len(missing)} of {n} missing); run the parts that write them")
+    extras = next((os.path.join(p, F.EXTRAS) for p in parts if os.path.exists(os.path.join(p, F.EXTRAS))), None)
+    if extras is None:
+        raise DataError(f"none of the part folders holds {F.EXTRAS}")
+    _link_or_copy(extras, os.path.join(out_dir, F.EXTRAS))
+    state = {k: v for k, v in states[0].items()}
+    with open(os.path.join(out_dir, F.RUN_STATE), "w") as f:
+        json.dump(state, f, indent=2)
+    facts = dict(state["facts"])
+    manifest = assemble(out_dir, n, facts, state["config"]["out.dtype"])
+    if manifest is None:
+        raise DataError(f"{out_dir} could not be completed")
+    return manifest

@@ -1,0 +1,177 @@
+"""Stage 1 as a long job: killed and restarted, rerun with changes, split into parts, augmented."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from shards import read_manifest, read_rejected, read_samples
+from conftest import REPO, precompute_cfg
+
+FAST = {"text.t5_precision": "none", "num_workers": 0}
+
+
+def _run(model, data, out, **over):
+    from precompute.run import run
+
+    return run(precompute_cfg(model, data, out, **{**FAST, **over}))
+
+
+def _tensors(out):
+    return {s["key"]: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for s in read_samples(out)}
+
+
+def _same_set(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys() and len(ta) > 0
+    for k in ta:
+        assert ta[k].keys() == tb[k].keys()
+        for name in ta[k]:
+            assert torch.equal(ta[k][name], tb[k][name]), (k, name)
+    ma, mb = read_manifest(a), read_manifest(b)
+    for field in ("shards", "counts", "buckets", "excluded", "extras", "rejected_reasons"):
+        assert ma[field] == mb[field], field
+
+
+@pytest.fixture(scope="module")
+def many_images(sample_data, tmp_path_factory):
+    """40 distinct real photos: the sample set at five sizes each (different content, same captions)."""
+    d = tmp_path_factory.mktemp("many")
+    for name in sorted(os.listdir(sample_data)):
+        stem, ext = os.path.splitext(name)
+        if ext == ".txt":
+            continue
+        img = Image.open(os.path.join(sample_data, name)).convert("RGB")
+        caption = open(os.path.join(sample_data, stem + ".txt")).read()
+        for k, scale in enumerate((1.0, 0.9, 0.8, 0.7, 0.6)):
+            img.resize((round(img.width * scale), round(img.height * scale))).save(d / f"{stem}-{k}.png")
+            (d / f"{stem}-{k}.txt").write_text(caption)
+    return str(d)
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_model, many_images, tmp_path):
+    whole = str(tmp_path / "whole")
+    _run(tiny_model, many_images, whole, **{"out.samples_per_shard": 2, "batch_size": 1})
+    out = tmp_path / "killed"
+    args = [f"model.path={tiny_model}", f"data.path={many_images}", f"out.dir={out}", "buckets.resolution=128",
+            "buckets.step=32", "buckets.min_size=64", "validation.prompts=[a photo of a cat,a red apple]",
+            "text.t5_precision=none", "num_workers=0", "out.samples_per_shard=2", "batch_size=1"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen([sys.executable, "-m", "precompute", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "shard-000003.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "precompute ended before it could be killed"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done = sorted(n for n in os.listdir(out) if n.endswith(".json") and n.startswith("shard-"))
+    assert 4 <= len(done) < 20
+    kept = {n: os.stat(out / n).st_ino for n in done}
+    _run(tiny_model, many_images, str(out), **{"out.samples_per_shard": 2, "batch_size": 1})
+    assert all(os.stat(out / n).st_ino == ino for n, ino in kept.items())  # finished shards were not redone
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    _same_set(whole, str(out))
+
+
+def test_changes_are_detected_and_only_affected_shards_redone(tiny_model, sample_data, tmp_path):
+    from shards.errors import UsageError
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    out = str(tmp_path / "out")
+    _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2})
+    with pytest.raises(UsageError, match=r"config buckets.resolution \(128 -> 96\)"):
+        _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2, "buckets.resolution": 96})
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg = json.load(open(model / "vae" / "config.json"))
+    cfg["scaling_factor"] = 1.0
+    json.dump(cfg, open(model / "vae" / "config.json", "w"))
+    with pytest.raises(UsageError, match="model components vae"):
+        _run(str(model), str(data), out, **{"out.samples_per_shard": 2})
+    # Touching a file without changing it is not a change; changing its pixels is.
+    os.utime(data / "camera.png")
+    with pytest.raises(UsageError, match="already holds a complete shard set"):
+        _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2})
+    img = Image.open(data / "camera.png")
+    img.putpixel((0, 0), 255 - img.getpixel((0, 0)))
+    img.save(data / "camera.png")
+    with pytest.raises(UsageError, match="source files changed"):
+        _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2})
+    before = {n: os.stat(os.path.join(out, n)).st_ino for n in os.listdir(out) if n.endswith(".tar")}
+    _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2, "out.overwrite": "true"})
+    after = {n: os.stat(os.path.join(out, n)).st_ino for n in os.listdir(out) if n.endswith(".tar")}
+    redone = [n for n in before if before[n] != after[n]]
+    assert redone == ["shard-000000.tar"]  # camera.png is the 2nd input (sorted): shard 0 of 2-input shards
+    fresh = str(tmp_path / "fresh")
+    _run(tiny_model, str(data), fresh, **{"out.samples_per_shard": 2})
+    _same_set(fresh, out)
+
+
+def test_parts_together_equal_one_run(tiny_model, sample_data, tmp_path):
+    from conftest import run_module
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    shutil.copy(data / "coffee.png", data / "zz-copy-of-coffee.png")  # a duplicate in another shard
+    (data / "zz-copy-of-coffee.txt").write_text("the same coffee")
+    one = str(tmp_path / "one")
+    m = _run(tiny_model, str(data), one, **{"out.samples_per_shard": 3})
+    assert list(m["excluded"].values()) == ["duplicate: same content as coffee.png"]
+    assert len(list(read_samples(one))) == 8 and m["counts"] == {"seen": 9, "written": 8, "rejected": 1}
+    # Same folder, parts one after the other: the last part completes the set.
+    shared = str(tmp_path / "shared")
+    progress = _run(tiny_model, str(data), shared, **{"out.samples_per_shard": 3, "part": 1, "parts": 2})
+    assert "format" not in progress and not os.path.exists(os.path.join(shared, "manifest.json"))
+    _run(tiny_model, str(data), shared, **{"out.samples_per_shard": 3, "part": 0, "parts": 2})
+    _same_set(one, shared)
+    # Separate folders, combined afterwards.
+    for part in (0, 1):
+        _run(tiny_model, str(data), str(tmp_path / f"p{part}"), **{"out.samples_per_shard": 3, "part": part, "parts": 2})
+    r = run_module("shards", "combine", str(tmp_path / "combined"), str(tmp_path / "p0"), str(tmp_path / "p1"))
+    assert r.returncode == 0, r.stderr
+    _same_set(one, str(tmp_path / "combined"))
+    assert run_module("shards", "verify", str(tmp_path / "combined")).returncode == 0
+    r = run_module("shards", "combine", str(tmp_path / "half"), str(tmp_path / "p0"))
+    assert r.returncode == 1 and "missing" in r.stderr
+
+
+def test_flip_random_crop_and_min_size(tiny_model, sample_data, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from precompute.buckets import resize_and_crop
+    from precompute.data import load_rgb
+
+    out = str(tmp_path / "aug")
+    over = {"augment.flip": "true", "buckets.crop": "random", "out.dtype": "fp32", "buckets.min_size": 400}
+    m = _run(tiny_model, sample_data, out, **over)
+    assert m["flipped_latents"] is True
+    small = {r["source"] for r in read_rejected(out) if r["reason"].startswith("too small")}
+    assert small == {"chelsea.png", "coins.png"}  # 300 and 303 px on the short side
+    vae = AutoencoderKL.from_pretrained(os.path.join(tiny_model, "vae"))
+    moved = 0
+    for s in read_samples(out):
+        img, _ = load_rgb(os.path.join(sample_data, s["meta"]["source"]))
+        center, _ = resize_and_crop(img, tuple(s["meta"]["bucket"]))
+        pixels, crop = resize_and_crop(img, tuple(s["meta"]["bucket"]), random.Random(f"0:{s['meta']['source']}"))
+        assert list(crop) == s["meta"]["crop_top_left"]
+        moved += not torch.equal(center, pixels)
+        with torch.no_grad():
+            flipped = vae.encode(pixels.flip(-1)[None]).latent_dist
+        assert torch.allclose(s["latent_mean_flip"], flipped.mean[0], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(s["latent_mean_flip"], s["latent_mean"])
+    assert moved > 0
+    again = str(tmp_path / "again")
+    _run(tiny_model, sample_data, again, **over)
+    _same_set(out, again)  # random crops are seeded per image
+    kept = _run(tiny_model, sample_data, str(tmp_path / "up"), **{**over, "buckets.upscale": "true"})
+    assert kept["counts"]["written"] == 8

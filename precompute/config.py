@@ -25,6 +25,10 @@ class DataConfig:
     caption_source: str = "file"  # file: the .txt caption (instance_prompt if it is missing); instance: always instance_prompt
     instance_prompt: Optional[str] = None
     caption_ext: str = ".txt"
+    caption_column: str = "text"  # caption column of a metadata.jsonl / metadata.csv (with file_name)
+    caption_prefix: str = ""  # put before every caption with a space, e.g. a trigger word "sks,"
+    class_path: str = ""  # DreamBooth class (regularisation) images, all captioned with class_prompt
+    class_prompt: Optional[str] = None
 
 
 @dataclass
@@ -93,6 +97,10 @@ class PrecomputeConfig:
         elif not os.path.isdir(self.data.path):
             p.append(f"config key 'data.path': no such folder: {self.data.path}")
         one_of(p, "data.caption_source", self.data.caption_source, ("file", "instance"))
+        if self.data.class_path and not os.path.isdir(self.data.class_path):
+            p.append(f"config key 'data.class_path': no such folder: {self.data.class_path}")
+        if self.data.class_path and not self.data.class_prompt:
+            p.append("config key 'data.class_prompt' is required with data.class_path")
         if self.data.caption_source == "instance" and not self.data.instance_prompt:
             p.append("config key 'data.instance_prompt' is required when data.caption_source is 'instance'")
         b = self.buckets

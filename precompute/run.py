@@ -197,7 +197,7 @@ def _prepare(item: Item, buckets, cfg: PrecomputeConfig) -> dict:
     rng = random.Random(f"{cfg.seed}:{item.source}") if b.crop == "random" else None
     pixels, crop = resize_and_crop(img, bucket, rng)
     meta = {"caption": item.caption, "source": item.source, "original_size": [h, w],
-            "crop_top_left": list(crop), "bucket": list(bucket), "sha256": digest}
+            "crop_top_left": list(crop), "bucket": list(bucket), "sha256": digest, "prior": item.prior}
     return {"item": item, "pixels": pixels, "meta": meta}
 
 

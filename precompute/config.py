@@ -92,9 +92,11 @@ class PrecomputeConfig:
     def __post_init__(self):
         p = []
         check_model_path("model.path", self.model.path, p)
+        from .tars import is_webdataset
+
         if not self.data.path:
-            p.append("config key 'data.path' is required (a folder of images and .txt captions)")
-        elif not os.path.isdir(self.data.path):
+            p.append("config key 'data.path' is required (a folder of images and .txt captions, or webdataset tars)")
+        elif not is_webdataset(self.data.path) and not os.path.isdir(self.data.path):
             p.append(f"config key 'data.path': no such folder: {self.data.path}")
         one_of(p, "data.caption_source", self.data.caption_source, ("file", "instance"))
         if self.data.class_path and not os.path.isdir(self.data.class_path):

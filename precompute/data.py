@@ -28,6 +28,7 @@ class Item:
     caption: Optional[str] = None
     reject: Optional[str] = None  # known to be unusable before decoding, and why
     prior: bool = False  # a class (regularisation) image for prior preservation
+    data: Optional[bytes] = None  # the file's bytes when it comes from a stream (tar inputs)
     size: int = -1
     mtime_ns: int = -1
 
@@ -149,12 +150,15 @@ def _caption_for(image_path: str, cfg: DataConfig, prompt: Optional[str]):
 
 
 def load_rgb(path: str) -> Tuple[Image.Image, str]:
+    with open(path, "rb") as f:
+        return decode_rgb(f.read())
+
+
+def decode_rgb(data: bytes) -> Tuple[Image.Image, str]:
     """Decode fully (so truncated files fail here), honour EXIF orientation, convert to RGB.
 
-    Returns the image and the sha256 of the file's bytes.
+    Returns the image and the sha256 of the bytes.
     """
-    with open(path, "rb") as f:
-        data = f.read()
     if not data:
         raise ValueError("empty file")
     digest = hashlib.sha256(data).hexdigest()

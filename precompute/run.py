@@ -11,7 +11,7 @@ import os
 import random
 import resource
 import time
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import torch
 from tqdm import tqdm
@@ -26,7 +26,8 @@ from shards.writer import ShardWriter, assemble, clear_set, read_sidecar, sideca
 
 from .buckets import make_buckets, nearest_bucket, resize_and_crop
 from .config import IMAGE_EXTS, PrecomputeConfig
-from .data import Item, list_inputs, load_rgb, sample_key, why_unreadable
+from .data import Item, decode_rgb, list_inputs, load_rgb, sample_key, why_unreadable
+from .tars import expand, is_webdataset, stream_items, tar_signature
 from .encoders import TextEncoders, VaeEncoder, resolve_dtype
 
 # What precompute reads from a pipeline folder: never the transformer weights.
@@ -88,7 +89,7 @@ def model_facts(root: str, cfg: PrecomputeConfig, device: torch.device) -> dict:
 
 
 class Plan:
-    """Inputs cut into shards; shard i is inputs[i*n : (i+1)*n] whatever else happens."""
+    """Folder inputs cut into shards; shard i is inputs[i*n : (i+1)*n] whatever else happens."""
 
     def __init__(self, inputs: List[Item], per_shard: int):
         self.inputs, self.per_shard = inputs, per_shard
@@ -97,13 +98,40 @@ class Plan:
     def shard(self, i: int) -> List[Item]:
         return self.inputs[i * self.per_shard:(i + 1) * self.per_shard]
 
+    def count(self, i: int) -> int:
+        return len(self.shard(i))
+
+    def items(self, i: int, cfg) -> Iterator[Item]:
+        return iter(self.shard(i))
+
     def signature(self, i: int) -> list:
         return [it.signature() for it in self.shard(i)]
 
 
-def _same_inputs(record: dict, items: List[Item]) -> bool:
+class TarPlan:
+    """webdataset inputs: input tar i becomes shard i (read as a stream, so its size is not known ahead)."""
+
+    def __init__(self, urls: List[str]):
+        self.urls, self.n = urls, len(urls)
+
+    def shard(self, i: int) -> List[Item]:
+        return []  # nothing to compare item by item: the tar's signature stands for its samples
+
+    def count(self, i: int):
+        return None
+
+    def items(self, i: int, cfg) -> Iterator[Item]:
+        return stream_items(self.urls[i], cfg.data)
+
+    def signature(self, i: int) -> list:
+        return [tar_signature(self.urls[i])]
+
+
+def _same_inputs(record: dict, items: List[Item], signature: list) -> bool:
     """Did this shard's inputs stay the same? A changed size or time is checked against the content hash."""
     old = record.get("inputs", [])
+    if not items:
+        return old == signature
     if len(old) != len(items):
         return False
     hashes = dict(zip(record["sources"], record["content"]))
@@ -165,13 +193,13 @@ def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[i
         rec = read_sidecar(d, i)
         if rec is None:
             todo.append(i)
-        elif not _same_inputs(rec, plan.shard(i)):
+        elif not _same_inputs(rec, plan.shard(i), plan.signature(i)):
             changed.append(i)
     complete = os.path.exists(os.path.join(d, F.MANIFEST))
     if changed and not cfg.out.overwrite:
-        sources = [it.source for i in changed for it in plan.shard(i)]
+        example = plan.signature(changed[0])[0][0]
         raise UsageError(f"source files changed since out.dir {d} was made (in shards {', '.join(map(str, changed[:5]))}, "
-                         f"e.g. {sources[0]}); set out.overwrite=true to redo the affected shards")
+                         f"e.g. {example}); set out.overwrite=true to redo the affected shards")
     if complete and not changed and not cfg.out.overwrite:
         raise UsageError(f"out.dir {d} already holds a complete shard set; choose another out.dir "
                          "or set out.overwrite=true")
@@ -185,7 +213,7 @@ def _prepare(item: Item, buckets, cfg: PrecomputeConfig) -> dict:
     if item.reject:
         return {"item": item, "reject": item.reject}
     try:
-        img, digest = load_rgb(item.path)
+        img, digest = decode_rgb(item.data) if item.data is not None else load_rgb(item.path)
     except Exception as e:  # PIL raises many types for corrupt, truncated or foreign files
         return {"item": item, "reject": why_unreadable(e)}
     w, h = img.size
@@ -198,19 +226,33 @@ def _prepare(item: Item, buckets, cfg: PrecomputeConfig) -> dict:
     pixels, crop = resize_and_crop(img, bucket, rng)
     meta = {"caption": item.caption, "source": item.source, "original_size": [h, w],
             "crop_top_left": list(crop), "bucket": list(bucket), "sha256": digest, "prior": item.prior}
+    item.data = None  # the bytes are not needed past here
     return {"item": item, "pixels": pixels, "meta": meta}
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, jobs, buckets, cfg):
-        self.jobs, self.buckets, self.cfg = jobs, buckets, cfg
+class _Batches(torch.utils.data.IterableDataset):
+    """Decoded, cropped batches of each pending shard, then an end marker for it.
 
-    def __len__(self):
-        return len(self.jobs)
+    Each worker takes whole shards, so a shard's batches arrive in order, and they are cut from the
+    shard's start the same way on every run (never across a shard boundary)."""
 
-    def __getitem__(self, i):
-        shard, item = self.jobs[i]
-        return {"shard": shard, **_prepare(item, self.buckets, self.cfg)}
+    def __init__(self, plan, todo, buckets, cfg):
+        self.plan, self.todo, self.buckets, self.cfg = plan, todo, buckets, cfg
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.todo if info is None else self.todo[info.id::info.num_workers]
+        for i in mine:
+            batch, n = [], 0
+            for item in self.plan.items(i, self.cfg):
+                batch.append({"shard": i, **_prepare(item, self.buckets, self.cfg)})
+                n += 1
+                if len(batch) == self.cfg.batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+            yield [{"shard": i, "end": True, "count": n}]
 
 
 def _distributed(cfg: PrecomputeConfig):
@@ -247,12 +289,16 @@ def run(cfg: PrecomputeConfig) -> dict:
     t0 = time.time()
     part, parts, device = _distributed(cfg)
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
-    inputs = list_inputs(cfg.data)
-    if not inputs:
-        raise DataError(f"data.path {cfg.data.path} holds no images (looked for {', '.join(IMAGE_EXTS)})")
-    plan = Plan(inputs, cfg.out.samples_per_shard)
+    if is_webdataset(cfg.data.path):
+        plan = TarPlan(expand(cfg.data.path))
+        n_inputs = plan.n
+    else:
+        inputs = list_inputs(cfg.data)
+        if not inputs:
+            raise DataError(f"data.path {cfg.data.path} holds no images (looked for {', '.join(IMAGE_EXTS)})")
+        plan, n_inputs = Plan(inputs, cfg.out.samples_per_shard), len(inputs)
     facts = model_facts(root, cfg, device)
-    state = {"config": content_config(cfg), "components": facts["model"]["components"], "inputs": len(inputs),
+    state = {"config": content_config(cfg), "components": facts["model"]["components"], "inputs": n_inputs,
              "shards": plan.n}
     mine = [i for i in range(plan.n) if i % parts == part]
     todo = prepare_out_dir(cfg, state, plan, mine, facts)
@@ -292,24 +338,28 @@ def _write_extras(cfg: PrecomputeConfig, text: TextEncoders) -> None:
                  cfg.out.dtype, {"validation_prompts": prompts})
 
 
-def _process(cfg: PrecomputeConfig, plan: Plan, todo: List[int], text: TextEncoders, vae: VaeEncoder) -> dict:
+def _as_is(batch):
+    return batch
+
+
+def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, vae: VaeEncoder) -> dict:
     buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
-    jobs = [(i, item) for i in todo for item in plan.shard(i)]
-    batches, start = [], 0  # never across a shard boundary, so a resumed shard is batched as before
-    for i in todo:
-        n = len(plan.shard(i))
-        batches += [list(range(start + k, start + min(k + cfg.batch_size, n))) for k in range(0, n, cfg.batch_size)]
-        start += n
-    loader = torch.utils.data.DataLoader(_Images(jobs, buckets, cfg), batch_sampler=batches,
-                                         num_workers=cfg.num_workers, collate_fn=list)
-    left = {i: len(plan.shard(i)) for i in todo}
+    loader = torch.utils.data.DataLoader(_Batches(plan, todo, buckets, cfg), batch_size=None,
+                                         num_workers=min(cfg.num_workers, len(todo)), collate_fn=_as_is)
+    counts = [plan.count(i) for i in todo]
+    total = None if None in counts else sum(counts)
     writers: Dict[int, ShardWriter] = {}
     seen_in_shard: Dict[int, Dict[str, str]] = {}
     truncated: Dict[int, Dict[str, int]] = {}
-    t0 = time.time()
-    bar = tqdm(total=len(jobs), desc="precompute", unit="img", dynamic_ncols=True)
+    images, t0 = 0, time.time()
+    bar = tqdm(total=total, desc="precompute", unit="img", dynamic_ncols=True)
     try:
         for batch in loader:
+            if batch[0].get("end"):
+                i = batch[0]["shard"]
+                w = writers.pop(i, None) or ShardWriter(cfg.out.dir, i, cfg.out.dtype)  # an empty input tar
+                w.finish({"inputs": plan.signature(i), "truncated": truncated.pop(i, {"clip": 0, "t5": 0})})
+                continue
             ready = []
             for r in batch:
                 i = r["shard"]
@@ -323,25 +373,8 @@ def _process(cfg: PrecomputeConfig, plan: Plan, todo: List[int], text: TextEncod
                     seen[r["meta"]["sha256"]] = r["item"].source
                     ready.append(r)
             if ready:
-                captions = [r["meta"]["caption"] for r in ready]
-                flags = text.truncated(captions)
-                embeds, pooled = text.encode(captions)
-                _encode_latents(vae, ready, cfg.batch_size, cfg.augment.flip)
-                for j, r in enumerate(ready):
-                    t = truncated.setdefault(r["shard"], {"clip": 0, "t5": 0})
-                    t["clip"] += flags[j][0]
-                    t["t5"] += flags[j][1]
-                    tensors = {**r["tensors"], "prompt_embeds": embeds[j], "pooled_prompt_embeds": pooled[j]}
-                    bad = [n for n, x in tensors.items() if not torch.isfinite(x).all()]
-                    if bad:
-                        writers[r["shard"]].reject(r["item"].source, f"non-finite values: in {', '.join(bad)} (fp16 overflow?)")
-                        continue
-                    writers[r["shard"]].add(sample_key(r["item"].source, r["meta"]["sha256"]), tensors, r["meta"])
-            for r in batch:
-                i = r["shard"]
-                left[i] -= 1
-                if left[i] == 0:
-                    writers.pop(i).finish({"inputs": plan.signature(i), "truncated": truncated.pop(i, {"clip": 0, "t5": 0})})
+                _encode_batch(cfg, ready, text, vae, writers, truncated)
+            images += len(batch)
             bar.update(len(batch))
     except BaseException:
         for w in writers.values():
@@ -349,7 +382,24 @@ def _process(cfg: PrecomputeConfig, plan: Plan, todo: List[int], text: TextEncod
         raise
     finally:
         bar.close()
-    return {"images": len(jobs), "seconds": time.time() - t0}
+    return {"images": images, "seconds": time.time() - t0}
+
+
+def _encode_batch(cfg, ready: List[dict], text: TextEncoders, vae: VaeEncoder, writers, truncated) -> None:
+    captions = [r["meta"]["caption"] for r in ready]
+    flags = text.truncated(captions)
+    embeds, pooled = text.encode(captions)
+    _encode_latents(vae, ready, cfg.batch_size, cfg.augment.flip)
+    for j, r in enumerate(ready):
+        t = truncated.setdefault(r["shard"], {"clip": 0, "t5": 0})
+        t["clip"] += flags[j][0]
+        t["t5"] += flags[j][1]
+        tensors = {**r["tensors"], "prompt_embeds": embeds[j], "pooled_prompt_embeds": pooled[j]}
+        bad = [n for n, x in tensors.items() if not torch.isfinite(x).all()]
+        if bad:
+            writers[r["shard"]].reject(r["item"].source, f"non-finite values: in {', '.join(bad)} (fp16 overflow?)")
+            continue
+        writers[r["shard"]].add(sample_key(r["item"].source, r["meta"]["sha256"]), tensors, r["meta"])
 
 
 def summary(result: dict, out_dir: str) -> str:

@@ -165,3 +165,54 @@ def test_non_finite_encoder_output_is_rejected_per_sample(tiny_model, sample_dat
     assert reasons and all(r.startswith("non-finite values: in latent_mean") for r in reasons)
     assert read_manifest(out)["counts"]["written"] == 8 - len(reasons)
     assert all(torch.isfinite(s["latent_mean"]).all() for s in read_samples(out))
+
+
+def _make_tar(path, samples):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tars_local_brace_and_pipe(tiny_model, sample_data, tmp_path):
+    def img(name):
+        return open(os.path.join(sample_data, name), "rb").read()
+
+    src = tmp_path / "wds"
+    src.mkdir()
+    _make_tar(src / "data-000.tar", [("000000.png", img("astronaut.png")), ("000000.txt", b"an astronaut"),
+                                     ("000001.jpg", img("rocket.jpg")), ("000001.json", json.dumps({"text": "a rocket"}).encode())])
+    _make_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat"),
+                                     ("000003.png", img("coffee.png"))])
+    (src / "data-002.tar").write_bytes(b"this is not a tar file at all" * 40)
+    out = str(tmp_path / "o")
+    m = _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})
+    caps = _captions(out)
+    assert caps == {"data-000.tar/000000.png": "an astronaut", "data-000.tar/000001.jpg": "a rocket",
+                    "data-001.tar/000002.png": "a cat"}
+    reasons = {r["source"]: r["reason"] for r in read_rejected(out)}
+    assert reasons["data-001.tar/000003.png"].startswith("missing caption")
+    assert reasons["data-002.tar/"].startswith("unreadable tar")
+    assert m["counts"] == {"seen": 5, "written": 3, "rejected": 2}
+    # The same images from a folder give the same latents and embeddings.
+    folder = tmp_path / "folder"
+    _images(sample_data, folder, ("astronaut.png",))
+    (folder / "astronaut.txt").write_text("an astronaut")
+    _run(tiny_model, str(folder), str(tmp_path / "f"), **{"buckets.min_size": 0})
+    ref = next(iter(read_samples(str(tmp_path / "f"))))
+    got = next(s for s in read_samples(out) if s["meta"]["caption"] == "an astronaut")
+    assert torch.equal(ref["latent_mean"], got["latent_mean"]) and torch.equal(ref["prompt_embeds"], got["prompt_embeds"])
+    # Streamed through a command, as for remote storage.
+    piped = str(tmp_path / "p")
+    _run(tiny_model, f"pipe:cat {src}/data-000.tar", piped, **{"buckets.min_size": 0})
+    assert sorted(_captions(piped).values()) == ["a rocket", "an astronaut"]
+    # Rerun: complete tars are kept; a changed tar is detected.
+    with pytest.raises(Exception, match="already holds a complete shard set"):
+        _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})
+    _make_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat, changed")])
+    with pytest.raises(Exception, match="source files changed"):
+        _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})

@@ -303,17 +303,20 @@ def run(cfg: PrecomputeConfig) -> dict:
     mine = [i for i in range(plan.n) if i % parts == part]
     todo = prepare_out_dir(cfg, state, plan, mine, facts)
     need_extras = not os.path.exists(os.path.join(cfg.out.dir, F.EXTRAS))
-    stats = {"images": 0, "seconds": 0.0}
+    stats, load_seconds = {"images": 0, "seconds": 0.0}, 0.0
     if todo or need_extras:
+        t_load = time.time()
         text = TextEncoders(root, cfg.text.t5_precision, resolve_dtype(cfg.text.clip_precision, device), device,
                             cfg.text.max_sequence_length)
         if need_extras:
             _write_extras(cfg, text)
         if todo:
             vae = VaeEncoder(root, resolve_dtype(cfg.vae.precision, device), device)
+            load_seconds = time.time() - t_load
             stats = _process(cfg, plan, todo, text, vae)
     progress = {"part": part, "parts": parts, "shards_done_here": len(todo), "shards": plan.n,
-                "seconds": round(time.time() - t0, 2),
+                "seconds": round(time.time() - t0, 2), "seconds_loading_models": round(load_seconds, 2),
+                "seconds_encoding": round(stats["seconds"], 2), "images": stats["images"],
                 "images_per_second": round(stats["images"] / max(stats["seconds"], 1e-9), 2),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":

@@ -93,13 +93,20 @@ def inspect(path: str) -> str:
         f"producer    {m['producer']} (format v{m['format_version']})",
         f"model       {m['model']['path']}",
         f"samples     {m['counts']['written']} written, {m['counts']['rejected']} rejected, {m['counts']['seen']} seen",
-        f"shards      {len(m['shards'])} ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB, {m['dtype']})",
+        f"shards      {len(m['shards'])} ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB, {m['dtype']}, "
+        f"{sum(s['bytes'] for s in m['shards']) / max(1, sum(s['samples'] for s in m['shards'])) / 1e3:.1f} kB per sample)",
         f"latents     {m['latent_channels']} channels, scale {m['vae']['scaling_factor']}, shift {m['vae']['shift_factor']}",
         f"text        {emb['clip_tokens']}+{m['max_sequence_length']} tokens x {emb['prompt_embeds_dim']}, pooled {emb['pooled_dim']}",
-        f"precisions  " + ", ".join(f"{k}={v}" for k, v in m["precisions"].items()),
+        f"encoders    " + ", ".join(f"{k}={v}" for k, v in m["precisions"].items())
+        + (", flipped latents" if m.get("flipped_latents") else ""),
         "buckets     " + ", ".join(f"{b}: {n}" for b, n in m["buckets"].items()),
         f"validation  {len(m['extras'].get('validation_prompts', []))} prompts",
     ]
+    st = m.get("stats")
+    if st:
+        lines.append(f"made in     {st['seconds']} s ({st.get('images_per_second', 0)} images/s encoding, "
+                     f"{st.get('seconds_loading_models', 0)} s loading models, peak RSS {st.get('peak_rss_mb')} MB"
+                     + (f", peak GPU {st['peak_gpu_mb']} MB" if "peak_gpu_mb" in st else "") + ")")
     if not _is_url(path):
         reasons = {}
         for r in read_rejected(path):

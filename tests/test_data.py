@@ -1,5 +1,8 @@
 """The trainer's data stream and objective pieces that do not need a full run."""
 import itertools
+import os
+
+import pytest
 
 import torch
 
@@ -50,3 +53,37 @@ def test_caption_dropout_trains_on_the_empty_prompt(tiny_model, shard_set_fp32):
         kept, _ = objective(0.0)(t, dict(batch))
     assert torch.allclose(dropped, reference)
     assert not torch.allclose(dropped, kept)
+
+
+def test_several_shard_sets_are_read_together(shard_set_fp32, tiny_model, tmp_path):
+    import json
+    import shutil
+
+    from shards import read_samples
+    from train.loop import combined_manifest
+    from shards.errors import DataError
+
+    keys = {s["key"] for s in read_samples(shard_set_fp32)}
+    seen = []
+    batches = bucket_batches([shard_set_fp32, shard_set_fp32], 1, seed=0, shuffle_buffer=1)
+    for _ in range(16):
+        seen += next(batches)["keys"]
+    assert sorted(seen) == sorted(list(keys) * 2)  # one epoch = both sets
+    other = tmp_path / "other"
+    shutil.copytree(shard_set_fp32, other)
+    m = json.load(open(other / "manifest.json"))
+    m["max_sequence_length"] = 256
+    with pytest.raises(DataError, match="differ in max_sequence_length"):
+        combined_manifest([shard_set_fp32, str(other)], [json.load(open(f"{shard_set_fp32}/manifest.json")), m])
+
+
+def test_torchrun_processes_take_their_own_part(tiny_model, sample_data, tmp_path, monkeypatch):
+    from conftest import precompute_cfg
+    from precompute.run import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = run(precompute_cfg(tiny_model, sample_data, str(tmp_path), **{"text.t5_precision": "none", "num_workers": 0,
+                                                                      "out.samples_per_shard": 3}))
+    assert (r["part"], r["parts"], r["shards_done_here"]) == (1, 2, 1)  # shards 0..2: part 1 takes shard 1
+    assert os.path.exists(tmp_path / "shard-000001.json") and not os.path.exists(tmp_path / "shard-000000.json")

@@ -82,7 +82,8 @@ def test_lora_file_metadata(trained):
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 8
     info = json.loads(meta["shardtune"])
-    assert info["rank"] == 4 and info["alpha"] == 8 and info["steps"] == 100 and len(info["shard_set"]["manifest_sha256"]) == 64
+    assert info["rank"] == 4 and info["alpha"] == 8 and info["steps"] == 100
+    assert len(info["shard_sets"][0]["manifest_sha256"]) == 64
     assert all(k.startswith("transformer.transformer_blocks.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     # 2 blocks x 8 projections (the last block has no to_add_out: context_pre_only) x A and B.
     assert len(keys) == (8 + 7) * 2

@@ -22,7 +22,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # shard set folder or URL
+    shards: str = ""  # shard set folder or URL; several sets separated by commas are read one after another
+
+    def sets(self) -> List[str]:
+        return [x.strip() for x in self.shards.split(",") if x.strip()]
     shuffle_buffer: int = 256
 
 
@@ -97,8 +100,9 @@ class TrainConfig:
         one_of(p, "model.precision", self.model.precision, ("auto", "bf16", "fp16", "fp32"))
         if not self.data.shards:
             p.append("config key 'data.shards' is required (a shard set folder from precompute)")
-        elif "://" not in self.data.shards and not os.path.isdir(self.data.shards):
-            p.append(f"config key 'data.shards': no such folder: {self.data.shards}")
+        for path in self.data.sets():
+            if "://" not in path and not os.path.isdir(path):
+                p.append(f"config key 'data.shards': no such folder: {path}")
         if not self.out.dir:
             p.append("config key 'out.dir' is required")
         t = self.train

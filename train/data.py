@@ -1,7 +1,7 @@
 """Shard stream -> seeded shuffle buffer -> batches that each hold one bucket."""
 import random
 from collections import defaultdict
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Union
 
 import torch
 
@@ -27,15 +27,21 @@ def _shuffled(samples: Iterator[dict], buffer: int, rng: random.Random) -> Itera
     yield from pool
 
 
-def bucket_batches(shards: str, batch_size: int, seed: int, shuffle_buffer: int = 256) -> Iterator[Dict]:
+def _all_samples(sets: List[str]) -> Iterator[dict]:
+    for path in sets:
+        yield from read_samples(path)
+
+
+def bucket_batches(shards: Union[str, List[str]], batch_size: int, seed: int, shuffle_buffer: int = 256) -> Iterator[Dict]:
     """Endless batches; epoch e reshuffles with seed + e. A bucket's leftover samples at the end
     of an epoch form a smaller batch rather than being dropped."""
+    sets = [shards] if isinstance(shards, str) else list(shards)
     epoch = 0
     while True:
         rng = random.Random(seed * 100003 + epoch)
         pending = defaultdict(list)
         n = 0
-        for s in _shuffled(read_samples(shards), shuffle_buffer, rng):
+        for s in _shuffled(_all_samples(sets), shuffle_buffer, rng):
             n += 1
             bucket = tuple(s["meta"]["bucket"])
             pending[bucket].append(s)

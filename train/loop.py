@@ -117,15 +117,18 @@ class Run:
         weight_dtype, amp_dtype = _dtypes(cfg, self.device)
         self.weight_dtype = weight_dtype
         torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
-        self.manifest = read_manifest(cfg.data.shards)
-        check_shard_files(cfg.data.shards, self.manifest)
-        if not self.manifest["counts"]["written"]:
-            raise DataError(f"shard set {cfg.data.shards} holds no samples")
+        sets = cfg.data.sets()
+        manifests = [read_manifest(p) for p in sets]
+        for path, m in zip(sets, manifests):
+            check_shard_files(path, m)
+            if not m["counts"]["written"]:
+                raise DataError(f"shard set {path} holds no samples")
+        self.manifest = combined_manifest(sets, manifests)
         largest = max(self.manifest["buckets"].values())
         if cfg.train.batch_size > largest:
             tqdm.write(f"train: train.batch_size {cfg.train.batch_size} is larger than the largest bucket "
                        f"({largest} samples); batches hold one bucket, so they will be smaller")
-        extras = read_extras(cfg.data.shards)
+        extras = read_extras(sets[0])  # empty-prompt and validation embeddings: the first set's
         root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
         self.transformer = load_transformer(root, weight_dtype, self.device)
         check_shard_set(self.manifest, self.transformer.config)
@@ -143,7 +146,7 @@ class Run:
         t = cfg.train
         self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                      weight_decay=t.weight_decay)
-        self.batches = bucket_batches(cfg.data.shards, t.batch_size, t.seed, cfg.data.shuffle_buffer)
+        self.batches = bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer)
 
     def step(self):
         """One optimizer step over grad_accum micro-batches; (loss, grad norm, sigmas), or None if skipped."""
@@ -222,8 +225,8 @@ def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds
     info = {
         "base_model": cfg.model.path, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
         "targets": list(cfg.lora.targets), "steps": cfg.train.max_steps,
-        "shard_set": {"path": cfg.data.shards, "manifest_sha256": _manifest_hash(cfg.data.shards),
-                      "model": run.manifest["model"]["path"]},
+        "shard_sets": [{"path": p, "manifest_sha256": _manifest_hash(p)} for p in cfg.data.sets()],
+        "shard_set_model": run.manifest["model"]["path"],
         "validation_prompts": run.manifest["extras"].get("validation_prompts", []),
         "config": to_dict(cfg),
     }
@@ -240,6 +243,22 @@ def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     result["transformer"] = run.transformer  # for callers in the same process (tests, notebooks)
     return result
+
+
+def combined_manifest(paths, manifests) -> dict:
+    """One view of several shard sets, which must agree on everything that shapes a sample."""
+    first = manifests[0]
+    for path, m in zip(paths[1:], manifests[1:]):
+        for key in ("latent_channels", "embeddings", "max_sequence_length", "vae"):
+            if m[key] != first[key]:
+                raise DataError(f"shard sets {paths[0]} and {path} differ in {key} ({first[key]} vs {m[key]}); "
+                                "sets trained together must come from the same model and text settings")
+    buckets = {}
+    for m in manifests:
+        for b, n in m["buckets"].items():
+            buckets[b] = buckets.get(b, 0) + n
+    return {**first, "buckets": buckets,
+            "counts": {"written": sum(m["counts"]["written"] for m in manifests)}}
 
 
 def _manifest_hash(path: str) -> str:

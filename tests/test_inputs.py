@@ -216,3 +216,26 @@ def test_webdataset_tars_local_brace_and_pipe(tiny_model, sample_data, tmp_path)
     _make_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat, changed")])
     with pytest.raises(Exception, match="source files changed"):
         _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})
+
+
+def test_unreadable_file_is_rejected(tiny_model, sample_data, tmp_path, monkeypatch):
+    # Tests run as root here, where chmod 000 does not stop a read; so the refusal is simulated.
+    import builtins
+
+    d = tmp_path / "perm"
+    _images(sample_data, d, ("astronaut.png", "chelsea.png"))
+    for n in ("astronaut", "chelsea"):
+        (d / f"{n}.txt").write_text(n)
+    real_open = builtins.open
+
+    def guarded(path, *a, **k):
+        if str(path).endswith("chelsea.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    out = str(tmp_path / "o")
+    _run(tiny_model, str(d), out, **{"buckets.min_size": 0})
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert {r["source"]: r["reason"] for r in read_rejected(out)} == {"chelsea.png": "unreadable image: permission denied"}
+    assert _captions(out) == {"astronaut.png": "astronaut"}

@@ -2,7 +2,7 @@
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from shards.config import check, one_of, positive
 from shards.modelpath import check_model_path
@@ -10,6 +10,15 @@ from shards.modelpath import check_model_path
 from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 
 ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Named target sets (lora.targets: NAME); the names are module-name suffixes inside transformer blocks.
+TARGET_PRESETS = {
+    "attn": ATTN_TARGETS,
+    "attn_image": ["to_q", "to_k", "to_v", "to_out.0"],
+    "all_linear": ATTN_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                                  "norm1.linear", "norm1_context.linear"],
+}
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -17,7 +26,9 @@ class ModelConfig:
     path: str = ""  # diffusers SD3 folder or hub id; only transformer/ and scheduler/ are read
     revision: Optional[str] = None
     precision: str = "auto"  # weights of the frozen transformer: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    quantize: str = "none"  # none | nf4 | int8: the frozen base in bitsandbytes (QLoRA)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the transformer blocks
 
 
 @dataclass
@@ -27,6 +38,7 @@ class DataConfig:
     def sets(self) -> List[str]:
         return [x.strip() for x in self.shards.split(",") if x.strip()]
     shuffle_buffer: int = 256
+    flip: float = 0.5  # probability of training on the stored flipped latent (when the set has them)
 
 
 @dataclass
@@ -46,6 +58,11 @@ class TrainLoopConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | adafactor
+    lr_schedule: str = "constant"  # constant | cosine | linear (to 0 at max_steps), after warmup
+    warmup_steps: int = 0
+    ema: float = 0.0  # decay of an EMA of the LoRA weights, saved beside the raw ones (0 = off)
+    max_bad_steps: int = 5  # non-finite steps in a row before the run saves a checkpoint and stops
     mixed_precision: str = "auto"  # autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16, no
     seed: int = 0
     log_every: int = 1
@@ -57,7 +74,11 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0  # LoRA output is scaled by alpha / rank
     dropout: float = 0.0
-    targets: List[str] = field(default_factory=lambda: list(ATTN_TARGETS))
+    targets: Any = "attn"  # a preset (attn, attn_image, all_linear) or a list of module-name suffixes
+    blocks: Optional[List[int]] = None  # only these transformer block indices (None: all)
+
+    def target_names(self) -> List[str]:
+        return list(TARGET_PRESETS[self.targets]) if isinstance(self.targets, str) else [str(t) for t in self.targets]
 
 
 @dataclass
@@ -70,6 +91,7 @@ class LossConfig:
     precondition_outputs: bool = True
     shift: Optional[float] = None  # None: the scheduler config's shift (3.0 for SD3)
     caption_dropout: float = 0.0  # probability of training on the empty-prompt embeddings
+    prior_weight: float = 1.0  # loss weight of class (prior-preservation) samples
 
 
 @dataclass
@@ -85,6 +107,12 @@ class ValidationConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (0: none); a final one is always written
+    keep: int = 2  # newest complete checkpoints kept
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,6 +121,8 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto: continue from the newest complete checkpoint in out.dir; none; or a step-NNNNNN folder
 
     def __post_init__(self):
         p = []
@@ -121,8 +151,22 @@ class TrainConfig:
         positive(p, "lora.alpha", self.lora.alpha)
         if not 0 <= self.lora.dropout < 1:
             p.append("config key 'lora.dropout' must be in [0, 1)")
-        if not self.lora.targets:
-            p.append("config key 'lora.targets' must name at least one module")
+        if isinstance(self.lora.targets, str):
+            one_of(p, "lora.targets", self.lora.targets, tuple(TARGET_PRESETS))
+        elif not self.lora.targets:
+            p.append("config key 'lora.targets' must be a preset name or a non-empty list of module names")
+        one_of(p, "model.quantize", self.model.quantize, ("none", "nf4", "int8"))
+        one_of(p, "train.optimizer", t.optimizer, OPTIMIZERS)
+        one_of(p, "train.lr_schedule", t.lr_schedule, SCHEDULES)
+        if t.warmup_steps < 0 or t.max_bad_steps < 1:
+            p.append("config keys 'train.warmup_steps' (>= 0) and 'train.max_bad_steps' (>= 1) are out of range")
+        if not 0 <= t.ema < 1:
+            p.append(f"config key 'train.ema' must be in [0, 1), not {t.ema}")
+        if not 0 <= self.data.flip <= 1:
+            p.append("config key 'data.flip' must be in [0, 1]")
+        positive(p, "loss.prior_weight", self.loss.prior_weight, allow_zero=True)
+        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
+            p.append("config keys 'checkpoint.every' (>= 0) and 'checkpoint.keep' (>= 1) are out of range")
         one_of(p, "loss.timestep_sampling", self.loss.timestep_sampling, TIMESTEP_SAMPLING)
         one_of(p, "loss.weighting", self.loss.weighting, LOSS_WEIGHTING)
         if self.loss.shift is not None:

@@ -13,7 +13,11 @@ TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 
 def collate(samples: List[dict]) -> Dict:
     batch = {name: torch.stack([s[name] for s in samples]) for name in TENSORS}
+    if all("latent_mean_flip" in s for s in samples):
+        for name in ("latent_mean_flip", "latent_std_flip"):
+            batch[name] = torch.stack([s[name] for s in samples])
     batch["keys"] = [s["key"] for s in samples]
+    batch["prior"] = [bool(s["meta"].get("prior", False)) for s in samples]
     return batch
 
 

@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 import time
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -17,14 +18,15 @@ from shards.modelpath import resolve_model
 from . import flow
 from .config import TrainConfig
 from .data import bucket_batches
-from .lora_file import WEIGHT_NAME, save_lora
+from . import checkpoint
+from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME, save_lora
+from .optim import Ema, make_optimizer, make_schedule
 from .model import add_lora, check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
 from .plot import loss_curve_png
 from .sampling import generate, load_vae_decoder, save_grid
 
 # What the trainer reads from a pipeline folder: never a text encoder.
 MODEL_FILES = ["model_index.json", "transformer/*", "scheduler/*", "vae/*"]
-MAX_BAD_STEPS = 5
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -43,6 +45,7 @@ class Objective:
 
     def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, sched: dict, device, weight_dtype, amp_dtype):
         self.cfg, self.device, self.weight_dtype, self.amp_dtype = cfg.loss, device, weight_dtype, amp_dtype
+        self.flip = cfg.data.flip if manifest.get("flipped_latents") else 0.0
         shift = cfg.loss.shift if cfg.loss.shift is not None else sched.get("shift", 1.0)
         self.table = flow.sigma_table(sched.get("num_train_timesteps", 1000), shift)
         self.shift_factor = manifest["vae"]["shift_factor"]
@@ -52,8 +55,12 @@ class Objective:
 
     def __call__(self, transformer, batch):
         c, g, dev = self.cfg, self.gen, self.device
-        x0 = flow.model_latents(batch["latent_mean"], batch["latent_std"], g, self.shift_factor,
-                                self.scaling_factor).to(dev)
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        if self.flip > 0 and "latent_mean_flip" in batch:  # the mirrored image's stored latent: a flip without a VAE
+            use = (torch.rand(mean.shape[0], generator=g) < self.flip)[:, None, None, None]
+            mean = torch.where(use, batch["latent_mean_flip"], mean)
+            std = torch.where(use, batch["latent_std_flip"], std)
+        x0 = flow.model_latents(mean, std, g, self.shift_factor, self.scaling_factor).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
         sigma = flow.sigmas_for(flow.sample_u(c.timestep_sampling, x0.shape[0], g, c.logit_mean, c.logit_std,
                                               c.mode_scale), self.table).to(dev)
@@ -67,8 +74,12 @@ class Objective:
             out = transformer(hidden_states=noisy.to(self.weight_dtype), timestep=sigma * 1000,
                               encoder_hidden_states=embeds.to(dev, self.weight_dtype),
                               pooled_projections=pooled.to(dev, self.weight_dtype), return_dict=False)[0]
-        loss = flow.flow_matching_loss(out, x0, noise, noisy, sigma, c.weighting, c.precondition_outputs)
-        return loss, sigma
+        per_sample = flow.flow_matching_loss(out, x0, noise, noisy, sigma, c.weighting, c.precondition_outputs,
+                                             reduce=False)
+        if c.prior_weight != 1.0:  # class images of DreamBooth prior preservation
+            prior = torch.tensor(batch["prior"], device=per_sample.device)
+            per_sample = per_sample * torch.where(prior, c.prior_weight, 1.0)
+        return per_sample.mean(), sigma
 
 
 class Validator:
@@ -130,7 +141,7 @@ class Run:
                        f"({largest} samples); batches hold one bucket, so they will be smaller")
         extras = read_extras(sets[0])  # empty-prompt and validation embeddings: the first set's
         root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
-        self.transformer = load_transformer(root, weight_dtype, self.device)
+        self.transformer = load_transformer(root, weight_dtype, self.device, cfg.model.quantize)
         check_shard_set(self.manifest, self.transformer.config)
         warn_if_other_vae(self.manifest, root)
         self.params = add_lora(self.transformer, cfg.lora)
@@ -138,15 +149,32 @@ class Run:
             p.data = p.data.float()
         if cfg.model.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if cfg.model.compile:
+            for block in self.transformer.transformer_blocks:
+                block.compile()
         self.transformer.train()
         sched = scheduler_config(root)
         self.objective = Objective(cfg, self.manifest, extras, sched, self.device, weight_dtype, amp_dtype)
         self.validate = Validator(cfg, self.manifest, extras, root, sched, self.device, weight_dtype,
                                   self.transformer.config)
         t = cfg.train
-        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                     weight_decay=t.weight_decay)
-        self.batches = bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer)
+        self.opt = make_optimizer(self.params, t)
+        self.schedule = make_schedule(self.opt, t)
+        self.ema = Ema(self.params, t.ema) if t.ema > 0 else None
+        self._batches = bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer)
+        self.batches_drawn = 0
+
+    def next_batch(self):
+        self.batches_drawn += 1
+        return next(self._batches)
+
+    def skip_batches(self, n: int) -> None:
+        """Resume: the stream is seeded, so replaying it to the saved position gives the same batches."""
+        for _ in range(n):
+            self.next_batch()
+
+    def named_lora_params(self):
+        return [(n, p) for n, p in self.transformer.named_parameters() if "lora_" in n]
 
     def step(self):
         """One optimizer step over grad_accum micro-batches; (loss, grad norm, sigmas), or None if skipped."""
@@ -154,25 +182,37 @@ class Run:
         self.opt.zero_grad(set_to_none=True)
         total, sigmas = 0.0, []
         for _ in range(t.grad_accum):
-            loss, sigma = self.objective(self.transformer, next(self.batches))
+            loss, sigma = self.objective(self.transformer, self.next_batch())
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
             sigmas.append(sigma.detach().cpu())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm).item()
         sigmas = torch.cat(sigmas)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
-            return None, (total, grad_norm), sigmas
+            self.opt.zero_grad(set_to_none=True)
+            self.schedule.step()  # the schedule follows steps taken or skipped
+            return None, grad_norm, sigmas
         self.opt.step()
+        self.schedule.step()
+        if self.ema:
+            self.ema.update()
         return total, grad_norm, sigmas
 
 
-def prepare_out_dir(cfg: TrainConfig) -> None:
-    """Refuse to mix a new run into an earlier one's outputs unless out.overwrite says so."""
+RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, "metrics.jsonl", "loss.png", "samples", "checkpoints")
+
+
+def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
+    """The checkpoint to resume from, or None for a fresh run (refusing to mix into an earlier one)."""
     d = cfg.out.dir
-    ours = [n for n in (WEIGHT_NAME, "metrics.jsonl", "loss.png", "samples") if os.path.exists(os.path.join(d, n))]
+    if not cfg.out.overwrite:
+        found = checkpoint.find(d, cfg.resume) if (os.path.isdir(d) or cfg.resume not in ("auto", "none")) else None
+        if found:
+            return found
+    ours = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(d, n))]
     if ours and not cfg.out.overwrite:
-        raise UsageError(f"out.dir {d} holds an earlier run ({', '.join(ours)}); choose another out.dir "
-                         "or set out.overwrite=true")
+        raise UsageError(f"out.dir {d} holds an earlier run ({', '.join(ours)}) with no checkpoint to resume; "
+                         "choose another out.dir or set out.overwrite=true")
     for n in ours:
         path = os.path.join(d, n)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -180,33 +220,58 @@ def prepare_out_dir(cfg: TrainConfig) -> None:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
         raise UsageError(f"config key 'out.dir': cannot create {d} ({e.strerror})") from None
+    return None
+
+
+def _keep_metrics_until(path: str, step: int) -> None:
+    """After a resume, drop the lines of steps that will be trained again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
-    prepare_out_dir(cfg)
+    resume_from = prepare_out_dir(cfg)
     run, t = Run(cfg), cfg.train
     metrics_path = os.path.join(cfg.out.dir, "metrics.jsonl")
-    history, bad_in_a_row, samples, step_seconds = [], 0, 0, 0.0
+    state = {"step": 0, "batches_drawn": 0, "history": [], "bad_in_a_row": 0}
+    if resume_from:
+        state = checkpoint.load(resume_from, run)
+        run.skip_batches(state["batches_drawn"])
+        _keep_metrics_until(metrics_path, state["step"])
+        tqdm.write(f"train: resuming from {resume_from}")
+    history, samples, step_seconds = state["history"], 0, 0.0
+
+    def save_checkpoint(step):
+        snapshot = {"step": step, "batches_drawn": run.batches_drawn, "history": history,
+                    "bad_in_a_row": state["bad_in_a_row"], "config": to_dict(cfg)}
+        return checkpoint.save(cfg.out.dir, step, run, snapshot, cfg.checkpoint.keep)
+
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    with open(metrics_path, "w") as metrics, tqdm(range(1, t.max_steps + 1), desc="train", unit="step",
-                                                 dynamic_ncols=True) as bar:
+    with open(metrics_path, "a") as metrics, tqdm(range(state["step"] + 1, t.max_steps + 1), desc="train",
+                                                 unit="step", dynamic_ncols=True, initial=state["step"],
+                                                 total=t.max_steps) as bar:
         for step in bar:
             t0 = time.time()
             loss, grad_norm, sigmas = run.step()
             step_seconds += time.time() - t0
             samples += len(sigmas)
             if loss is None:
-                bad_in_a_row += 1
+                state["bad_in_a_row"] += 1
                 tqdm.write(f"train: step {step}: non-finite loss or gradient norm {grad_norm}; step skipped")
-                if bad_in_a_row >= MAX_BAD_STEPS:
+                if state["bad_in_a_row"] >= t.max_bad_steps:
+                    saved = save_checkpoint(step)
                     advice = "lower train.lr" if run.weight_dtype == torch.float32 else \
                         "lower train.lr or use model.precision=fp32"
-                    raise DataError(f"loss or gradients were non-finite for {MAX_BAD_STEPS} steps in a row "
-                                    f"(last at step {step}); {advice}")
+                    raise DataError(f"loss or gradients were non-finite for {t.max_bad_steps} steps in a row "
+                                    f"(last at step {step}); {advice}; the state is saved in {saved}")
                 continue
-            bad_in_a_row = 0
+            state["bad_in_a_row"] = 0
             history.append(loss)
             lr = run.opt.param_groups[0]["lr"]
             if step % t.log_every == 0 or step == t.max_steps:
@@ -217,6 +282,9 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
                 run.validate(run.transformer, step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.max_steps:
+                save_checkpoint(step)
+    save_checkpoint(t.max_steps)
     last_samples = run.validate(run.transformer, t.max_steps)
     return _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds, time.time() - t_start)
 
@@ -224,20 +292,23 @@ def train(cfg: TrainConfig) -> dict:
 def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds, seconds) -> dict:
     info = {
         "base_model": cfg.model.path, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
-        "targets": list(cfg.lora.targets), "steps": cfg.train.max_steps,
+        "targets": cfg.lora.target_names(), "blocks": cfg.lora.blocks, "steps": cfg.train.max_steps,
         "shard_sets": [{"path": p, "manifest_sha256": _manifest_hash(p)} for p in cfg.data.sets()],
         "shard_set_model": run.manifest["model"]["path"],
         "validation_prompts": run.manifest["extras"].get("validation_prompts", []),
         "config": to_dict(cfg),
     }
     lora_path = save_lora(cfg.out.dir, run.transformer, info)
+    if run.ema:
+        with run.ema.swapped():
+            save_lora(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_WEIGHT_NAME)
     curve = loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
     tenth = max(1, len(history) // 10)
     result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "samples": last_samples,
               "steps": len(history),
               "first_loss": sum(history[:tenth]) / tenth if history else float("nan"),
               "last_loss": sum(history[-tenth:]) / tenth if history else float("nan"),
-              "seconds": seconds, "mean_step_seconds": step_seconds / max(cfg.train.max_steps, 1),
+              "seconds": seconds, "mean_step_seconds": step_seconds / max(len(history), 1),
               "samples_per_second": samples / max(step_seconds, 1e-9)}
     if run.device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30

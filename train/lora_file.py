@@ -14,6 +14,7 @@ from shards.atomic import write_bytes
 from shards.errors import DataError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"
 
 
 def _jsonable(v):
@@ -33,7 +34,7 @@ def lora_state_dict(transformer) -> dict:
     return {f"transformer.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
-def save_lora(out_dir: str, transformer, info: dict) -> str:
+def save_lora(out_dir: str, transformer, info: dict, name: str = WEIGHT_NAME) -> str:
     """Atomically write `out_dir/pytorch_lora_weights.safetensors`; `info` = shardtune metadata."""
     os.makedirs(out_dir, exist_ok=True)
     peft_cfg = _jsonable(transformer.peft_config["default"].to_dict())
@@ -43,7 +44,7 @@ def save_lora(out_dir: str, transformer, info: dict) -> str:
         "lora_adapter_metadata": json.dumps(adapter_meta, indent=2, sort_keys=True),
         "shardtune": json.dumps(info, sort_keys=True),
     }
-    path = os.path.join(out_dir, WEIGHT_NAME)
+    path = os.path.join(out_dir, name)
     state = lora_state_dict(transformer)
     broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if broken:

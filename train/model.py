@@ -12,12 +12,30 @@ from shards.modelpath import component_dir
 from .config import LoraConfig
 
 
-def load_transformer(root: str, dtype: torch.dtype, device: torch.device):
+# Kept out of bitsandbytes: small layers outside the blocks, whose widths (e.g. the pooled projection)
+# need not fit the 4-bit block size, and whose precision matters most.
+NOT_QUANTIZED = ["pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out"]
+
+
+def load_transformer(root: str, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
     from diffusers import SD3Transformer2DModel
 
-    t = SD3Transformer2DModel.from_pretrained(component_dir(root, "transformer"), torch_dtype=dtype)
+    path = component_dir(root, "transformer")
+    if quantize == "none":
+        t = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype).to(device)
+    else:
+        from diffusers import BitsAndBytesConfig
+
+        if quantize == "nf4":
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                   llm_int8_skip_modules=NOT_QUANTIZED)
+        else:
+            q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
+        # bitsandbytes quantizes while placing the weights, so they are loaded onto the device directly.
+        t = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype, quantization_config=q,
+                                                  device_map={"": device})
     t.requires_grad_(False)
-    return t.to(device)
+    return t
 
 
 def scheduler_config(root: str) -> dict:
@@ -26,22 +44,44 @@ def scheduler_config(root: str) -> dict:
         return json.load(f)
 
 
-def _matches(module_name: str, target: str) -> bool:
-    return module_name == target or module_name.endswith("." + target)
+def lora_module_names(transformer, cfg: LoraConfig) -> List[str]:
+    """Full names of the linear layers inside transformer blocks that the targets (and blocks) select."""
+    targets = cfg.target_names()
+    found, used = [], set()
+    for name, m in transformer.named_modules():
+        if not name.startswith("transformer_blocks.") or not hasattr(m, "weight") or m.weight is None:
+            continue
+        if not isinstance(m, torch.nn.Linear) and type(m).__name__ not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        if cfg.blocks is not None and int(name.split(".")[1]) not in cfg.blocks:
+            continue
+        hit = [t for t in targets if name.endswith("." + t)]
+        if hit:
+            found.append(name)
+            used.update(hit)
+    unmatched = [t for t in targets if t not in used]
+    if unmatched:
+        known = sorted({".".join(n.split(".")[2:]) for n, m in transformer.named_modules()
+                        if n.startswith("transformer_blocks.0.") and hasattr(m, "weight")
+                        and (isinstance(m, torch.nn.Linear) or type(m).__name__.startswith("Linear"))})
+        where = f" in blocks {cfg.blocks}" if cfg.blocks is not None else ""
+        raise UsageError(f"lora.targets: {', '.join(unmatched)} match(es) no linear layer{where}; "
+                         f"names that do: {', '.join(known)}")
+    return found
 
 
 def add_lora(transformer, cfg: LoraConfig) -> List[torch.nn.Parameter]:
-    """Add LoRA (B = 0) to every module matching a target; returns the trainable parameters."""
+    """Add LoRA (B = 0) to every selected module; returns the trainable parameters."""
     from peft import LoraConfig as PeftLoraConfig
 
-    names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
-    unmatched = [t for t in cfg.targets if not any(_matches(n, t) for n in names)]
-    if unmatched:
-        known = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()} | {"to_out.0"})
-        raise UsageError(f"lora.targets: {', '.join(unmatched)} match(es) no linear layer of the transformer; "
-                         f"names that do: {', '.join(known)}")
+    if cfg.blocks is not None:
+        n = len(transformer.transformer_blocks)
+        bad = [b for b in cfg.blocks if not 0 <= b < n]
+        if bad:
+            raise UsageError(f"lora.blocks: {bad} outside 0..{n - 1} (the transformer has {n} blocks)")
+    names = lora_module_names(transformer, cfg)
     transformer.add_adapter(PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names,
         init_lora_weights="gaussian",
     ))
     params = []

@@ -1,0 +1,119 @@
+"""Checkpoints for exact resume: `out.dir/checkpoints/step-NNNNNN/`, complete once COMPLETE exists.
+
+Holds the LoRA weights, optimizer, LR schedule, EMA, every RNG state, the data position and the
+resolved config; `resume: auto` continues from the newest complete one.
+"""
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shards.atomic import fsync_dir, write_json
+from shards.errors import UsageError
+
+MARKER = "COMPLETE"
+_STEP = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_root(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def complete_checkpoints(out_dir: str):
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = checkpoint_root(out_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP.match(name)
+        if m and os.path.exists(os.path.join(root, name, MARKER)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def save(out_dir: str, step: int, run, state: dict, keep: int) -> str:
+    """Write step-NNNNNN.tmp/, then rename it and write the marker; prune to the newest `keep`."""
+    root = checkpoint_root(out_dir)
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    lora = {n: p.detach().cpu().float().contiguous() for n, p in run.named_lora_params()}
+    save_file(lora, os.path.join(tmp, "lora.safetensors"))
+    torch.save({"optimizer": run.opt.state_dict(), "schedule": run.schedule.state_dict(),
+                "ema": run.ema.state_dict() if run.ema else None}, os.path.join(tmp, "optimizer.pt"))
+    torch.save({"objective": run.objective.gen.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate()}, os.path.join(tmp, "rng.pt"))
+    write_json(os.path.join(tmp, "state.json"), state)
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(final, MARKER), "w") as f:
+        f.write(f"{step}\n")
+    fsync_dir(root)
+    for _, old in complete_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find(out_dir: str, resume: str) -> Optional[str]:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(out_dir)
+        return done[-1][1] if done else None
+    if not os.path.exists(os.path.join(resume, MARKER)):
+        raise UsageError(f"resume: {resume} is not a complete checkpoint (no {MARKER} file)")
+    return resume
+
+
+def load(path: str, run) -> dict:
+    """Restore everything `save` wrote into `run`; returns the saved state (step, data position...)."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    _check_same_lora(state["config"]["lora"], run.cfg, path)
+    lora = load_file(os.path.join(path, "lora.safetensors"))
+    params = dict(run.named_lora_params())
+    if set(lora) != set(params):
+        raise UsageError(f"resume: {path} holds LoRA weights for other modules than this run's lora settings")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(p.shape) != tuple(lora[name].shape):
+                raise UsageError(f"resume: {name} has shape {tuple(lora[name].shape)} in {path}, {tuple(p.shape)} now")
+            p.copy_(lora[name].to(p.dtype))
+    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=run.device, weights_only=False)
+    run.opt.load_state_dict(opt["optimizer"])
+    run.schedule.load_state_dict(opt["schedule"])
+    if run.ema and opt["ema"]:
+        run.ema.load_state_dict(opt["ema"])
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    run.objective.gen.set_state(rng["objective"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+    return state
+
+
+def _check_same_lora(saved: dict, cfg, path: str) -> None:
+    now = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.target_names(),
+           "blocks": cfg.lora.blocks}
+    before = {"rank": saved["rank"], "alpha": saved["alpha"],
+              "targets": list(saved["targets"]) if isinstance(saved["targets"], list) else None,
+              "blocks": saved["blocks"]}
+    if isinstance(saved["targets"], str):
+        from .config import TARGET_PRESETS
+        before["targets"] = list(TARGET_PRESETS[saved["targets"]])
+    diff = [f"lora.{k} {before[k]} -> {now[k]}" for k in now if before[k] != now[k]]
+    if diff:
+        raise UsageError(f"resume: {path} was trained with other LoRA settings ({'; '.join(diff)}); "
+                         "use the same settings, resume=none, or another out.dir")

@@ -1,0 +1,77 @@
+"""Optimizers, learning-rate schedules and an EMA of the LoRA weights."""
+import math
+from typing import List
+
+import torch
+
+from .config import TrainLoopConfig
+
+
+def make_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                   weight_decay=t.weight_decay)
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate, so the schedule below is the only thing that moves it.
+        return Adafactor(params, lr=t.lr, weight_decay=t.weight_decay, relative_step=False,
+                         scale_parameter=False, warmup_init=False)
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """Multiplier of the base lr before optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1 - progress
+    return 1.0
+
+
+def make_schedule(opt: torch.optim.Optimizer, t: TrainLoopConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t.lr_schedule, t.warmup_steps, t.max_steps))
+
+
+class Ema:
+    """Exponential moving average of the LoRA parameters, kept in fp32 beside them."""
+
+    def __init__(self, params: List[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.shadow, state["shadow"]):
+            s.copy_(saved)
+
+    @torch.no_grad()
+    def swapped(self):
+        """Context: the parameters hold the EMA values inside it (to save or sample them)."""
+        ema = self
+
+        class _Swap:
+            def __enter__(self):
+                self.saved = [p.detach().clone() for p in ema.params]
+                for p, s in zip(ema.params, ema.shadow):
+                    p.copy_(s.to(p.dtype))
+
+            def __exit__(self, *exc):
+                for p, s in zip(ema.params, self.saved):
+                    p.copy_(s)
+
+        return _Swap()

@@ -12,30 +12,45 @@ from shards.modelpath import component_dir
 from .config import LoraConfig
 
 
-# Kept out of bitsandbytes: small layers outside the blocks, whose widths (e.g. the pooled projection)
-# need not fit the 4-bit block size, and whose precision matters most.
-NOT_QUANTIZED = ["pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out"]
-
-
 def load_transformer(root: str, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
     from diffusers import SD3Transformer2DModel
 
-    path = component_dir(root, "transformer")
-    if quantize == "none":
-        t = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype).to(device)
-    else:
-        from diffusers import BitsAndBytesConfig
-
-        if quantize == "nf4":
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                                   llm_int8_skip_modules=NOT_QUANTIZED)
-        else:
-            q = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
-        # bitsandbytes quantizes while placing the weights, so they are loaded onto the device directly.
-        t = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype, quantization_config=q,
-                                                  device_map={"": device})
+    t = SD3Transformer2DModel.from_pretrained(component_dir(root, "transformer"), torch_dtype=dtype)
     t.requires_grad_(False)
-    return t
+    if quantize != "none":
+        quantize_blocks(t, quantize, dtype, device)  # before .to(device): only 4/8-bit weights reach the GPU
+    return t.to(device)
+
+
+def quantize_blocks(transformer, kind: str, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Replace the linear layers inside transformer blocks with bitsandbytes nf4 / int8 layers (QLoRA).
+
+    Done here rather than through diffusers' quantizer, which refuses to run without a GPU; layers
+    outside the blocks (embedders, final layer) stay in `compute_dtype`, where precision matters most.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for parent_name, parent in list(transformer.named_modules()):
+        if not parent_name.startswith("transformer_blocks."):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            w = child.weight.data
+            if kind == "nf4":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, q.to(device))  # bitsandbytes quantizes as the weight moves
+            n += 1
+    return n
 
 
 def scheduler_config(root: str) -> dict:
@@ -59,7 +74,9 @@ def lora_module_names(transformer, cfg: LoraConfig) -> List[str]:
         if hit:
             found.append(name)
             used.update(hit)
-    unmatched = [t for t in targets if t not in used]
+    # An explicit list is checked name by name; a preset only as a whole (the last block, for one,
+    # has no to_add_out, so `attn` on lora.blocks=[last] is still fine).
+    unmatched = [t for t in targets if t not in used] if not isinstance(cfg.targets, str) or not found else []
     if unmatched:
         known = sorted({".".join(n.split(".")[2:]) for n, m in transformer.named_modules()
                         if n.startswith("transformer_blocks.0.") and hasattr(m, "weight")

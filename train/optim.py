@@ -1,4 +1,5 @@
 """Optimizers, learning-rate schedules and an EMA of the LoRA weights."""
+import contextlib
 import math
 from typing import List
 
@@ -59,19 +60,16 @@ class Ema:
         for s, saved in zip(self.shadow, state["shadow"]):
             s.copy_(saved)
 
-    @torch.no_grad()
+    @contextlib.contextmanager
     def swapped(self):
-        """Context: the parameters hold the EMA values inside it (to save or sample them)."""
-        ema = self
-
-        class _Swap:
-            def __enter__(self):
-                self.saved = [p.detach().clone() for p in ema.params]
-                for p, s in zip(ema.params, ema.shadow):
-                    p.copy_(s.to(p.dtype))
-
-            def __exit__(self, *exc):
-                for p, s in zip(ema.params, self.saved):
+        """Inside this context the parameters hold the EMA values (to save or sample them)."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
                     p.copy_(s)
-
-        return _Swap()

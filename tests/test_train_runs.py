@@ -1,0 +1,171 @@
+"""Stage 2 as a long job: exact resume after SIGKILL, presets, QLoRA, optimizers, schedules, EMA, validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+
+def _args(model, shards, out, *extra):
+    return [f"model.path={model}", f"data.shards={shards}", f"out.dir={out}", "train.batch_size=2", "lora.rank=4",
+            "lora.alpha=8", "validation.enabled=false", "train.lr=2e-3", *extra]
+
+
+def _train(*argv):
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.loop import train
+
+    return train(load_config(TrainConfig, list(argv)))
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model, shard_set_fp32, tmp_path):
+    common = ["train.max_steps=16", "checkpoint.every=4", "train.lr_schedule=cosine", "train.warmup_steps=3",
+              "train.ema=0.9", "lora.dropout=0.1", "loss.caption_dropout=0.2", "validation.enabled=true",
+              "validation.every=1", "validation.steps=3"]
+    straight = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "straight", *common))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen([sys.executable, "-m", "train", *_args(tiny_model, shard_set_fp32, out, *common)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "step-000008" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    resumed = _train(*_args(tiny_model, shard_set_fp32, out, *common))  # resume: auto is the default
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(out / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    ema, raw = load_file(out / "pytorch_lora_weights_ema.safetensors"), load_file(out / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == list(range(1, 17))  # no step logged twice after the resume
+    assert straight["last_loss"] == resumed["last_loss"]
+    kept = sorted(os.listdir(out / "checkpoints"))
+    assert kept == ["step-000012", "step-000016"]  # checkpoint.keep = 2
+
+
+def test_resume_with_other_lora_settings_is_refused(tiny_model, shard_set_fp32, tmp_path):
+    from shards.errors import UsageError
+
+    _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=2"))
+    with pytest.raises(UsageError, match=r"lora.rank 4 -> 8"):
+        _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=4", "lora.rank=8"))
+    with pytest.raises(UsageError, match="lora.targets"):
+        _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=4", "lora.targets=attn_image"))
+    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=4"))  # same settings: continues
+    assert r["steps"] == 4
+
+
+@pytest.mark.parametrize("preset, per_block", [("attn", 8), ("attn_image", 4), ("all_linear", 14)])
+def test_presets_target_exactly_the_intended_modules(preset, per_block, tiny_model):
+    from diffusers import SD3Transformer2DModel
+
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.model import lora_module_names
+
+    t = SD3Transformer2DModel.from_pretrained(os.path.join(tiny_model, "transformer"))
+    cfg = load_config(TrainConfig, [f"model.path={tiny_model}", "data.shards=/tmp", "out.dir=x", f"lora.targets={preset}"])
+    names = lora_module_names(t, cfg.lora)
+    first = [n for n in names if n.startswith("transformer_blocks.0.")]
+    last = [n for n in names if n.startswith("transformer_blocks.1.")]  # context_pre_only: no to_add_out / ff_context
+    assert len(first) == per_block
+    expected_last = {"attn": 7, "attn_image": 4, "all_linear": 11}[preset]
+    assert len(last) == expected_last
+    cfg.lora.blocks = [1]
+    assert all(n.startswith("transformer_blocks.1.") for n in lora_module_names(t, cfg.lora))
+
+
+def test_quantized_base_trains_and_diffusers_loads_the_lora(tiny_model, shard_set_fp32, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", "model.quantize=nf4"))
+    assert type(r["transformer"].transformer_blocks[0].attn.to_q.base_layer).__name__ == "Linear4bit"
+    lora = load_file(r["lora"])
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(os.path.dirname(r["lora"]))
+    image = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor"])
+def test_other_optimizers_train(optimizer, tiny_model, shard_set_fp32, tmp_path):
+    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", f"train.optimizer={optimizer}"))
+    lora = load_file(r["lora"])
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+
+
+def test_lr_schedules():
+    from train.optim import lr_factor
+
+    assert [lr_factor(s, "constant", 2, 10) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, "linear", 2, 10) == 1.0 and lr_factor(6, "linear", 2, 10) == 0.5
+    assert lr_factor(6, "cosine", 2, 10) == pytest.approx(0.5) and lr_factor(10, "cosine", 2, 10) == pytest.approx(0.0)
+
+
+def test_validation_images_change_as_the_lora_learns(tiny_model, shard_set_fp32, tmp_path):
+    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=10", "validation.enabled=true",
+                      "validation.every=5", "validation.steps=3", "train.lr=1e-2"))
+    a = Image.open(tmp_path / "samples" / "step-000005.png")
+    b = Image.open(tmp_path / "samples" / "step-000010.png")
+    assert a.size == b.size and a.tobytes() != b.tobytes()
+
+
+def test_non_finite_run_stops_with_a_checkpoint(tiny_model, shard_set_fp32, tmp_path):
+    from shards.errors import DataError
+
+    with pytest.raises(DataError, match="the state is saved in"):
+        _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=20", "train.lr=1e30",
+                      "train.max_grad_norm=1e30", "train.max_bad_steps=3"))
+    assert any(n.startswith("step-") for n in os.listdir(tmp_path / "checkpoints"))
+
+
+def test_flip_and_prior_weight_in_the_objective(tiny_model, shard_set_fp32):
+    from shards import read_extras, read_manifest
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.data import bucket_batches
+    from train.loop import Objective
+    from train.model import load_transformer, scheduler_config
+
+    manifest = {**read_manifest(shard_set_fp32), "flipped_latents": True}
+    t = load_transformer(tiny_model, torch.float32, torch.device("cpu"))
+
+    def loss(batch, *over):
+        cfg = load_config(TrainConfig, [f"model.path={tiny_model}", f"data.shards={shard_set_fp32}", "out.dir=x", *over])
+        obj = Objective(cfg, manifest, read_extras(shard_set_fp32), scheduler_config(tiny_model),
+                        torch.device("cpu"), torch.float32, None)
+        with torch.no_grad():
+            return obj(t, batch)[0]
+
+    batch = next(bucket_batches(shard_set_fp32, 2, seed=0))
+    g = torch.Generator().manual_seed(9)
+    batch["latent_mean_flip"] = torch.randn(batch["latent_mean"].shape, generator=g)
+    batch["latent_std_flip"] = batch["latent_std"].clone()
+    # flip=1: the stored flipped latent is used and the plain one is not.
+    other_plain = dict(batch, latent_mean=torch.zeros_like(batch["latent_mean"]))
+    assert torch.equal(loss(batch, "data.flip=1.0"), loss(other_plain, "data.flip=1.0"))
+    assert not torch.allclose(loss(batch, "data.flip=1.0"), loss(batch, "data.flip=0.0"))
+    no_flips = {k: v for k, v in batch.items() if not k.endswith("_flip")}
+    assert torch.equal(loss(no_flips, "data.flip=1.0"), loss(no_flips, "data.flip=0.0"))  # a set without flips
+    batch["prior"] = [True, False]
+    zero = loss(batch, "loss.prior_weight=0", "data.flip=0")
+    full = loss(batch, "data.flip=0")
+    assert 0 < zero < full

@@ -7,7 +7,9 @@ def main(argv):
     cfg = load_config(TrainConfig, argv)
     from .loop import summary, train  # heavy imports only after the config is known to be good
 
-    print(summary(train(cfg)))
+    result = train(cfg)
+    if "lora" in result:  # the main process of a multi-process run writes and reports
+        print(summary(result))
 
 
 if __name__ == "__main__":

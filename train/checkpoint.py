@@ -38,30 +38,37 @@ def complete_checkpoints(out_dir: str):
 
 
 def save(out_dir: str, step: int, run, state: dict, keep: int) -> str:
-    """Write step-NNNNNN.tmp/, then rename it and write the marker; prune to the newest `keep`."""
+    """Write step-NNNNNN.tmp/, then rename it and write the marker; prune to the newest `keep`.
+
+    Under DDP every process writes its own RNG state; the main process writes the rest."""
     root = checkpoint_root(out_dir)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    lora = {n: p.detach().cpu().float().contiguous() for n, p in run.named_lora_params()}
-    save_file(lora, os.path.join(tmp, "lora.safetensors"))
-    torch.save({"optimizer": run.opt.state_dict(), "schedule": run.schedule.state_dict(),
-                "ema": run.ema.state_dict() if run.ema else None}, os.path.join(tmp, "optimizer.pt"))
+    if run.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    run.barrier()
     torch.save({"objective": run.objective.gen.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate()}, os.path.join(tmp, "rng.pt"))
-    write_json(os.path.join(tmp, "state.json"), state)
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(final, MARKER), "w") as f:
-        f.write(f"{step}\n")
-    fsync_dir(root)
-    for _, old in complete_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+                "python": random.getstate()}, os.path.join(tmp, f"rng-rank{run.rank}.pt"))
+    run.barrier()
+    if run.main:
+        lora = {n: p.detach().cpu().float().contiguous() for n, p in run.named_lora_params()}
+        save_file(lora, os.path.join(tmp, "lora.safetensors"))
+        torch.save({"optimizer": run.opt.state_dict(), "schedule": run.schedule.state_dict(),
+                    "ema": run.ema.state_dict() if run.ema else None}, os.path.join(tmp, "optimizer.pt"))
+        write_json(os.path.join(tmp, "state.json"), {**state, "processes": run.world})
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(final, MARKER), "w") as f:
+            f.write(f"{step}\n")
+        fsync_dir(root)
+        for _, old in complete_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    run.barrier()
     return final
 
 
@@ -90,12 +97,15 @@ def load(path: str, run) -> dict:
             if tuple(p.shape) != tuple(lora[name].shape):
                 raise UsageError(f"resume: {name} has shape {tuple(lora[name].shape)} in {path}, {tuple(p.shape)} now")
             p.copy_(lora[name].to(p.dtype))
-    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=run.device, weights_only=False)
+    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)  # load_state_dict moves it
     run.opt.load_state_dict(opt["optimizer"])
     run.schedule.load_state_dict(opt["schedule"])
     if run.ema and opt["ema"]:
         run.ema.load_state_dict(opt["ema"])
-    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+    if state.get("processes", 1) != run.world:
+        raise UsageError(f"resume: {path} was made by {state.get('processes', 1)} process(es), this run has "
+                         f"{run.world}; resume with the same number, or resume=none")
+    rng = torch.load(os.path.join(path, f"rng-rank{run.rank}.pt"), weights_only=False)
     run.objective.gen.set_state(rng["objective"])
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():

@@ -36,7 +36,16 @@ def _all_samples(sets: List[str]) -> Iterator[dict]:
         yield from read_samples(path)
 
 
-def bucket_batches(shards: Union[str, List[str]], batch_size: int, seed: int, shuffle_buffer: int = 256) -> Iterator[Dict]:
+def bucket_batches(shards: Union[str, List[str]], batch_size: int, seed: int, shuffle_buffer: int = 256,
+                   rank: int = 0, world: int = 1) -> Iterator[Dict]:
+    """Every process of a multi-GPU run gets every `world`-th batch of the same seeded stream, so the
+    processes see different samples and, together, each sample once per epoch."""
+    for i, batch in enumerate(_bucket_batches(shards, batch_size, seed, shuffle_buffer)):
+        if i % world == rank:
+            yield batch
+
+
+def _bucket_batches(shards: Union[str, List[str]], batch_size: int, seed: int, shuffle_buffer: int = 256) -> Iterator[Dict]:
     """Endless batches; epoch e reshuffles with seed + e. A bucket's leftover samples at the end
     of an epoch form a smaller batch rather than being dropped."""
     sets = [shards] if isinstance(shards, str) else list(shards)

@@ -43,7 +43,8 @@ def _dtypes(cfg: TrainConfig, device: torch.device):
 class Objective:
     """One micro-batch's loss; owns the generator so every random draw is reproducible."""
 
-    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, sched: dict, device, weight_dtype, amp_dtype):
+    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, sched: dict, device, weight_dtype, amp_dtype,
+                 rank: int = 0):
         self.cfg, self.device, self.weight_dtype, self.amp_dtype = cfg.loss, device, weight_dtype, amp_dtype
         self.flip = cfg.data.flip if manifest.get("flipped_latents") else 0.0
         shift = cfg.loss.shift if cfg.loss.shift is not None else sched.get("shift", 1.0)
@@ -51,7 +52,7 @@ class Objective:
         self.shift_factor = manifest["vae"]["shift_factor"]
         self.scaling_factor = manifest["vae"]["scaling_factor"]
         self.empty = (extras["empty_prompt_embeds"].float(), extras["empty_pooled_prompt_embeds"].float())
-        self.gen = torch.Generator().manual_seed(cfg.train.seed)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1000003 * rank)  # each process its own noise
 
     def __call__(self, transformer, batch):
         c, g, dev = self.cfg, self.gen, self.device
@@ -122,9 +123,10 @@ class Validator:
 class Run:
     """Everything a training run holds: the model with its LoRA, objective, optimizer, data, validator."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.device = resolve_device("train.device", cfg.train.device)
+    def __init__(self, cfg: TrainConfig, accel=None):
+        self.cfg, self.accel = cfg, accel
+        self.rank, self.world = (accel.process_index, accel.num_processes) if accel else (0, 1)
+        self.device = accel.device if accel else resolve_device("train.device", cfg.train.device)
         weight_dtype, amp_dtype = _dtypes(cfg, self.device)
         self.weight_dtype = weight_dtype
         torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
@@ -154,15 +156,25 @@ class Run:
                 block.compile()
         self.transformer.train()
         sched = scheduler_config(root)
-        self.objective = Objective(cfg, self.manifest, extras, sched, self.device, weight_dtype, amp_dtype)
+        self.objective = Objective(cfg, self.manifest, extras, sched, self.device, weight_dtype, amp_dtype, self.rank)
         self.validate = Validator(cfg, self.manifest, extras, root, sched, self.device, weight_dtype,
                                   self.transformer.config)
         t = cfg.train
         self.opt = make_optimizer(self.params, t)
         self.schedule = make_schedule(self.opt, t)
         self.ema = Ema(self.params, t.ema) if t.ema > 0 else None
-        self._batches = bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer)
+        self._batches = bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer, self.rank, self.world)
         self.batches_drawn = 0
+        # Under DDP the wrapped model averages the LoRA gradients across processes in backward.
+        self.model = accel.prepare_model(self.transformer) if accel else self.transformer
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.accel:
+            self.accel.wait_for_everyone()
 
     def next_batch(self):
         self.batches_drawn += 1
@@ -180,9 +192,11 @@ class Run:
         """One optimizer step over grad_accum micro-batches; (loss, grad norm, sigmas), or None if skipped."""
         t = self.cfg.train
         self.opt.zero_grad(set_to_none=True)
-        total, sigmas = 0.0, []
+        total, sigmas, self.last_keys = 0.0, [], []
         for _ in range(t.grad_accum):
-            loss, sigma = self.objective(self.transformer, self.next_batch())
+            batch = self.next_batch()
+            self.last_keys += batch["keys"]
+            loss, sigma = self.objective(self.model, batch)
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
             sigmas.append(sigma.detach().cpu())
@@ -233,17 +247,33 @@ def _keep_metrics_until(path: str, step: int) -> None:
         f.writelines(lines)
 
 
+def _accelerator(cfg: TrainConfig):
+    """accelerate's process group when launched with several processes (accelerate launch, torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.train.device == "cpu" or not torch.cuda.is_available())
+
+
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
-    resume_from = prepare_out_dir(cfg)
-    run, t = Run(cfg), cfg.train
+    accel = _accelerator(cfg)
+    main = accel is None or accel.is_main_process
+    resume_from = prepare_out_dir(cfg) if main else None
+    if accel:
+        accel.wait_for_everyone()
+        if not main:  # the main process has cleared or kept out.dir by now; read its decision
+            resume_from = None if cfg.out.overwrite else checkpoint.find(cfg.out.dir, cfg.resume)
+    run, t = Run(cfg, accel), cfg.train
     metrics_path = os.path.join(cfg.out.dir, "metrics.jsonl")
     state = {"step": 0, "batches_drawn": 0, "history": [], "bad_in_a_row": 0}
     if resume_from:
         state = checkpoint.load(resume_from, run)
         run.skip_batches(state["batches_drawn"])
-        _keep_metrics_until(metrics_path, state["step"])
-        tqdm.write(f"train: resuming from {resume_from}")
+        if main:
+            _keep_metrics_until(metrics_path, state["step"])
+            tqdm.write(f"train: resuming from {resume_from}")
     history, samples, step_seconds = state["history"], 0, 0.0
 
     def save_checkpoint(step):
@@ -253,14 +283,15 @@ def train(cfg: TrainConfig) -> dict:
 
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    with open(metrics_path, "a") as metrics, tqdm(range(state["step"] + 1, t.max_steps + 1), desc="train",
-                                                 unit="step", dynamic_ncols=True, initial=state["step"],
-                                                 total=t.max_steps) as bar:
+    metrics = open(metrics_path, "a") if main else None
+    bar = tqdm(range(state["step"] + 1, t.max_steps + 1), desc="train", unit="step", dynamic_ncols=True,
+               initial=state["step"], total=t.max_steps, disable=not main)
+    try:
         for step in bar:
             t0 = time.time()
             loss, grad_norm, sigmas = run.step()
             step_seconds += time.time() - t0
-            samples += len(sigmas)
+            samples += len(sigmas) * run.world
             if loss is None:
                 state["bad_in_a_row"] += 1
                 tqdm.write(f"train: step {step}: non-finite loss or gradient norm {grad_norm}; step skipped")
@@ -275,18 +306,39 @@ def train(cfg: TrainConfig) -> dict:
             history.append(loss)
             lr = run.opt.param_groups[0]["lr"]
             if step % t.log_every == 0 or step == t.max_steps:
-                metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                          "sigmas": [round(x, 5) for x in sigmas.tolist()],
-                                          "seconds": round(time.time() - t_start, 3)}) + "\n")
-                metrics.flush()
+                keys = run.accel.gather_for_metrics([run.last_keys], use_gather_object=True) if run.accel \
+                    else [run.last_keys]
+                if main:
+                    metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                              "sigmas": [round(x, 5) for x in sigmas.tolist()], "keys": keys,
+                                              "seconds": round(time.time() - t_start, 3)}) + "\n")
+                    metrics.flush()
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            if cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
+            if main and cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
                 run.validate(run.transformer, step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.max_steps:
                 save_checkpoint(step)
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
     save_checkpoint(t.max_steps)
+    _check_ranks_agree(run)
+    if not main:
+        return {"rank": run.rank, "steps": len(history)}
     last_samples = run.validate(run.transformer, t.max_steps)
     return _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds, time.time() - t_start)
+
+
+def _check_ranks_agree(run) -> None:
+    """The processes of a DDP run must end with the same LoRA; a checksum from each proves it."""
+    if not run.accel:
+        return
+    checksum = sum(float(p.detach().double().sum()) for _, p in run.named_lora_params())
+    sums = run.accel.gather_for_metrics([checksum], use_gather_object=True)
+    if len(set(sums)) != 1:
+        raise DataError(f"the {run.world} processes ended with different LoRA weights (checksums {sums})")
+    run.checksums = sums
 
 
 def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds, seconds) -> dict:

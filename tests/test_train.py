@@ -71,6 +71,9 @@ def test_outputs_written(trained):
     lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
     assert len(lines) == 100 and json.loads(lines[-1])["step"] == 100
     assert Image.open(trained["loss_curve"]).size == (800, 400)
+    assert Image.open(trained["loss_by_sigma"]).size == (800, 400)
+    first = json.loads(lines[0])
+    assert len(first["losses"]) == len(first["sigmas"]) == 2  # per-sample losses beside their sigmas
     grid = Image.open(trained["samples"])
     assert grid.size[1] > 128 and grid.size[0] >= 2 * 128  # two validation prompts, 128x128 bucket
 

@@ -195,3 +195,31 @@ def test_two_process_ddp_reads_different_samples_agrees_and_resumes(tiny_model, 
     single = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "single", "train.max_steps=6"))
     c = load_file(single["lora"])
     assert any(not torch.equal(a[k], c[k]) for k in a)  # two processes really trained on more data per step
+
+
+def test_sd35_medium_layout_dual_attention_and_qk_norm(tmp_path_factory, shard_set_fp32, tmp_path):
+    """A tiny model with SD3.5 Medium's structure: rms qk-norm and a dual-attention first block."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from precompute.tiny import build_tiny_model
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.model import lora_module_names
+
+    model = build_tiny_model(str(tmp_path_factory.mktemp("sd35m") / "m"), qk_norm="rms_norm", dual_attention_layers=(0,))
+    t = SD3Transformer2DModel.from_pretrained(os.path.join(model, "transformer"))
+    counts = {}
+    for preset in ("attn", "attn_image", "all_linear"):
+        cfg = load_config(TrainConfig, [f"model.path={model}", "data.shards=/tmp", "out.dir=x", f"lora.targets={preset}"])
+        names = lora_module_names(t, cfg.lora)
+        counts[preset] = sum(n.startswith("transformer_blocks.0.") for n in names)
+        assert all(".attn2." not in n for n in names) or preset != "attn"
+    assert counts == {"attn": 8, "attn_image": 8, "all_linear": 18}
+    r = _train(*_args(model, shard_set_fp32, tmp_path, "train.max_steps=2", "lora.targets=all_linear"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(model)
+    pipe.load_lora_weights(os.path.dirname(r["lora"]))
+    probe = dict(hidden_states=torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(1)),
+                 timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 154, 128),
+                 pooled_projections=torch.randn(1, 80), return_dict=False)
+    with torch.no_grad():
+        assert torch.allclose(pipe.transformer(**probe)[0], r["transformer"](**probe)[0], atol=1e-5)

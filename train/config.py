@@ -9,13 +9,17 @@ from shards.modelpath import check_model_path
 
 from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 
-ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# The joint attention's projections, as diffusers' SD3 LoRA script names them (not SD3.5's image-only attn2).
+ATTN_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out"]
+IMAGE_ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+DUAL_ATTN = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]  # SD3.5 Medium's first blocks
 # Named target sets (lora.targets: NAME); the names are module-name suffixes inside transformer blocks.
 TARGET_PRESETS = {
     "attn": ATTN_TARGETS,
-    "attn_image": ["to_q", "to_k", "to_v", "to_out.0"],
-    "all_linear": ATTN_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-                                  "norm1.linear", "norm1_context.linear"],
+    "attn_image": IMAGE_ATTN + DUAL_ATTN,
+    "all_linear": ATTN_TARGETS + DUAL_ATTN + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                                              "ff_context.net.2", "norm1.linear", "norm1_context.linear"],
 }
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")

@@ -65,3 +65,40 @@ def _bucket_batches(shards: Union[str, List[str]], batch_size: int, seed: int, s
         for bucket in sorted(pending):
             yield collate(pending[bucket])
         epoch += 1
+
+
+class Prefetch:
+    """Reads and collates the next batches in a background thread, so the GPU never waits on tar
+    reading; pins their memory for asynchronous copies when training on CUDA. Order is unchanged."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator[Dict], depth: int = 4, pin: bool = False):
+        import queue
+        import threading
+
+        self._q = queue.Queue(maxsize=depth)
+        self._pin = pin
+        self._thread = threading.Thread(target=self._fill, args=(batches,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, batches):
+        try:
+            for b in batches:
+                if self._pin:
+                    b = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                self._q.put(b)
+        except BaseException as e:  # handed to the training loop, which raises it there
+            self._q.put(e)
+        self._q.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self._q.get()
+        if b is self._END:
+            raise StopIteration
+        if isinstance(b, BaseException):
+            raise b
+        return b

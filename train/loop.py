@@ -17,12 +17,12 @@ from shards.modelpath import resolve_model
 
 from . import flow
 from .config import TrainConfig
-from .data import bucket_batches
+from .data import Prefetch, bucket_batches
 from . import checkpoint
 from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME, save_lora
 from .optim import Ema, make_optimizer, make_schedule
 from .model import add_lora, check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
-from .plot import loss_curve_png
+from .plot import loss_by_sigma_png, loss_curve_png
 from .sampling import generate, load_vae_decoder, save_grid
 
 # What the trainer reads from a pipeline folder: never a text encoder.
@@ -80,6 +80,7 @@ class Objective:
         if c.prior_weight != 1.0:  # class images of DreamBooth prior preservation
             prior = torch.tensor(batch["prior"], device=per_sample.device)
             per_sample = per_sample * torch.where(prior, c.prior_weight, 1.0)
+        self.last_per_sample = per_sample.detach()
         return per_sample.mean(), sigma
 
 
@@ -163,7 +164,8 @@ class Run:
         self.opt = make_optimizer(self.params, t)
         self.schedule = make_schedule(self.opt, t)
         self.ema = Ema(self.params, t.ema) if t.ema > 0 else None
-        self._batches = bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer, self.rank, self.world)
+        self._batches = Prefetch(bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer, self.rank,
+                                                self.world), pin=self.device.type == "cuda")
         self.batches_drawn = 0
         # Under DDP the wrapped model averages the LoRA gradients across processes in backward.
         self.model = accel.prepare_model(self.transformer) if accel else self.transformer
@@ -192,7 +194,7 @@ class Run:
         """One optimizer step over grad_accum micro-batches; (loss, grad norm, sigmas), or None if skipped."""
         t = self.cfg.train
         self.opt.zero_grad(set_to_none=True)
-        total, sigmas, self.last_keys = 0.0, [], []
+        total, sigmas, self.last_keys, self.last_losses = 0.0, [], [], []
         for _ in range(t.grad_accum):
             batch = self.next_batch()
             self.last_keys += batch["keys"]
@@ -200,6 +202,7 @@ class Run:
             (loss / t.grad_accum).backward()
             total += loss.item() / t.grad_accum
             sigmas.append(sigma.detach().cpu())
+            self.last_losses += self.objective.last_per_sample.float().cpu().tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm).item()
         sigmas = torch.cat(sigmas)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
@@ -213,7 +216,8 @@ class Run:
         return total, grad_norm, sigmas
 
 
-RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, "metrics.jsonl", "loss.png", "samples", "checkpoints")
+RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, "metrics.jsonl", "loss.png", "loss_by_sigma.png", "samples",
+               "checkpoints")
 
 
 def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
@@ -310,10 +314,12 @@ def train(cfg: TrainConfig) -> dict:
                     else [run.last_keys]
                 if main:
                     metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                              "sigmas": [round(x, 5) for x in sigmas.tolist()], "keys": keys,
+                                              "sigmas": [round(x, 5) for x in sigmas.tolist()],
+                                              "losses": [round(x, 6) for x in run.last_losses], "keys": keys,
                                               "seconds": round(time.time() - t_start, 3)}) + "\n")
                     metrics.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples / max(step_seconds, 1e-9):.1f}",
+                            refresh=False)
             if main and cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
                 run.validate(run.transformer, step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.max_steps:
@@ -355,8 +361,10 @@ def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds
         with run.ema.swapped():
             save_lora(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_WEIGHT_NAME)
     curve = loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
+    by_sigma = loss_by_sigma_png(metrics_path, os.path.join(cfg.out.dir, "loss_by_sigma.png"))
     tenth = max(1, len(history) // 10)
-    result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "samples": last_samples,
+    result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "loss_by_sigma": by_sigma,
+              "samples": last_samples,
               "steps": len(history),
               "first_loss": sum(history[:tenth]) / tenth if history else float("nan"),
               "last_loss": sum(history[-tenth:]) / tenth if history else float("nan"),
@@ -395,7 +403,7 @@ def summary(r: dict) -> str:
              f"  {r['steps']} steps, {r['mean_step_seconds'] * 1000:.0f} ms/step ({r['samples_per_second']:.2f} samples/s), "
              f"{r['seconds']:.1f} s in all, "
              f"mean loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last tenth of the steps)",
-             f"  metrics: {r['metrics']}   loss curve: {r['loss_curve']}"]
+             f"  metrics: {r['metrics']}   loss curves: {r['loss_curve']}, {r['loss_by_sigma']}"]
     if r["samples"]:
         lines.append(f"  validation images: {r['samples']}")
     if "peak_gpu_memory_gb" in r:

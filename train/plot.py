@@ -42,3 +42,58 @@ def loss_curve_png(losses: List[float], path: str, size=(800, 400)) -> Optional[
     d.text((w - right - 40, h - bottom + 8), f"{len(losses)}", fill="black")
     img.save(path)
     return path
+
+
+def loss_by_sigma_png(metrics_path: str, path: str, bins: int = 10, size=(800, 400)) -> Optional[str]:
+    """Mean per-sample loss in σ bins, first half of training vs second half: where the LoRA learned.
+
+    The per-step loss mixes noise levels; binning by σ separates learning from timestep luck."""
+    import json
+
+    rows = []
+    with open(metrics_path) as f:
+        for line in f:
+            r = json.loads(line)
+            rows += [(r["step"], s, l) for s, l in zip(r.get("sigmas", []), r.get("losses", []))]
+    if len(rows) < 2:
+        return None
+    mid = (rows[0][0] + rows[-1][0]) / 2
+    halves = ([], [])
+    for step, s, l in rows:
+        if math.isfinite(l):
+            halves[step > mid].append((s, l))
+
+    def means(points):
+        acc = [[0.0, 0] for _ in range(bins)]
+        for s, l in points:
+            b = min(bins - 1, int(s * bins))
+            acc[b][0] += l
+            acc[b][1] += 1
+        return [a / n if n else None for a, n in acc]
+
+    series = [means(h) for h in halves]
+    values = [v for ser in series for v in ser if v is not None]
+    if not values:
+        return None
+    w, h = size
+    left, right, top, bottom = 70, 20, 30, 40
+    lo, hi = 0.0, max(values) * 1.05
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
+    slot = (w - left - right) / bins
+    for i in range(bins):
+        for k, (ser, colour) in enumerate(zip(series, ((170, 200, 235), (20, 80, 180)))):
+            v = ser[i]
+            if v is None:
+                continue
+            x0 = left + i * slot + 4 + k * (slot - 8) / 2
+            y = top + (h - top - bottom) * (hi - v) / (hi - lo)
+            d.rectangle([x0, y, x0 + (slot - 8) / 2 - 2, h - bottom], fill=colour)
+        d.text((left + i * slot + slot / 2 - 12, h - bottom + 8), f"{i / bins:.1f}", fill="black")
+    d.text((left, 8), "mean loss per sigma bin (light: first half of training, dark: second half)", fill="black")
+    d.text((5, top - 5), f"{hi:.4g}", fill="black")
+    d.text((5, h - bottom - 8), "0", fill="black")
+    d.text((w - right - 60, h - bottom + 24), "sigma", fill="black")
+    img.save(path)
+    return path

@@ -37,10 +37,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # shard set folder or URL; several sets separated by commas are read one after another
+    shards: str = ""  # shard set folder or URL; several: "a,b" (read in turn) or "a@3,b@1" (mixed by weight)
+
+    def weighted(self) -> List[tuple]:
+        out = []
+        for part in (x.strip() for x in self.shards.split(",")):
+            path, _, w = part.rpartition("@")
+            try:  # an "@" not followed by a number belongs to the path (user@host in a URL)
+                out.append((path, float(w)))
+            except ValueError:
+                out.append((part, None))
+        return [(p, w) for p, w in out if p]
 
     def sets(self) -> List[str]:
-        return [x.strip() for x in self.shards.split(",") if x.strip()]
+        return [p for p, _ in self.weighted()]
+
+    def weights(self) -> Optional[List[float]]:
+        """Sampling weights when any set has one (the others count 1), else None."""
+        ws = [w for _, w in self.weighted()]
+        return None if all(w is None for w in ws) else [1.0 if w is None else w for w in ws]
     shuffle_buffer: int = 256
     flip: float = 0.5  # probability of training on the stored flipped latent (when the set has them)
 
@@ -134,7 +149,10 @@ class TrainConfig:
         one_of(p, "model.precision", self.model.precision, ("auto", "bf16", "fp16", "fp32"))
         if not self.data.shards:
             p.append("config key 'data.shards' is required (a shard set folder from precompute)")
-        for path in self.data.sets():
+        weighted = self.data.weighted()
+        if not all(w is None or (math.isfinite(w) and w > 0) for _, w in weighted):
+            p.append("config key 'data.shards': set weights must be positive numbers")
+        for path, _ in weighted:
             if "://" not in path and not os.path.isdir(path):
                 p.append(f"config key 'data.shards': no such folder: {path}")
         if not self.out.dir:

@@ -1,7 +1,7 @@
 """Shard stream -> seeded shuffle buffer -> batches that each hold one bucket."""
 import random
 from collections import defaultdict
-from typing import Dict, Iterator, List, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -37,10 +37,12 @@ def _all_samples(sets: List[str]) -> Iterator[dict]:
 
 
 def bucket_batches(shards: Union[str, List[str]], batch_size: int, seed: int, shuffle_buffer: int = 256,
-                   rank: int = 0, world: int = 1) -> Iterator[Dict]:
+                   rank: int = 0, world: int = 1, weights: Optional[List[float]] = None) -> Iterator[Dict]:
     """Every process of a multi-GPU run gets every `world`-th batch of the same seeded stream, so the
     processes see different samples and, together, each sample once per epoch."""
-    for i, batch in enumerate(_bucket_batches(shards, batch_size, seed, shuffle_buffer)):
+    source = _weighted_batches(shards, weights, batch_size, seed, shuffle_buffer) if weights else \
+        _bucket_batches(shards, batch_size, seed, shuffle_buffer)
+    for i, batch in enumerate(source):
         if i % world == rank:
             yield batch
 
@@ -65,6 +67,33 @@ def _bucket_batches(shards: Union[str, List[str]], batch_size: int, seed: int, s
         for bucket in sorted(pending):
             yield collate(pending[bucket])
         epoch += 1
+
+
+def _endless(path: str, shuffle_buffer: int, seed: int) -> Iterator[dict]:
+    epoch = 0
+    while True:
+        n = 0
+        for s in _shuffled(read_samples(path), shuffle_buffer, random.Random(seed * 100003 + epoch)):
+            n += 1
+            yield s
+        if n == 0:
+            raise DataError(f"shard set {path} holds no samples")
+        epoch += 1
+
+
+def _weighted_batches(sets: List[str], weights: List[float], batch_size: int, seed: int,
+                      shuffle_buffer: int) -> Iterator[Dict]:
+    """Sets mixed by weight: each next sample comes from set i with probability w_i / sum(w); each set
+    cycles through its own epochs, so a small set weighted up is simply seen more often."""
+    streams = [_endless(p, shuffle_buffer, seed + 7919 * i) for i, p in enumerate(sets)]
+    rng = random.Random(seed * 15485863 + 1)
+    pending = defaultdict(list)
+    while True:
+        s = next(streams[rng.choices(range(len(sets)), weights=weights)[0]])
+        bucket = tuple(s["meta"]["bucket"])
+        pending[bucket].append(s)
+        if len(pending[bucket]) == batch_size:
+            yield collate(pending.pop(bucket))
 
 
 class Prefetch:

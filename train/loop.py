@@ -165,7 +165,7 @@ class Run:
         self.schedule = make_schedule(self.opt, t)
         self.ema = Ema(self.params, t.ema) if t.ema > 0 else None
         self._batches = Prefetch(bucket_batches(sets, t.batch_size, t.seed, cfg.data.shuffle_buffer, self.rank,
-                                                self.world), pin=self.device.type == "cuda")
+                                                self.world, cfg.data.weights()), pin=self.device.type == "cuda")
         self.batches_drawn = 0
         # Under DDP the wrapped model averages the LoRA gradients across processes in backward.
         self.model = accel.prepare_model(self.transformer) if accel else self.transformer

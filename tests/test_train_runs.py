@@ -223,3 +223,14 @@ def test_sd35_medium_layout_dual_attention_and_qk_norm(tmp_path_factory, shard_s
                  pooled_projections=torch.randn(1, 80), return_dict=False)
     with torch.no_grad():
         assert torch.allclose(pipe.transformer(**probe)[0], r["transformer"](**probe)[0], atol=1e-5)
+
+
+def test_tensorboard_tracker_gets_the_loss(tiny_model, shard_set_fp32, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", "train.trackers=[tensorboard]"))
+    runs = [os.path.join(root) for root, _, files in os.walk(tmp_path) if any(f.startswith("events.out") for f in files)]
+    assert runs
+    acc = EventAccumulator(runs[0])
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]

@@ -82,6 +82,7 @@ class TrainLoopConfig:
     warmup_steps: int = 0
     ema: float = 0.0  # decay of an EMA of the LoRA weights, saved beside the raw ones (0 = off)
     max_bad_steps: int = 5  # non-finite steps in a row before the run saves a checkpoint and stops
+    trackers: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     mixed_precision: str = "auto"  # autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16, no
     seed: int = 0
     log_every: int = 1

@@ -251,6 +251,35 @@ def _keep_metrics_until(path: str, step: int) -> None:
         f.writelines(lines)
 
 
+class Trackers:
+    """TensorBoard, Weights & Biases, ... through accelerate's trackers, when train.trackers names them."""
+
+    def __init__(self, cfg: TrainConfig, main: bool):
+        self.accel = None
+        if not cfg.train.trackers or not main:
+            return
+        from accelerate import Accelerator
+
+        try:
+            self.accel = Accelerator(log_with=list(cfg.train.trackers), project_dir=cfg.out.dir)
+            flat = {}
+            for section, values in to_dict(cfg).items():
+                for k, v in values.items() if isinstance(values, dict) else [("", values)]:
+                    flat[f"{section}.{k}" if k else section] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            self.accel.init_trackers("shardtune", config=flat)
+        except (ImportError, ValueError) as e:
+            raise UsageError(f"train.trackers {list(cfg.train.trackers)}: {str(e).splitlines()[0]} "
+                             "(install the tracker's package, e.g. pip install tensorboard)") from None
+
+    def log(self, values: dict, step: int) -> None:
+        if self.accel:
+            self.accel.log(values, step=step)
+
+    def close(self) -> None:
+        if self.accel:
+            self.accel.end_training()
+
+
 def _accelerator(cfg: TrainConfig):
     """accelerate's process group when launched with several processes (accelerate launch, torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -270,6 +299,7 @@ def train(cfg: TrainConfig) -> dict:
         if not main:  # the main process has cleared or kept out.dir by now; read its decision
             resume_from = None if cfg.out.overwrite else checkpoint.find(cfg.out.dir, cfg.resume)
     run, t = Run(cfg, accel), cfg.train
+    trackers = Trackers(cfg, main)
     metrics_path = os.path.join(cfg.out.dir, "metrics.jsonl")
     state = {"step": 0, "batches_drawn": 0, "history": [], "bad_in_a_row": 0}
     if resume_from:
@@ -318,6 +348,8 @@ def train(cfg: TrainConfig) -> dict:
                                               "losses": [round(x, 6) for x in run.last_losses], "keys": keys,
                                               "seconds": round(time.time() - t_start, 3)}) + "\n")
                     metrics.flush()
+                    trackers.log({"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                  "samples_per_second": samples / max(step_seconds, 1e-9)}, step)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples / max(step_seconds, 1e-9):.1f}",
                             refresh=False)
             if main and cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps:
@@ -326,6 +358,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(step)
     finally:
         bar.close()
+        trackers.close()
         if metrics:
             metrics.close()
     save_checkpoint(t.max_steps)

@@ -234,3 +234,11 @@ def test_tensorboard_tracker_gets_the_loss(tiny_model, shard_set_fp32, tmp_path)
     acc = EventAccumulator(runs[0])
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+
+
+def test_torch_compile_trains_like_eager(tiny_model, shard_set_fp32, tmp_path):
+    eager = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "eager", "train.max_steps=2"))
+    compiled = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "compiled", "train.max_steps=2", "model.compile=true"))
+    a, b = load_file(eager["lora"]), load_file(compiled["lora"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)

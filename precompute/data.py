@@ -64,16 +64,23 @@ def _metadata(folder: str, column: str) -> Tuple[Optional[Dict[str, str]], Optio
         if not os.path.exists(path):
             continue
         rows = []
-        with open(path, encoding="utf-8", newline="") as f:
-            if name.endswith(".jsonl"):
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except ValueError:
-                            raise DataError(f"{path}: line {n} is not JSON") from None
-            else:
-                rows = list(csv.DictReader(f))
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                if name.endswith(".jsonl"):
+                    for n, line in enumerate(f, 1):
+                        if line.strip():
+                            try:
+                                rows.append(json.loads(line))
+                            except ValueError:
+                                raise DataError(f"{path}: line {n} is not JSON") from None
+                            if not isinstance(rows[-1], dict):
+                                raise DataError(f"{path}: line {n} is not a JSON object")
+                else:
+                    rows = list(csv.DictReader(f))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except csv.Error as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})") from None
         out = {}
         for n, row in enumerate(rows, 1):
             if "file_name" not in row:

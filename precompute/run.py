@@ -138,7 +138,7 @@ def _same_inputs(record: dict, items: List[Item], signature: list) -> bool:
     for o, it in zip(old, items):
         if o == it.signature():
             continue
-        if o[0] != it.source or o[3] != it.reject or it.source not in hashes:
+        if o[0] != it.source or o[3:] != it.signature()[3:] or it.source not in hashes:  # reason, caption
             return False
         try:
             if file_sha256(it.path) != hashes[it.source]:
@@ -181,10 +181,10 @@ def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[i
         if not cfg.out.overwrite:
             raise UsageError(f"out.dir {d} holds shard files of unknown origin; set out.overwrite=true or choose another")
         clear_set(d)
-    for i in mine:  # a temp file of ours is from a killed run; another part's are not ours to touch
-        for tmp in (os.path.join(d, shard_name(i) + ".tmp"), sidecar_path(d, i) + ".tmp"):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    ours = tuple(os.path.basename(sidecar_path(d, i)) + "." for i in mine) + tuple(shard_name(i) + "." for i in mine)
+    for name in os.listdir(d):  # a temp file of ours is from a killed run; another part's are not ours to touch
+        if name.endswith(".tmp") and name.startswith(ours):
+            os.remove(os.path.join(d, name))
     # The manifest facts ride along so that any part, or `shards combine`, can complete the set.
     write_json(state_path, {**state, "facts": {**facts, "config": to_dict(cfg)}})
 

@@ -12,11 +12,12 @@ def main(argv):
     ap.add_argument("path", help="shard set folder or URL (combine: the output folder)")
     ap.add_argument("parts", nargs="*", help="combine: the part folders")
     ap.add_argument("--quick", action="store_true", help="verify: check sizes and hashes only, do not decode samples")
+    ap.add_argument("--overwrite", action="store_true", help="combine: replace a complete set in the output folder")
     a = ap.parse_args(argv)
     if a.command == "combine":
         from .combine import combine
 
-        m = combine(a.path, a.parts)
+        m = combine(a.path, a.parts, a.overwrite)
         print(f"{a.path}: {m['counts']['written']} samples in {len(m['shards'])} shard(s) from {len(a.parts)} part folder(s)")
         return
     if a.command == "inspect":

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import uuid
 
 
 def fsync_dir(path: str) -> None:
@@ -19,8 +20,10 @@ def fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb"):
-    """Write to `path.tmp`, fsync, then rename onto `path`; on error the temp file is removed."""
-    tmp = path + ".tmp"
+    """Write to a temp file beside `path`, fsync, then rename onto `path`; on error the temp file is removed.
+
+    The temp name is unique to the process, so parts writing the same file at once never collide."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     f = open(tmp, mode)
     try:
         yield f

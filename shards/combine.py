@@ -10,7 +10,8 @@ from typing import List
 
 from . import format as F
 from .errors import DataError, UsageError
-from .writer import assemble, read_sidecar, shard_name, sidecar_path
+from .atomic import write_json
+from .writer import assemble, clear_set, read_sidecar, shard_name, sidecar_path
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -32,9 +33,12 @@ def _state(folder: str) -> dict:
         return json.load(f)
 
 
-def combine(out_dir: str, parts: List[str]) -> dict:
+def combine(out_dir: str, parts: List[str], overwrite: bool = False) -> dict:
     if not parts:
         raise UsageError("name at least one part folder")
+    if os.path.exists(os.path.join(out_dir, F.MANIFEST)) and not overwrite and \
+            os.path.abspath(out_dir) not in {os.path.abspath(p) for p in parts}:
+        raise UsageError(f"{out_dir} already holds a complete shard set; choose another folder or pass --overwrite")
     states = [_state(p) for p in parts]
     same = lambda s: {k: s.get(k) for k in ("config", "components", "inputs", "shards")}  # noqa: E731
     for p, s in zip(parts[1:], states[1:]):
@@ -43,6 +47,8 @@ def combine(out_dir: str, parts: List[str]) -> dict:
                             "parts of one set must share them")
     n = states[0]["shards"]
     os.makedirs(out_dir, exist_ok=True)
+    if overwrite and os.path.abspath(out_dir) not in {os.path.abspath(p) for p in parts}:
+        clear_set(out_dir)
     found = set()
     for p in parts:
         for i in range(n):
@@ -58,9 +64,8 @@ def combine(out_dir: str, parts: List[str]) -> dict:
     if extras is None:
         raise DataError(f"none of the part folders holds {F.EXTRAS}")
     _link_or_copy(extras, os.path.join(out_dir, F.EXTRAS))
-    state = {k: v for k, v in states[0].items()}
-    with open(os.path.join(out_dir, F.RUN_STATE), "w") as f:
-        json.dump(state, f, indent=2)
+    state = dict(states[0])
+    write_json(os.path.join(out_dir, F.RUN_STATE), state)
     facts = dict(state["facts"])
     manifest = assemble(out_dir, n, facts, state["config"]["out.dtype"])
     if manifest is None:

@@ -159,12 +159,7 @@ def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[
         total += r["samples"]
     for r in records:  # bucket histogram of what readers will see
         buckets.update(b for key, b in zip(r["keys"], r["buckets"]) if key not in excluded)
-    with open(os.path.join(out_dir, F.REJECTED + ".tmp"), "w") as f:
-        for rec in rejects:
-            f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(os.path.join(out_dir, F.REJECTED + ".tmp"), os.path.join(out_dir, F.REJECTED))
+    write_bytes(os.path.join(out_dir, F.REJECTED), "".join(json.dumps(rec) + "\n" for rec in rejects).encode())
     reasons = Counter(rec["reason"].split(":")[0] for rec in rejects)
     manifest = {
         "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "producer": F.producer(),

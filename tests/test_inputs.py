@@ -239,3 +239,13 @@ def test_unreadable_file_is_rejected(tiny_model, sample_data, tmp_path, monkeypa
     monkeypatch.setattr(builtins, "open", real_open)
     assert {r["source"]: r["reason"] for r in read_rejected(out)} == {"chelsea.png": "unreadable image: permission denied"}
     assert _captions(out) == {"astronaut.png": "astronaut"}
+
+
+def test_metadata_that_is_not_utf8_is_named(tiny_model, sample_data, tmp_path):
+    from shards.errors import DataError
+
+    d = tmp_path / "latin1"
+    _images(sample_data, d, ("camera.png",))
+    (d / "metadata.csv").write_bytes(b"file_name,text\ncamera.png,caf\xe9\n")
+    with pytest.raises(DataError, match="metadata.csv is not UTF-8"):
+        _run(tiny_model, str(d), str(tmp_path / "o"))

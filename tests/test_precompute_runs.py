@@ -175,3 +175,31 @@ def test_flip_random_crop_and_min_size(tiny_model, sample_data, tmp_path):
     _same_set(out, again)  # random crops are seeded per image
     kept = _run(tiny_model, sample_data, str(tmp_path / "up"), **{**over, "buckets.upscale": "true"})
     assert kept["counts"]["written"] == 8
+
+
+def test_an_edited_caption_is_a_change(tiny_model, sample_data, tmp_path):
+    from shards.errors import UsageError
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data, data)
+    out = str(tmp_path / "out")
+    _run(tiny_model, str(data), out)
+    (data / "astronaut.txt").write_text("an astronaut, recaptioned")
+    with pytest.raises(UsageError, match="source files changed"):
+        _run(tiny_model, str(data), out)
+    _run(tiny_model, str(data), out, **{"out.overwrite": "true"})
+    assert "an astronaut, recaptioned" in {s["meta"]["caption"] for s in read_samples(out)}
+
+
+def test_combine_does_not_replace_a_set_silently(tiny_model, sample_data, tmp_path):
+    from conftest import run_module
+
+    for part in (0, 1):
+        _run(tiny_model, sample_data, str(tmp_path / f"p{part}"), **{"out.samples_per_shard": 3, "part": part, "parts": 2})
+    other = str(tmp_path / "other")
+    _run(tiny_model, sample_data, other, **{"out.samples_per_shard": 5})
+    r = run_module("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"))
+    assert r.returncode == 2 and "already holds a complete shard set" in r.stderr
+    r = run_module("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert len(read_manifest(other)["shards"]) == 3 and run_module("shards", "verify", other).returncode == 0

@@ -242,3 +242,11 @@ def test_torch_compile_trains_like_eager(tiny_model, shard_set_fp32, tmp_path):
     a, b = load_file(eager["lora"]), load_file(compiled["lora"])
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
     assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)
+
+
+def test_resume_from_a_named_checkpoint_into_a_new_folder(tiny_model, shard_set_fp32, tmp_path):
+    first = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "a", "train.max_steps=4", "checkpoint.every=2"))
+    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "b", "train.max_steps=4",
+                      f"resume={tmp_path / 'a' / 'checkpoints' / 'step-000002'}"))
+    a, b = load_file(first["lora"]), load_file(r["lora"])
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from typing import Optional
 
 import torch
@@ -88,6 +89,7 @@ def load(path: str, run) -> dict:
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     _check_same_lora(state["config"]["lora"], run.cfg, path)
+    _warn_if_stream_changed(state["config"], run.cfg, path)
     lora = load_file(os.path.join(path, "lora.safetensors"))
     params = dict(run.named_lora_params())
     if set(lora) != set(params):
@@ -102,6 +104,8 @@ def load(path: str, run) -> dict:
     run.schedule.load_state_dict(opt["schedule"])
     if run.ema and opt["ema"]:
         run.ema.load_state_dict(opt["ema"])
+    elif run.ema:  # EMA switched on at resume: it starts from the weights trained so far
+        run.ema.shadow = [p.detach().float().clone() for p in run.ema.params]
     if state.get("processes", 1) != run.world:
         raise UsageError(f"resume: {path} was made by {state.get('processes', 1)} process(es), this run has "
                          f"{run.world}; resume with the same number, or resume=none")
@@ -127,3 +131,17 @@ def _check_same_lora(saved: dict, cfg, path: str) -> None:
     if diff:
         raise UsageError(f"resume: {path} was trained with other LoRA settings ({'; '.join(diff)}); "
                          "use the same settings, resume=none, or another out.dir")
+
+
+def _warn_if_stream_changed(saved: dict, cfg, path: str) -> None:
+    """Settings that change the data stream or the draws: allowed, but the resumed run then differs
+    from one that was never interrupted."""
+    now = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+           "train.seed": cfg.train.seed, "data.shards": cfg.data.shards, "data.shuffle_buffer": cfg.data.shuffle_buffer}
+    before = {"train.batch_size": saved["train"]["batch_size"], "train.grad_accum": saved["train"]["grad_accum"],
+              "train.seed": saved["train"]["seed"], "data.shards": saved["data"]["shards"],
+              "data.shuffle_buffer": saved["data"]["shuffle_buffer"]}
+    changed = [f"{k} {before[k]} -> {now[k]}" for k in now if before[k] != now[k]]
+    if changed:
+        print(f"train: warning: resuming {path} with changed {'; '.join(changed)}: the data order and draws "
+              "differ from an uninterrupted run", file=sys.stderr)

@@ -108,18 +108,36 @@ class Prefetch:
 
         self._q = queue.Queue(maxsize=depth)
         self._pin = pin
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(batches,), daemon=True)
         self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _fill(self, batches):
         try:
             for b in batches:
                 if self._pin:
                     b = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-                self._q.put(b)
+                if not self._put(b):
+                    return
         except BaseException as e:  # handed to the training loop, which raises it there
-            self._q.put(e)
-        self._q.put(self._END)
+            self._put(e)
+        self._put(self._END)
+
+    def close(self) -> None:
+        """Stop the thread before the interpreter exits (a thread inside torch at exit aborts it)."""
+        self._stop.set()
+        self._thread.join(timeout=30)
 
     def __iter__(self):
         return self

@@ -187,6 +187,9 @@ class Run:
         for _ in range(n):
             self.next_batch()
 
+    def close(self) -> None:
+        self._batches.close()
+
     def named_lora_params(self):
         return [(n, p) for n, p in self.transformer.named_parameters() if "lora_" in n]
 
@@ -217,7 +220,7 @@ class Run:
 
 
 RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, "metrics.jsonl", "loss.png", "loss_by_sigma.png", "samples",
-               "checkpoints")
+               "checkpoints", "trackers")
 
 
 def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
@@ -226,6 +229,7 @@ def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
     if not cfg.out.overwrite:
         found = checkpoint.find(d, cfg.resume) if (os.path.isdir(d) or cfg.resume not in ("auto", "none")) else None
         if found:
+            _make_dir(d)
             return found
     ours = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(d, n))]
     if ours and not cfg.out.overwrite:
@@ -234,21 +238,36 @@ def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
     for n in ours:
         path = os.path.join(d, n)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    _make_dir(d)
+    return None
+
+
+def _make_dir(d: str) -> None:
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
         raise UsageError(f"config key 'out.dir': cannot create {d} ({e.strerror})") from None
-    return None
+
+
+def _metric_lines(path: str):
+    """Parsed metrics lines; a torn last line (full disk, power loss) is skipped."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 def _keep_metrics_until(path: str, step: int) -> None:
     """After a resume, drop the lines of steps that will be trained again."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    kept = [r for r in _metric_lines(path) if r.get("step", 0) <= step]
     with open(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
 class Trackers:
@@ -266,7 +285,7 @@ class Trackers:
             for section, values in to_dict(cfg).items():
                 for k, v in values.items() if isinstance(values, dict) else [("", values)]:
                     flat[f"{section}.{k}" if k else section] = v if isinstance(v, (int, float, str, bool)) else str(v)
-            self.accel.init_trackers("shardtune", config=flat)
+            self.accel.init_trackers("trackers", config=flat)  # logs in out.dir/trackers
         except (ImportError, ValueError) as e:
             raise UsageError(f"train.trackers {list(cfg.train.trackers)}: {str(e).splitlines()[0]} "
                              "(install the tracker's package, e.g. pip install tensorboard)") from None
@@ -276,8 +295,11 @@ class Trackers:
             self.accel.log(values, step=step)
 
     def close(self) -> None:
+        # Each tracker's own finish: accelerate's end_training would also tear down a DDP process group.
         if self.accel:
-            self.accel.end_training()
+            for tracker in self.accel.trackers:
+                tracker.finish()
+            self.accel = None
 
 
 def _accelerator(cfg: TrainConfig):
@@ -298,7 +320,15 @@ def train(cfg: TrainConfig) -> dict:
         accel.wait_for_everyone()
         if not main:  # the main process has cleared or kept out.dir by now; read its decision
             resume_from = None if cfg.out.overwrite else checkpoint.find(cfg.out.dir, cfg.resume)
-    run, t = Run(cfg, accel), cfg.train
+    run = Run(cfg, accel)
+    try:
+        return _train(cfg, run, main, resume_from, t_start)
+    finally:
+        run.close()  # stops the prefetch thread, so the interpreter can exit cleanly on any error
+
+
+def _train(cfg: TrainConfig, run, main: bool, resume_from: Optional[str], t_start: float) -> dict:
+    t = cfg.train
     trackers = Trackers(cfg, main)
     metrics_path = os.path.join(cfg.out.dir, "metrics.jsonl")
     state = {"step": 0, "batches_drawn": 0, "history": [], "bad_in_a_row": 0}

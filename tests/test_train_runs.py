@@ -90,11 +90,12 @@ def test_presets_target_exactly_the_intended_modules(preset, per_block, tiny_mod
     assert all(n.startswith("transformer_blocks.1.") for n in lora_module_names(t, cfg.lora))
 
 
-def test_quantized_base_trains_and_diffusers_loads_the_lora(tiny_model, shard_set_fp32, tmp_path):
+@pytest.mark.parametrize("kind, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_base_trains_and_diffusers_loads_the_lora(kind, layer, tiny_model, shard_set_fp32, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", "model.quantize=nf4"))
-    assert type(r["transformer"].transformer_blocks[0].attn.to_q.base_layer).__name__ == "Linear4bit"
+    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", f"model.quantize={kind}"))
+    assert type(r["transformer"].transformer_blocks[0].attn.to_q.base_layer).__name__ == layer
     lora = load_file(r["lora"])
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
@@ -250,3 +251,36 @@ def test_resume_from_a_named_checkpoint_into_a_new_folder(tiny_model, shard_set_
                       f"resume={tmp_path / 'a' / 'checkpoints' / 'step-000002'}"))
     a, b = load_file(first["lora"]), load_file(r["lora"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_sets_by_url_pipe_and_brace_pattern(tiny_model, shard_set_fp32, tmp_path):
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    local = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "local", "train.max_steps=2"))
+    root = os.path.dirname(shard_set_fp32)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{os.path.basename(shard_set_fp32)}"
+        remote = _train(*_args(tiny_model, url, tmp_path / "http", "train.max_steps=2"))
+    finally:
+        server.shutdown()
+    piped = _train(*_args(tiny_model, f"pipe:cat {shard_set_fp32}", tmp_path / "pipe", "train.max_steps=2"))
+    ref = load_file(local["lora"])
+    for r in (remote, piped):
+        got = load_file(r["lora"])
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+    for i in (0, 1):
+        shutil.copytree(shard_set_fp32, tmp_path / f"set-{i}")
+    from shards.config import load_config
+    from train.config import TrainConfig
+
+    cfg = load_config(TrainConfig, _args(tiny_model, f"{tmp_path}/set-{{0,1}}@2,{shard_set_fp32}", tmp_path / "x"))
+    assert cfg.data.weighted() == [(f"{tmp_path}/set-0", 2.0), (f"{tmp_path}/set-1", 2.0), (shard_set_fp32, None)]
+    both = _train(*_args(tiny_model, f"{tmp_path}/set-{{0..1}}", tmp_path / "brace", "train.max_steps=2"))
+    assert both["steps"] == 2

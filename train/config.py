@@ -40,14 +40,18 @@ class DataConfig:
     shards: str = ""  # shard set folder or URL; several: "a,b" (read in turn) or "a@3,b@1" (mixed by weight)
 
     def weighted(self) -> List[tuple]:
+        """(set, weight or None) for every set; brace patterns (sets-{00..07}) expand into several."""
+        from braceexpand import braceexpand
+
         out = []
-        for part in (x.strip() for x in self.shards.split(",")):
+        for part in _split_outside_braces(self.shards):
             path, _, w = part.rpartition("@")
             try:  # an "@" not followed by a number belongs to the path (user@host in a URL)
-                out.append((path, float(w)))
+                weight = float(w)
             except ValueError:
-                out.append((part, None))
-        return [(p, w) for p, w in out if p]
+                path, weight = part, None
+            out += [(p, weight) for p in braceexpand(path) if p]
+        return out
 
     def sets(self) -> List[str]:
         return [p for p, _ in self.weighted()]
@@ -58,6 +62,25 @@ class DataConfig:
         return None if all(w is None for w in ws) else [1.0 if w is None else w for w in ws]
     shuffle_buffer: int = 256
     flip: float = 0.5  # probability of training on the stored flipped latent (when the set has them)
+
+
+def _split_outside_braces(text: str) -> List[str]:
+    """Split on commas that are not inside {...} (brace patterns use commas too)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return [p for p in parts if p]
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
 
 
 @dataclass
@@ -154,7 +177,7 @@ class TrainConfig:
         if not all(w is None or (math.isfinite(w) and w > 0) for _, w in weighted):
             p.append("config key 'data.shards': set weights must be positive numbers")
         for path, _ in weighted:
-            if "://" not in path and not os.path.isdir(path):
+            if not _is_remote(path) and not os.path.isdir(path):
                 p.append(f"config key 'data.shards': no such folder: {path}")
         if not self.out.dir:
             p.append("config key 'out.dir' is required")

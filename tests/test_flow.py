@@ -87,3 +87,24 @@ def test_model_latents_sample_the_posterior_then_shift_and_scale():
     got = flow.model_latents(mean, std, g, shift_factor=0.0609, scaling_factor=1.5305)
     eps = torch.randn((2, 3), generator=torch.Generator().manual_seed(3))
     assert torch.allclose(got, (0.5 + 0.25 * eps - 0.0609) * 1.5305)
+
+
+def test_loss_change_at_equal_sigma_is_not_fooled_by_timestep_luck(tmp_path):
+    import json
+
+    from train.plot import change_at_equal_sigma, loss_by_sigma_png
+
+    lines = []
+    for step in range(1, 11):
+        late = step > 5
+        # Loss grows with sigma; the late half draws more high-sigma samples but is better at every sigma.
+        sigmas = [0.15, 0.85, 0.85] if late else [0.15, 0.15, 0.85]
+        losses = [(0.5 if late else 1.0) * (1 + 4 * s) for s in sigmas]
+        lines.append({"step": step, "sigmas": sigmas, "losses": losses})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 11, "sigm')  # a torn last line
+    raw_first = sum(sum(x["losses"]) for x in lines[:5]) / 15
+    raw_last = sum(sum(x["losses"]) for x in lines[5:]) / 15
+    assert raw_last > 0.6 * raw_first  # the raw mean barely moves...
+    assert change_at_equal_sigma(str(path)) == pytest.approx(-0.5)  # ...the loss at equal sigma halved
+    assert loss_by_sigma_png(str(path), str(tmp_path / "p.png")) is not None

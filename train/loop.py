@@ -22,7 +22,7 @@ from . import checkpoint
 from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME, save_lora
 from .optim import Ema, make_optimizer, make_schedule
 from .model import add_lora, check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
-from .plot import loss_by_sigma_png, loss_curve_png
+from .plot import change_at_equal_sigma, loss_by_sigma_png, loss_curve_png
 from .sampling import generate, load_vae_decoder, save_grid
 
 # What the trainer reads from a pipeline folder: never a text encoder.
@@ -425,8 +425,10 @@ def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds
             save_lora(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_WEIGHT_NAME)
     curve = loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
     by_sigma = loss_by_sigma_png(metrics_path, os.path.join(cfg.out.dir, "loss_by_sigma.png"))
+    change = change_at_equal_sigma(metrics_path)
     tenth = max(1, len(history) // 10)
     result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "loss_by_sigma": by_sigma,
+              "loss_change_at_equal_sigma": change,
               "samples": last_samples,
               "steps": len(history),
               "first_loss": sum(history[:tenth]) / tenth if history else float("nan"),
@@ -465,7 +467,9 @@ def summary(r: dict) -> str:
     lines = [f"LoRA: {r['lora']}",
              f"  {r['steps']} steps, {r['mean_step_seconds'] * 1000:.0f} ms/step ({r['samples_per_second']:.2f} samples/s), "
              f"{r['seconds']:.1f} s in all, "
-             f"mean loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last tenth of the steps)",
+             f"mean loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last tenth of the steps)"
+             + (f"; at equal sigma the second half's loss is {r['loss_change_at_equal_sigma']:+.1%} vs the first"
+                if r.get("loss_change_at_equal_sigma") is not None else ""),
              f"  metrics: {r['metrics']}   loss curves: {r['loss_curve']}, {r['loss_by_sigma']}"]
     if r["samples"]:
         lines.append(f"  validation images: {r['samples']}")

@@ -44,16 +44,17 @@ def loss_curve_png(losses: List[float], path: str, size=(800, 400)) -> Optional[
     return path
 
 
-def loss_by_sigma_png(metrics_path: str, path: str, bins: int = 10, size=(800, 400)) -> Optional[str]:
-    """Mean per-sample loss in σ bins, first half of training vs second half: where the LoRA learned.
-
-    The per-step loss mixes noise levels; binning by σ separates learning from timestep luck."""
+def _halves_by_sigma(metrics_path: str, bins: int):
+    """Mean per-sample loss per σ bin, for the first and the second half of the logged steps."""
     import json
 
     rows = []
     with open(metrics_path) as f:
         for line in f:
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
             rows += [(r["step"], s, l) for s, l in zip(r.get("sigmas", []), r.get("losses", []))]
     if len(rows) < 2:
         return None
@@ -69,9 +70,34 @@ def loss_by_sigma_png(metrics_path: str, path: str, bins: int = 10, size=(800, 4
             b = min(bins - 1, int(s * bins))
             acc[b][0] += l
             acc[b][1] += 1
-        return [a / n if n else None for a, n in acc]
+        return [(a / n, n) if n else None for a, n in acc]
 
-    series = [means(h) for h in halves]
+    return [means(h) for h in halves]
+
+
+def change_at_equal_sigma(metrics_path: str, bins: int = 10) -> Optional[float]:
+    """Relative change of the loss from the first to the second half of training, compared within σ bins
+    (weighted by samples): unlike the raw per-step loss, not swayed by which timesteps were drawn."""
+    halves = _halves_by_sigma(metrics_path, bins)
+    if not halves:
+        return None
+    num = den = 0.0
+    for a, b in zip(*halves):
+        if a and b and a[0] > 0:
+            n = min(a[1], b[1])
+            num += n * (b[0] - a[0]) / a[0]
+            den += n
+    return num / den if den else None
+
+
+def loss_by_sigma_png(metrics_path: str, path: str, bins: int = 10, size=(800, 400)) -> Optional[str]:
+    """Mean per-sample loss in σ bins, first half of training vs second half: where the LoRA learned.
+
+    The per-step loss mixes noise levels; binning by σ separates learning from timestep luck."""
+    halves = _halves_by_sigma(metrics_path, bins)
+    if not halves:
+        return None
+    series = [[m[0] if m else None for m in h] for h in halves]
     values = [v for ser in series for v in ser if v is not None]
     if not values:
         return None

@@ -60,7 +60,7 @@ demo: $(STAMP)
 	@echo "  sample dataset      $(SAMPLE_DATA)/"
 	@echo "  shard set           build/shards/   (python -m shards inspect build/shards)"
 	@echo "  LoRA                build/train/pytorch_lora_weights.safetensors"
-	@echo "  loss curve          build/train/loss.png   (per step: build/train/metrics.jsonl)"
+	@echo "  loss curves         build/train/loss.png, build/train/loss_by_sigma.png   (per step: build/train/metrics.jsonl)"
 	@echo "  validation images   build/train/samples/"
 	@echo "  merged pipeline     build/merged/   (StableDiffusion3Pipeline.from_pretrained)"
 

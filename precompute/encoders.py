@@ -1,7 +1,7 @@
 """CLIP-L, CLIP-G, T5 and the VAE encoder, computing exactly what StableDiffusion3Pipeline computes."""
 import json
 import os
-from typing import List, Optional
+from typing import List
 
 import torch
 

@@ -9,7 +9,6 @@ the real 8x downsampling and SD3's scaling/shift factors, and a shift-3 flow-mat
 """
 import argparse
 import io
-import json
 import os
 import shutil
 import tempfile

@@ -12,7 +12,7 @@ import warnings
 from typing import Callable, List, Sequence, Type, TypeVar
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import DataError, UsageError
 

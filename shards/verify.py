@@ -97,7 +97,7 @@ def inspect(path: str) -> str:
         f"{sum(s['bytes'] for s in m['shards']) / max(1, sum(s['samples'] for s in m['shards'])) / 1e3:.1f} kB per sample)",
         f"latents     {m['latent_channels']} channels, scale {m['vae']['scaling_factor']}, shift {m['vae']['shift_factor']}",
         f"text        {emb['clip_tokens']}+{m['max_sequence_length']} tokens x {emb['prompt_embeds_dim']}, pooled {emb['pooled_dim']}",
-        f"encoders    " + ", ".join(f"{k}={v}" for k, v in m["precisions"].items())
+        "encoders    " + ", ".join(f"{k}={v}" for k, v in m["precisions"].items())
         + (", flipped latents" if m.get("flipped_latents") else ""),
         "buckets     " + ", ".join(f"{b}: {n}" for b, n in m["buckets"].items()),
         f"validation  {len(m['extras'].get('validation_prompts', []))} prompts",

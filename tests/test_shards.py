@@ -1,5 +1,4 @@
 """Shard set format v1: round trip, manifest fields, verification, refusing broken sets."""
-import json
 import os
 import shutil
 import tarfile

@@ -122,7 +122,7 @@ def test_lr_schedules():
 
 
 def test_validation_images_change_as_the_lora_learns(tiny_model, shard_set_fp32, tmp_path):
-    r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=10", "validation.enabled=true",
+    _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=10", "validation.enabled=true",
                       "validation.every=5", "validation.steps=3", "train.lr=1e-2"))
     a = Image.open(tmp_path / "samples" / "step-000005.png")
     b = Image.open(tmp_path / "samples" / "step-000010.png")

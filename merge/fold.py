@@ -27,8 +27,8 @@ class FoldResult:
     files: List[str]  # weight files written (no index), relative to the output transformer folder
 
 
-def base_tensor_files(transformer_dir: str) -> Dict[str, str]:
-    """Tensor name -> file holding it, for a single-file or sharded diffusers transformer folder."""
+def base_tensor_files(transformer_dir: str, what: str = "base transformer") -> Dict[str, str]:
+    """Tensor name -> file holding it, for a single-file or sharded diffusers model folder (`what`, for messages)."""
     index = os.path.join(transformer_dir, INDEX_NAME)
     single = os.path.join(transformer_dir, WEIGHTS_NAME)
     try:
@@ -41,9 +41,9 @@ def base_tensor_files(transformer_dir: str) -> Dict[str, str]:
                 where = {name: single for name in f.keys()}
         else:
             raise DataError(f"{transformer_dir} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}; "
-                            "merge needs the base transformer in safetensors")
+                            f"merge needs the {what} in safetensors")
     except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
-        raise DataError(f"cannot read the base transformer in {transformer_dir}: {e!r}") from None
+        raise DataError(f"cannot read the {what} in {transformer_dir}: {e!r}") from None
     for file in sorted(set(where.values())):
         if not os.path.isfile(file):
             raise DataError(f"{index} names {os.path.basename(file)}, which is not in {transformer_dir}")

@@ -14,6 +14,15 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
+def is_release(out_dir: str, entries: Sequence[str]) -> bool:
+    """A diffusers pipeline folder, or a folder holding only a single file that merge wrote (out.format=single_file)."""
+    if PIPELINE_MARKER in entries:
+        return True
+    from .single_file import is_single_file_release
+
+    return len(entries) == 1 and is_single_file_release(os.path.join(out_dir, entries[0]))
+
+
 def check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence[str] = ()) -> None:
     """Refuse before any work an out.dir that would lose data or nest releases inside an input."""
     for p in inputs:
@@ -26,10 +35,10 @@ def check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence[str] = ()) -> 
     except OSError as e:
         raise UsageError(f"out.dir '{out_dir}' cannot be read: {e.strerror}") from None
     # Overwrite exists to redo a release; a folder of anything else is the user's and is never deleted.
-    if entries and PIPELINE_MARKER not in entries:
+    if entries and not is_release(out_dir, entries):
         raise UsageError(f"out.dir '{out_dir}' holds other files (it is not a diffusers pipeline folder: no "
-                         f"{PIPELINE_MARKER}); out.overwrite=true only replaces an earlier release, so choose "
-                         "another out.dir")
+                         f"{PIPELINE_MARKER}, nor a single-file release of this stage); out.overwrite=true only "
+                         "replaces an earlier release, so choose another out.dir")
     if entries and not overwrite:
         raise UsageError(f"out.dir '{out_dir}' already exists and is not empty; choose another out.dir "
                          "or set out.overwrite=true to replace it")

@@ -1,0 +1,188 @@
+"""out.format=single_file: the merged transformer as one safetensors file in the original SD3 checkpoint layout,
+checked against diffusers' own converter and loader (SD3 Medium layout and SD3.5 Medium's qk-norm + attn2)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from merge.sd3_keys import PREFIX, VAE_PREFIX, original_name, plan, to_original, vae_to_original
+from merge.single_file import SINGLE_FILE_METADATA
+from shards.errors import DataError
+from test_merge import _run, make_lora, merge, merged_weights
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+LAYOUTS = {"sd3": {}, "sd35": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}}
+
+
+@pytest.fixture(scope="session", params=sorted(LAYOUTS))
+def base(request, tmp_path_factory):
+    from precompute.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp(f"sf-{request.param}") / "tiny-sd3"), **LAYOUTS[request.param])
+
+
+@pytest.fixture(scope="session")
+def lora(base, tmp_path_factory):
+    return make_lora(base, tmp_path_factory.mktemp("sf-lora"))
+
+
+def base_weights(model):
+    return load_file(os.path.join(model, "transformer", WEIGHTS))
+
+
+def single_file(out, name="model"):
+    return os.path.join(out, f"{name}.safetensors")
+
+
+# (1) diffusers -> original (ours) -> diffusers (diffusers' converter) gives back every tensor exactly.
+def test_round_trip_through_diffusers_converter(base):
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    sd = base_weights(base)
+    orig = to_original(sd)
+    assert all(k.startswith(PREFIX) for k in orig)
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(orig))
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    # The converter ignores unknown keys: make sure we wrote nothing it does not read, and the rules by hand.
+    assert len(orig) == len(plan(sd)) == len(sd) - 2 * 2 * sum(k.endswith("to_q.weight") or k.endswith(
+        "add_q_proj.weight") for k in sd)
+    qkv = orig[PREFIX + "joint_blocks.0.x_block.attn.qkv.weight"]
+    assert torch.equal(qkv, torch.cat([sd[f"transformer_blocks.0.attn.to_{p}.weight"] for p in "qkv"]))
+    norm_out = sd["norm_out.linear.weight"]
+    half = norm_out.shape[0] // 2
+    assert torch.equal(orig[PREFIX + "final_layer.adaLN_modulation.1.weight"],
+                       torch.cat([norm_out[half:], norm_out[:half]]))
+    last = sd["transformer_blocks.1.norm1_context.linear.bias"]
+    assert torch.equal(orig[PREFIX + "joint_blocks.1.context_block.adaLN_modulation.1.bias"],
+                       torch.cat([last[half:], last[:half]]))
+    assert torch.equal(orig[PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias"],
+                       sd["transformer_blocks.0.norm1_context.linear.bias"])
+
+
+# (2) diffusers' from_single_file loads our merged file to exactly the weights of our merged diffusers release.
+def test_from_single_file_equals_merged_diffusers_release(base, lora, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    folder = merge(base, lora, tmp_path / "diffusers")
+    out = merge(base, lora, tmp_path / "single", "out.format=single_file")
+    assert os.listdir(out) == ["model.safetensors"]
+    expected = merged_weights(folder)
+    base_sd = base_weights(base)
+    assert sum(not torch.equal(expected[k], base_sd[k]) for k in base_sd) >= 15  # the LoRA changed the weights
+    model = SD3Transformer2DModel.from_single_file(single_file(out), config=base, subfolder="transformer",
+                                                   local_files_only=True, torch_dtype=torch.float32)
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    with safe_open(single_file(out), framework="pt") as f:
+        assert f.metadata() == SINGLE_FILE_METADATA
+
+
+def test_vae_round_trip_through_diffusers_converter(base):
+    import json
+
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    sd = load_file(os.path.join(base, "vae", WEIGHTS))
+    orig = vae_to_original(sd)
+    assert all(k.startswith(VAE_PREFIX) for k in orig) and len(orig) == len(sd)
+    assert orig[VAE_PREFIX + "decoder.mid.attn_1.q.weight"].dim() == 4  # the LDM's 1x1 convolutions
+    assert VAE_PREFIX + "decoder.up.0.block.0.conv1.weight" in orig
+    config = json.loads(Path(base, "vae", "config.json").read_text())
+    back = convert_ldm_vae_checkpoint(dict(orig), config)
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+# out.include=[vae]: one file that diffusers loads both the merged transformer and the base VAE from.
+def test_single_file_with_vae_loads_in_diffusers(base, lora, tmp_path):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    folder = merge(base, lora, tmp_path / "diffusers")
+    out = merge(base, lora, tmp_path / "single", "out.format=single_file", "out.include=[vae]")
+    with safe_open(single_file(out), framework="pt") as f:
+        keys = list(f.keys())
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model"}
+    got = SD3Transformer2DModel.from_single_file(single_file(out), config=base, subfolder="transformer",
+                                                 local_files_only=True, torch_dtype=torch.float32).state_dict()
+    expected = merged_weights(folder)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    vae = AutoencoderKL.from_single_file(single_file(out), config=base, subfolder="vae", local_files_only=True,
+                                         torch_dtype=torch.float32).state_dict()
+    base_vae = load_file(os.path.join(base, "vae", WEIGHTS))
+    assert vae.keys() == base_vae.keys() and all(torch.equal(vae[k], base_vae[k]) for k in base_vae)
+
+
+def test_out_dtype_and_rerun_bytes(base, lora, tmp_path):
+    a = merge(base, lora, tmp_path / "a", "out.format=single_file", "out.dtype=bf16", "out.name=mine")
+    b = merge(base, lora, tmp_path / "b", "out.format=single_file", "out.dtype=bf16", "out.name=mine.safetensors")
+    assert Path(single_file(a, "mine")).read_bytes() == Path(single_file(b, "mine")).read_bytes()
+    assert {t.dtype for t in load_file(single_file(a, "mine")).values()} == {torch.bfloat16}
+
+
+def test_unknown_tensor_is_refused():
+    with pytest.raises(DataError, match="transformer_blocks.0.attn.to_nowhere.weight"):
+        original_name("transformer_blocks.0.attn.to_nowhere.weight", 2)
+    with pytest.raises(DataError, match="q, k and v"):
+        plan(["transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_k.weight"])
+
+
+# (3) end to end through the real entry point, and its errors.
+def test_command_line_single_file(base, lora, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "merge", f"model.path={base}", f"lora.path={lora}", f"out.dir={out}",
+           "out.format=single_file", "out.name=release"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(out) == ["release.safetensors"] and os.path.join(str(out), "release.safetensors") in p.stdout
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    # A rerun is refused without out.overwrite=true and replaces the earlier single-file release with it.
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 2 and "out.overwrite=true" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run(cmd + ["out.overwrite=true"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    # The diffusers format may replace a single-file release too (both are this stage's releases).
+    assert merge(base, lora, out, "out.overwrite=true") and (out / "model_index.json").is_file()
+
+
+def test_overwrite_never_deletes_a_users_safetensors_file(base, lora, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file({"x": torch.zeros(2)}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    argv = [f"model.path={base}", f"lora.path={lora}", f"out.dir={out}", "out.format=single_file",
+            "out.overwrite=true"]
+    code, line = _run(argv, capsys)
+    assert code == 2 and "holds other files" in line, line
+    assert os.listdir(out) == ["model.safetensors"] and list(load_file(str(out / "model.safetensors"))) == ["x"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["out.format=ckpt"], ["out.format", "ckpt", "diffusers, single_file"]),
+    (["out.format=single_file", "out.name=a/b"], ["out.name", "a/b"]),
+    (["out.format=single_file", "out.name=.hidden"], ["out.name"]),
+    (["out.format=single_file", "out.name="], ["out.name"]),
+    (["out.include=[vae]"], ["out.include", "out.format=single_file"]),
+    (["out.format=single_file", "out.include=[clip_l]"], ["out.include", "clip_l"]),
+])
+def test_bad_values_are_one_line_usage_errors(base, lora, tmp_path, capsys, args, words):
+    code, line = _run([f"model.path={base}", f"lora.path={lora}", f"out.dir={tmp_path / 'out'}", *args], capsys)
+    assert code == 2 and line.startswith("merge: error: ") and all(w in line for w in words), line
+    assert os.listdir(tmp_path) == []
+
+
+def test_non_finite_result_leaves_nothing(base, lora, tmp_path, capsys):
+    argv = [f"model.path={base}", f"lora.path={lora}", f"out.dir={tmp_path / 'out'}", "out.format=single_file",
+            "lora.scale=1e39"]
+    code, line = _run(argv, capsys)
+    assert code == 1 and "non-finite" in line, line
+    assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""Reading a diffusers/peft SD3 transformer LoRA file: its modules, ranks and per-module scales."""
+"""Reading an SD3 transformer LoRA file (diffusers/peft, or kohya via merge/kohya.py): modules, ranks, scales."""
 import json
 import math
 import os
@@ -62,12 +62,14 @@ def split_key(key: str) -> Optional[Tuple[str, str]]:
     return None
 
 
-def _key_error(path: str, key: str) -> DataError:
+def key_error(path: str, key: str, kohya: bool = False) -> DataError:
     if key.startswith(TEXT_ENCODER_PREFIXES):
         return DataError(f"{path}: '{key}' is a text encoder LoRA weight; merging text encoder LoRAs is not "
                         "supported yet (only transformer LoRAs are)")
-    if key.startswith("lora_unet_"):
-        return DataError(f"{path}: '{key}' is a kohya-format key; merge reads diffusers/peft LoRA files only so far")
+    if kohya:
+        return DataError(f"{path}: '{key}' is not a kohya SD3 transformer LoRA weight (expected "
+                        "lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha); a file cannot mix "
+                        "kohya and diffusers keys")
     return DataError(f"{path}: '{key}' is not a transformer LoRA weight (expected "
                     "transformer.<module>.lora_A.weight / .lora_B.weight; DoRA and LoRA biases are not supported)")
 
@@ -112,6 +114,20 @@ def module_scale(config: Optional[dict], module: str, rank: int, scale: float, p
     return scale * float(alpha) / divisor
 
 
+def checked_pair(path: str, name: str, down: torch.Tensor, up: torch.Tensor,
+                 a: str = "lora_A", b: str = "lora_B") -> Tuple[torch.Tensor, torch.Tensor]:
+    """down, up after checking they are one linear LoRA's two finite matrices."""
+    if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+        raise DataError(f"{path}: module '{name}' has {a} {tuple(down.shape)} and {b} {tuple(up.shape)}, "
+                        "which are not the two matrices of one linear LoRA")
+    for part, t in ((a, down), (b, up)):
+        # Checked here, as folding would blame lora.scale or out.dtype for it.
+        if not torch.isfinite(t).all():
+            raise DataError(f"{path}: module '{name}' {part} holds non-finite values "
+                            "(the LoRA itself is broken: retrain it)")
+    return down, up
+
+
 def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
     """Every transformer LoRA module in a .safetensors file, by module name, with its final scale."""
     try:
@@ -122,11 +138,15 @@ def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
         raise DataError(f"cannot read LoRA file {path}: {e}") from None
     if not tensors:
         raise DataError(f"{path}: the LoRA file holds no tensors")
+    from .kohya import is_kohya, kohya_modules  # kohya.py builds on this module
+
+    if is_kohya(tensors):  # kohya files carry their alphas as tensors; the header plays no part
+        return kohya_modules(tensors, path, scale)
     parts: Dict[str, Dict[str, Tuple[str, torch.Tensor]]] = {}
     for key in sorted(tensors):
         split = split_key(key)
         if split is None:
-            raise _key_error(path, key)
+            raise key_error(path, key)
         module, part = split
         seen = parts.setdefault(module, {})
         if part in seen:  # the same module under two prefixes would be folded twice
@@ -139,14 +159,6 @@ def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise DataError(f"{path}: module '{name}' has no {missing} weight")
-        down, up = ab["A"][1], ab["B"][1]
-        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
-            raise DataError(f"{path}: module '{name}' has lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)}, "
-                            "which are not the two matrices of one linear LoRA")
-        for part, t in (("lora_A", down), ("lora_B", up)):
-            # Checked here, as folding would blame lora.scale or out.dtype for it.
-            if not torch.isfinite(t).all():
-                raise DataError(f"{path}: module '{name}' {part} holds non-finite values "
-                                "(the LoRA itself is broken: retrain it)")
+        down, up = checked_pair(path, name, ab["A"][1], ab["B"][1])
         modules[name] = LoraModule(name, down, up, module_scale(config, name, down.shape[0], scale, path))
     return modules

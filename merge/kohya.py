@@ -1,0 +1,207 @@
+"""kohya-format SD3 LoRAs (what ComfyUI / Forge / sd-scripts use) <-> diffusers/peft SD3 transformer LoRAs.
+
+kohya keys are `lora_unet_<original SD3 module, '.' -> '_'>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+(scale alpha / rank; no alpha means alpha = rank), with the original single-file module names of
+merge/sd3_keys.py, e.g. `lora_unet_joint_blocks_0_x_block_attn_qkv`.
+
+- A diffusers q/k/v triple becomes one fused qkv LoRA: down = cat(A_q, A_k, A_v), up = block-diagonal of
+  B_q, B_k, B_v, each B multiplied by its scale over the fused scale (1 when all three scales agree, as in
+  any peft LoRA without per-module alphas). The fused alpha is scale * fused rank, so a triple of rank r and
+  alpha a becomes rank 3r, alpha 3a, and up @ down * scale holds exactly the three deltas. A triple with
+  a member missing gets zero rows for it.
+- A fused kohya qkv LoRA of rank R becomes three diffusers LoRAs of rank R sharing its down, with the
+  three row blocks of up and its alpha: the same deltas, exactly.
+- The adaLN modulations the original stores as (shift, scale) (`final_layer.adaLN_modulation.1` and the
+  last block's `context_block.adaLN_modulation.1`) have their up rows swapped, like the base weights. The
+  last block is recognised by shape: its context modulation (an AdaLayerNormContinuous) has 2 outputs per
+  input, every other block's (AdaLayerNormZero) 6.
+
+Not read: the split-qkv variants some trainers write (separate q/k/v LoRAs under original names); a
+file with them is refused with the key named.
+"""
+import json
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from shards.errors import DataError
+
+from .lora import PEFT_DEFAULT_ALPHA, LoraModule, checked_pair, key_error
+from .sd3_keys import _BLOCK, _QKV, _TOP, CAT, COPY, SWAP, original_name, swap_halves
+
+KOHYA_PREFIX = "lora_unet_"
+_PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+# Original module paths (no prefix) -> (diffusers module path or q/k/v paths, rule), by kohya name.
+_KOHYA_TOP = {orig.replace(".", "_"): (orig, diff, rule) for diff, (orig, rule) in _TOP.items()}
+_KOHYA_BLOCK = {orig.replace(".", "_"): (orig, diff, COPY) for diff, orig in _BLOCK.items()}
+_KOHYA_BLOCK.update({fused.replace(".", "_"): (fused, parts, CAT) for parts, fused in _QKV.values()})
+_KOHYA_BLOCK_RE = re.compile(r"joint_blocks_(\d+)_(.+)")
+
+
+def is_kohya(keys) -> bool:
+    return any(k.startswith(KOHYA_PREFIX) for k in keys)
+
+
+def kohya_name(original: str) -> str:
+    """'joint_blocks.0.x_block.attn.qkv' -> 'lora_unet_joint_blocks_0_x_block_attn_qkv'."""
+    return KOHYA_PREFIX + original.replace(".", "_")
+
+
+def _is_last_context_modulation(module: str, down: torch.Tensor, up: torch.Tensor) -> bool:
+    return module.endswith("norm1_context.linear") and up.shape[0] == 2 * down.shape[1]
+
+
+def parse_kohya_module(name: str) -> Tuple[str, object, str]:
+    """kohya module name (no part suffix) -> (original module, diffusers module or (q, k, v) modules, rule).
+
+    The rule is COPY, SWAP or CAT; the last block's context modulation is COPY here (see module docs)."""
+    rest = name[len(KOHYA_PREFIX):]
+    if rest in _KOHYA_TOP:
+        return _KOHYA_TOP[rest]
+    m = _KOHYA_BLOCK_RE.fullmatch(rest)
+    if m and m.group(2) in _KOHYA_BLOCK:
+        i = m.group(1)
+        orig, diff, rule = _KOHYA_BLOCK[m.group(2)]
+        if rule == CAT:
+            return f"joint_blocks.{i}.{orig}", tuple(f"transformer_blocks.{i}.{p}" for p in diff), CAT
+        return f"joint_blocks.{i}.{orig}", f"transformer_blocks.{i}.{diff}", rule
+    raise DataError(f"'{name}' is not an SD3 transformer module kohya LoRAs use (expected names like "
+                    "lora_unet_joint_blocks_0_x_block_attn_qkv; split-qkv kohya LoRAs are not supported)")
+
+
+def kohya_modules(tensors: Dict[str, torch.Tensor], path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
+    """A kohya SD3 LoRA state dict as diffusers-named LoraModules (scale = lora scale * alpha / rank)."""
+    groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key in sorted(tensors):
+        part = next((p for p in _PARTS if key.endswith(p)), None)
+        if not key.startswith(KOHYA_PREFIX) or part is None:
+            if key.startswith(KOHYA_PREFIX):
+                raise DataError(f"{path}: '{key}' is not a kohya LoRA weight (expected .lora_down.weight, "
+                                ".lora_up.weight or .alpha; DoRA, LoHa and LoKr are not supported)")
+            raise key_error(path, key, kohya=True)
+        groups.setdefault(key[: -len(part)], {})[part] = tensors[key]
+    modules: Dict[str, LoraModule] = {}
+    for name, parts in groups.items():
+        try:
+            _, diff, rule = parse_kohya_module(name)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+        for needed in _PARTS[:2]:
+            if needed not in parts:
+                raise DataError(f"{path}: kohya module '{name}' has no {needed[1:]}")
+        down, up = checked_pair(path, name, parts[".lora_down.weight"], parts[".lora_up.weight"], "lora_down", "lora_up")
+        rank = down.shape[0]
+        alpha = parts.get(".alpha")
+        if alpha is not None:
+            if alpha.numel() != 1 or not torch.isfinite(alpha).all():
+                raise DataError(f"{path}: kohya module '{name}' has an alpha that is not one finite number")
+            alpha = float(alpha.float().reshape(()))
+        s = scale * (rank if alpha is None else alpha) / rank
+        if rule == CAT:
+            if up.shape[0] % 3:
+                raise DataError(f"{path}: kohya module '{name}' has lora_up {tuple(up.shape)}, which has no "
+                                "q, k, v row blocks")
+            for sub, block in zip(diff, up.chunk(3, dim=0)):
+                modules[sub] = LoraModule(sub, down, block.contiguous(), s)
+            continue
+        if rule == SWAP or _is_last_context_modulation(diff, down, up):
+            if up.shape[0] % 2:
+                raise DataError(f"{path}: kohya module '{name}' has lora_up {tuple(up.shape)}, which has no "
+                                "(shift, scale) halves")
+            up = swap_halves(up).contiguous()
+        modules[diff] = LoraModule(diff, down, up, s)
+    return dict(sorted(modules.items()))
+
+
+def _to_original(module: str) -> Tuple[str, str, Optional[int]]:
+    try:
+        orig, rule, pos = original_name(module + ".weight", 0)
+    except DataError:
+        raise DataError(f"the LoRA module '{module}' has no place in the original SD3 layout kohya LoRAs "
+                        "use") from None
+    return orig[: -len(".weight")], rule, pos
+
+
+def to_kohya(modules: Dict[str, LoraModule]) -> Dict[str, torch.Tensor]:
+    """diffusers-named LoraModules (scale = alpha / rank, e.g. read_lora(path)) -> a kohya state dict."""
+    singles: List[Tuple[str, LoraModule, str]] = []
+    fused: Dict[str, List[Optional[LoraModule]]] = {}
+    for name, mod in sorted(modules.items()):
+        orig, rule, pos = _to_original(name)
+        if rule == CAT:
+            fused.setdefault(orig, [None, None, None])[pos] = mod
+        else:
+            if _is_last_context_modulation(name, mod.down, mod.up):
+                rule = SWAP
+            singles.append((orig, mod, rule))
+    out: Dict[str, torch.Tensor] = {}
+    for orig, mod, rule in singles:
+        up = swap_halves(mod.up).contiguous() if rule == SWAP else mod.up
+        _put(out, kohya_name(orig), mod.down, up, mod.scale)
+    for orig, parts in fused.items():
+        present = [p for p in parts if p is not None]
+        dtypes = {t.dtype for p in present for t in (p.down, p.up)}
+        if len(dtypes) > 1 or len({p.down.shape[1] for p in present}) > 1:
+            raise DataError(f"the q, k, v LoRAs of '{orig}' differ in dtype or input width and cannot be fused")
+        dtype, height = dtypes.pop(), present[0].up.shape[0]
+        scale = present[0].scale
+        down = torch.cat([p.down for p in present], dim=0)
+        up = torch.zeros(height * 3, down.shape[0], dtype=dtype)
+        col = 0
+        for i, p in enumerate(parts):
+            if p is None:
+                continue
+            if p.up.shape[0] != height:
+                raise DataError(f"the q, k, v LoRAs of '{orig}' have different output widths and cannot be fused")
+            r = p.down.shape[0]
+            block = p.up if p.scale == scale else (p.up.float() * (p.scale / scale)).to(dtype)
+            up[i * height:(i + 1) * height, col:col + r] = block
+            col += r
+        _put(out, kohya_name(orig), down, up, scale)
+    return dict(sorted(out.items()))
+
+
+def _put(out, name, down, up, scale):
+    out[f"{name}.lora_down.weight"] = down.contiguous()
+    out[f"{name}.lora_up.weight"] = up.contiguous()
+    out[f"{name}.alpha"] = torch.tensor(scale * down.shape[0], dtype=torch.float32)
+
+
+def to_diffusers(modules: Dict[str, LoraModule]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """LoraModules -> (diffusers state dict, safetensors header) loadable by load_lora_weights.
+
+    The most common rank and alpha become r / lora_alpha; other modules go into rank_pattern / alpha_pattern."""
+    if not modules:
+        raise DataError("the LoRA holds no transformer modules")
+    state: Dict[str, torch.Tensor] = {}
+    ranks, alphas = {}, {}
+    for name, mod in sorted(modules.items()):
+        state[f"transformer.{name}.lora_A.weight"] = mod.down.clone()  # fused q, k, v share one down
+        state[f"transformer.{name}.lora_B.weight"] = mod.up.clone()
+        ranks[name] = mod.down.shape[0]
+        alpha = mod.scale * ranks[name]
+        alphas[name] = int(alpha) if float(alpha).is_integer() else alpha
+
+    def common(values):
+        counts: Dict[object, int] = {}
+        for v in values.values():
+            counts[v] = counts.get(v, 0) + 1
+        return max(counts, key=lambda v: (counts[v], v))
+
+    r, lora_alpha = common(ranks), common(alphas)
+    config = {
+        "r": r,
+        "lora_alpha": lora_alpha if ranks else PEFT_DEFAULT_ALPHA,
+        "target_modules": sorted(modules),
+        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {k: v for k, v in alphas.items() if v != lora_alpha},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+    }
+    meta = {f"transformer.{k}": v for k, v in config.items()}
+    return state, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)}

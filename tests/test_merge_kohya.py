@@ -1,0 +1,163 @@
+"""kohya-format SD3 LoRAs: conversion both ways, merging them, loading the converted file in diffusers."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from merge.convert import convert
+from merge.sd3_keys import PREFIX, to_original
+from test_merge import R, TARGETS, WEIGHTS, latents, load_pipeline, make_lora, merge, merged_weights
+
+REPO = Path(__file__).resolve().parents[1]
+# Every block's context modulation (the last one is stored swapped) and the final one (swapped).
+ADALN = ["norm_out.linear", "norm1_context.linear"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from precompute.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("kohya") / "tiny-sd3"))
+
+
+@pytest.fixture(scope="module", params=["attn", "attn+adaln"])
+def lora(base, tmp_path_factory, request):
+    extra = {} if request.param == "attn" else {"target_modules": TARGETS + ADALN}
+    out = make_lora(base, tmp_path_factory.mktemp("lora"), **extra)
+    return os.path.join(out, "pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def kohya(lora, tmp_path_factory):
+    return convert(lora, str(tmp_path_factory.mktemp("k") / "lora_kohya.safetensors"), "kohya")
+
+
+@pytest.fixture(scope="module")
+def back(kohya, tmp_path_factory):
+    return convert(kohya, str(tmp_path_factory.mktemp("d")), "diffusers")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+# (a) diffusers -> kohya -> diffusers merges to the same weights; (b) so does the kohya file itself.
+def test_round_trip_and_kohya_merge_equal_the_original_merge(base, lora, kohya, back, tmp_path):
+    want = merged_weights(merge(base, lora, tmp_path / "orig"))
+    base_w = load_file(os.path.join(base, "transformer", WEIGHTS))
+    assert any(not torch.equal(want[k], base_w[k]) for k in want)
+    assert_same_weights(merged_weights(merge(base, back, tmp_path / "back")), want)
+    assert_same_weights(merged_weights(merge(base, kohya, tmp_path / "kohya")), want)
+
+
+def test_command_line_merges_a_kohya_file(base, lora, kohya, tmp_path):
+    run = lambda lp, out: subprocess.run([sys.executable, "-m", "merge", f"model.path={base}", f"lora.path={lp}",
+                                          f"out.dir={out}"], cwd=REPO, capture_output=True, text=True)
+    for lp, out in ((lora, tmp_path / "d"), (kohya, tmp_path / "k")):
+        r = run(lp, out)
+        assert r.returncode == 0, r.stderr
+    assert_same_weights(merged_weights(str(tmp_path / "k")), merged_weights(str(tmp_path / "d")))
+
+
+# (c) kohya names and fused shapes, and each kohya delta added to the ORIGINAL-layout base gives what the
+# single-file merge of the diffusers LoRA gives (checks names, qkv fusing and the adaLN swap independently).
+def test_kohya_keys_shapes_and_effect_in_original_layout(base, lora, kohya, tmp_path):
+    sd = load_file(kohya)
+    assert all(k.startswith("lora_unet_") for k in sd)
+    base_w = load_file(os.path.join(base, "transformer", WEIGHTS))
+    inner = base_w["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    d_in = base_w["transformer_blocks.0.attn.to_q.weight"].shape[1]
+    for stream in ("x_block", "context_block"):
+        name = f"lora_unet_joint_blocks_0_{stream}_attn_qkv"
+        assert sd[f"{name}.lora_down.weight"].shape == (3 * R, d_in)
+        assert sd[f"{name}.lora_up.weight"].shape == (3 * inner, 3 * R)
+        assert float(sd[f"{name}.alpha"]) == 3 * 8
+        up = sd[f"{name}.lora_up.weight"]
+        assert torch.count_nonzero(up[:inner, R:]) == 0 and torch.count_nonzero(up[inner:2 * inner, :R]) == 0
+    assert float(sd["lora_unet_joint_blocks_0_x_block_attn_proj.alpha"]) == 8
+    assert not any("to_q" in k or "transformer_blocks" in k for k in sd)
+
+    orig = to_original(base_w)
+    out = merge(base, lora, tmp_path / "sf", "out.format=single_file")
+    want = load_file(os.path.join(out, "model.safetensors"))
+    names = {k[: -len(".alpha")] for k in sd if k.endswith(".alpha")}
+    for name in names:
+        key = PREFIX + name[len("lora_unet_"):] + ".weight"
+        key = next(k for k in orig if k.replace(".", "_") == key.replace(".", "_"))
+        down, up, alpha = (sd[f"{name}.{p}"] for p in ("lora_down.weight", "lora_up.weight", "alpha"))
+        got = orig[key] + float(alpha) / down.shape[0] * (up @ down)
+        torch.testing.assert_close(got, want[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+# (d) the converted-back file loads in diffusers and generates what the original LoRA does.
+def test_converted_back_file_loads_in_diffusers(base, lora, back):
+    with safe_open(back, framework="pt") as f:
+        assert "lora_adapter_metadata" in f.metadata()
+    pipe = load_pipeline(base)
+    pipe.load_lora_weights(os.path.dirname(lora), adapter_name="orig")
+    want = latents(pipe)
+    pipe.delete_adapters("orig")
+    plain = latents(pipe)
+    pipe.load_lora_weights(back, adapter_name="back")
+    got = latents(pipe)
+    assert (want - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _cli(args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "merge", "convert", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def test_command_line_convert(lora, tmp_path):
+    r = _cli([lora, tmp_path / "k.safetensors", "--to", "kohya"])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "k.safetensors").is_file()
+    r = _cli([tmp_path / "k.safetensors", tmp_path / "back", "--to=diffusers"])
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back" / "pytorch_lora_weights.safetensors").is_file()
+
+
+# (e) bad input: one line on stderr, exit 2 for usage, 1 for data; nothing written.
+@pytest.mark.parametrize("case, code, words", [
+    ("no_to", 2, ["--to"]),
+    ("bad_to", 2, ["--to", "comfy"]),
+    ("missing", 2, ["does not exist"]),
+    ("one_path", 2, ["IN and OUT"]),
+    ("exists", 2, ["exists", "--overwrite"]),
+    ("not_lora", 1, ["hada_w1_a", "not a kohya LoRA weight"]),
+    ("unknown_module", 1, ["_attn_nowhere", "not an SD3 transformer module"]),
+    ("garbage", 1, ["cannot read LoRA file"]),
+])
+def test_bad_convert_input_is_one_line(lora, kohya, tmp_path, case, code, words):
+    out = tmp_path / "out.safetensors"
+    src = tmp_path / "in.safetensors"
+    if case in ("not_lora", "unknown_module"):
+        sd = load_file(kohya)
+        if case == "not_lora":
+            sd["lora_unet_joint_blocks_0_x_block_attn_qkv.hada_w1_a"] = torch.zeros(2, 2)
+        else:
+            sd = {k.replace("attn_qkv", "attn_nowhere"): v for k, v in sd.items()}
+        save_file(sd, str(src))
+    elif case == "garbage":
+        src.write_bytes(b"not a safetensors file at all")
+    args = {"no_to": [lora, out], "bad_to": [lora, out, "--to", "comfy"],
+            "missing": [tmp_path / "nope.safetensors", out, "--to", "kohya"], "one_path": [lora, "--to", "kohya"],
+            "exists": [lora, out, "--to", "kohya"]}.get(case, [src, out, "--to", "diffusers"])
+    if case == "exists":
+        out.write_bytes(b"keep me")
+    r = _cli(args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and len(lines) == 1 and lines[0].startswith("merge convert: error: "), r.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    if case == "exists":
+        assert out.read_bytes() == b"keep me"
+    else:
+        assert not out.exists()

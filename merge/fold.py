@@ -11,12 +11,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from shards.errors import DataError
+from shards.format import TORCH_DTYPES
 
 from .lora import LoraModule
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OUT_DTYPES = TORCH_DTYPES
 FILE_METADATA = {"format": "pt"}  # what diffusers writes; nothing run-specific, so reruns give the same bytes
 
 

@@ -5,9 +5,8 @@ from typing import List
 
 import torch
 
+from shards.format import TORCH_DTYPES as _DTYPES
 from shards.modelpath import component_dir
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

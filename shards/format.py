@@ -1,4 +1,5 @@
 """Shard set format v1: names and fields shared by writer, reader and verifier (see DESIGN.md)."""
+import torch
 
 FORMAT_NAME = "shardtune-shards"
 FORMAT_VERSION = 1
@@ -24,7 +25,8 @@ MANIFEST_FIELDS = (
     "max_sequence_length", "precisions", "dtype", "buckets", "shards", "counts", "extras", "config",
 )
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# The storage / precision names every stage accepts.
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def producer() -> str:

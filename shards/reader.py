@@ -17,16 +17,16 @@ from . import format as F
 from .errors import DataError, UsageError
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
 def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name if _is_url(base) else os.path.join(base, name)
+    return base.rstrip("/") + "/" + name if is_url(base) else os.path.join(base, name)
 
 
 def _open(path: str):
-    if _is_url(path):
+    if is_url(path):
         from webdataset.gopen import gopen
         return gopen(path, "rb")
     return open(path, "rb")
@@ -45,7 +45,7 @@ def _read_bytes(path: str) -> bytes:
 def read_manifest(path_or_url: str) -> dict:
     """The manifest of a complete shard set; a set without one is incomplete and refused."""
     where = _join(path_or_url, F.MANIFEST)
-    if not _is_url(path_or_url):
+    if not is_url(path_or_url):
         if not os.path.isdir(path_or_url):
             raise UsageError(f"no such shard set folder: {path_or_url}")
         if not os.path.exists(where):
@@ -73,7 +73,7 @@ def shard_urls(path_or_url: str, manifest: dict = None) -> List[str]:
 
 def check_shard_files(path: str, manifest: dict) -> None:
     """Cheap pre-flight check of a local set: every shard and the extras exist with the right size."""
-    if _is_url(path):
+    if is_url(path):
         return
     for s in manifest["shards"]:
         f = os.path.join(path, s["name"])

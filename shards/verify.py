@@ -5,7 +5,7 @@ from typing import List
 from . import format as F
 from .fingerprint import file_sha256
 from .errors import DataError
-from .reader import _decoded, _is_url, _join, read_extras, read_manifest, read_rejected
+from .reader import _decoded, is_url, _join, read_extras, read_manifest, read_rejected
 
 
 def expected_shapes(manifest: dict):
@@ -30,7 +30,7 @@ def verify(path: str, deep: bool = True) -> List[str]:
     excluded = manifest.get("excluded", {})
     for shard in manifest["shards"]:
         url = _join(path, shard["name"])
-        if not _is_url(path):
+        if not is_url(path):
             if not os.path.exists(url):
                 problems.append(f"{shard['name']}: missing")
                 continue
@@ -107,7 +107,7 @@ def inspect(path: str) -> str:
         lines.append(f"made in     {st['seconds']} s ({st.get('images_per_second', 0)} images/s encoding, "
                      f"{st.get('seconds_loading_models', 0)} s loading models, peak RSS {st.get('peak_rss_mb')} MB"
                      + (f", peak GPU {st['peak_gpu_mb']} MB" if "peak_gpu_mb" in st else "") + ")")
-    if not _is_url(path):
+    if not is_url(path):
         reasons = {}
         for r in read_rejected(path):
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1

@@ -21,7 +21,6 @@ from .atomic import write_bytes, write_json
 from .errors import UsageError
 from .fingerprint import file_sha256
 
-_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -43,9 +42,9 @@ def encode_sample(tensors: Dict[str, torch.Tensor], dtype: torch.dtype, metadata
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in _TORCH_DTYPES:
-        raise UsageError(f"shard dtype '{name}' is not one of {', '.join(_TORCH_DTYPES)}")
-    return _TORCH_DTYPES[name]
+    if name not in F.TORCH_DTYPES:
+        raise UsageError(f"shard dtype '{name}' is not one of {', '.join(F.TORCH_DTYPES)}")
+    return F.TORCH_DTYPES[name]
 
 
 def shard_name(index: int) -> str:

@@ -6,6 +6,7 @@ from typing import Any, List, Optional
 
 from shards.config import check, one_of, positive
 from shards.modelpath import check_model_path
+from shards.reader import is_url
 
 from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 
@@ -77,10 +78,6 @@ def _split_outside_braces(text: str) -> List[str]:
             cur += ch
     parts.append(cur.strip())
     return [p for p in parts if p]
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
 
 
 @dataclass
@@ -177,7 +174,7 @@ class TrainConfig:
         if not all(w is None or (math.isfinite(w) and w > 0) for _, w in weighted):
             p.append("config key 'data.shards': set weights must be positive numbers")
         for path, _ in weighted:
-            if not _is_remote(path) and not os.path.isdir(path):
+            if not is_url(path) and not os.path.isdir(path):
                 p.append(f"config key 'data.shards': no such folder: {path}")
         if not self.out.dir:
             p.append("config key 'out.dir' is required")

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from shards import read_extras, read_manifest
 from shards.config import resolve_device, to_dict
 from shards.errors import DataError, UsageError
+from shards.format import TORCH_DTYPES as _DTYPES
 from shards.reader import check_shard_files
 from shards.modelpath import resolve_model
 
@@ -27,7 +28,6 @@ from .sampling import generate, load_vae_decoder, save_grid
 
 # What the trainer reads from a pipeline folder: never a text encoder.
 MODEL_FILES = ["model_index.json", "transformer/*", "scheduler/*", "vae/*"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _dtypes(cfg: TrainConfig, device: torch.device):

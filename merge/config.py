@@ -2,36 +2,79 @@
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List
 
 from shards.config import check, one_of
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LINKS = ("hardlink", "copy")
-FORMATS = ("diffusers", "single_file")
-INCLUDES = ("vae",)
+FORMATS = ("auto", "diffusers", "single_file")
+INCLUDES = ("vae", "text_encoders")
+
+
+def is_single_file(path: str) -> bool:
+    """Whether model.path names an original single-file checkpoint rather than a pipeline folder or hub id."""
+    return path.endswith(".safetensors")
 
 
 @dataclass
 class ModelConfig:
-    # A local diffusers SD3 pipeline folder, or a Hugging Face hub id.
+    # A local diffusers SD3 pipeline folder, a Hugging Face hub id, or a local original single-file checkpoint
+    # (.safetensors with model.diffusion_model.*, and maybe first_stage_model.* and text_encoders.*).
     path: str = ""
 
     def problems(self) -> List[str]:
         return [] if self.path else ["config key 'model.path' is required"]
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class LoraConfig:
-    # A .safetensors file, or a folder holding pytorch_lora_weights.safetensors.
-    path: str = ""
-    scale: float = 1.0
+    # A .safetensors file or a folder holding pytorch_lora_weights.safetensors; or a list of them,
+    # folded in the order given (diffusers/peft and kohya files may be mixed).
+    path: Any = ""
+    # One scale for every LoRA, or a list with one scale per lora.path entry.
+    scale: Any = 1.0
+
+    def paths(self) -> List[str]:
+        return [self.path] if isinstance(self.path, str) else [str(p) for p in self.path]
+
+    def scales(self) -> List[float]:
+        if isinstance(self.scale, (list, tuple)):
+            return [float(v) for v in self.scale]
+        return [float(self.scale)] * len(self.paths())
 
     def problems(self) -> List[str]:
-        p = [] if self.path else ["config key 'lora.path' is required"]
-        if not math.isfinite(self.scale):
-            p.append(f"config key 'lora.scale': {self.scale} is not a finite number")
+        p = []
+        if not isinstance(self.path, (str, list, tuple)) or any(not isinstance(x, str) for x in
+                                                                  ([] if isinstance(self.path, str) else self.path)):
+            return [f"config key 'lora.path' takes a file or folder, or a list of them: write lora.path=[a,b]"]
+        paths = self.paths()
+        if not paths or any(not x for x in paths):
+            p.append("config key 'lora.path' is required" if not paths or paths == [""] else
+                     "config key 'lora.path' has an empty entry")
+        values = self.scale if isinstance(self.scale, (list, tuple)) else [self.scale]
+        if any(not _is_number(v) for v in values) or not values:
+            p.append(f"config key 'lora.scale': {self.scale} is not a finite number (or a list of them)")
+        elif isinstance(self.scale, (list, tuple)) and len(values) != len(paths):
+            p.append(f"config key 'lora.scale' has {len(values)} values for {len(paths)} lora.path entries; "
+                     "give one scale per LoRA, or a single number for all")
         return p
+
+
+@dataclass
+class MergeOptions:
+    # Read the release back after writing it and check every tensor against base + scale * B @ A * alpha / rank.
+    verify: bool = False
+    # ... and, for transformers with at most this many parameters, compare merged and unmerged forward passes.
+    probe_max_params: int = 500_000_000
+
+    def problems(self) -> List[str]:
+        return [] if self.probe_max_params >= 0 else \
+            [f"config key 'merge.probe_max_params': {self.probe_max_params} must be >= 0"]
 
 
 @dataclass
@@ -59,7 +102,7 @@ class OutConfig:
             p.append(f"config key 'out.name': '{self.name}' is not a plain file name (no folders, not hidden)")
         for item in self.include:
             one_of(p, "out.include", item, INCLUDES)
-        if self.include and self.format != "single_file":
+        if self.include and self.format == "diffusers":
             p.append("config key 'out.include' needs out.format=single_file (the diffusers format holds every component)")
         if self.max_shard_bytes <= 0:
             p.append(f"config key 'out.max_shard_bytes': {self.max_shard_bytes} must be positive")
@@ -71,7 +114,25 @@ class MergeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     out: OutConfig = field(default_factory=OutConfig)
+    merge: MergeOptions = field(default_factory=MergeOptions)
 
     def __post_init__(self):
         # Validated here rather than per section so one run reports every problem at once.
-        check(self.model.problems() + self.lora.problems() + self.out.problems())
+        p = self.model.problems() + self.lora.problems() + self.out.problems() + self.merge.problems()
+        if is_single_file(self.model.path):
+            if self.out.format == "diffusers":
+                p.append("config key 'out.format': a single-file base gives a single-file release (out.format="
+                         "single_file or auto); for a diffusers folder, merge into the diffusers base instead")
+            if self.out.include:
+                p.append("config key 'out.include': a single-file base keeps everything it bundles; out.include "
+                         "is for diffusers bases")
+        elif self.out.include and self.out.format == "auto":
+            p.append("config key 'out.include' needs out.format=single_file (a diffusers base gives a diffusers "
+                     "release, which holds every component)")
+        check(p)
+
+    def release_format(self) -> str:
+        """out.format with auto resolved: the base's own layout."""
+        if self.out.format != "auto":
+            return self.out.format
+        return "single_file" if is_single_file(self.model.path) else "diffusers"

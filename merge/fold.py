@@ -1,21 +1,21 @@
 """Folding LoRA modules into the base transformer, one tensor at a time, into (sharded) safetensors."""
 import json
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from shards.errors import DataError
 from shards.format import TORCH_DTYPES
 
-from .lora import LoraModule
+from .lora import LoraModule, Updates
+from .sources import DIFFUSERS_WEIGHTS, Source
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME = DIFFUSERS_WEIGHTS
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 OUT_DTYPES = TORCH_DTYPES
 FILE_METADATA = {"format": "pt"}  # what diffusers writes; nothing run-specific, so reruns give the same bytes
@@ -28,50 +28,38 @@ class FoldResult:
     files: List[str]  # weight files written (no index), relative to the output transformer folder
 
 
-def base_tensor_files(transformer_dir: str, what: str = "base transformer") -> Dict[str, str]:
-    """Tensor name -> file holding it, for a single-file or sharded diffusers model folder (`what`, for messages)."""
-    index = os.path.join(transformer_dir, INDEX_NAME)
-    single = os.path.join(transformer_dir, WEIGHTS_NAME)
-    try:
-        if os.path.isfile(index):  # diffusers prefers the index when both are present
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            where = {name: os.path.join(transformer_dir, file) for name, file in weight_map.items()}
-        elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
-                where = {name: single for name in f.keys()}
-        else:
-            raise DataError(f"{transformer_dir} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}; "
-                            f"merge needs the {what} in safetensors")
-    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
-        raise DataError(f"cannot read the {what} in {transformer_dir}: {e!r}") from None
-    for file in sorted(set(where.values())):
-        if not os.path.isfile(file):
-            raise DataError(f"{index} names {os.path.basename(file)}, which is not in {transformer_dir}")
-    return where
-
-
-def check_targets(lora: Dict[str, LoraModule], shapes: Dict[str, tuple]) -> None:
+def check_targets(updates: Updates, source: Source) -> None:
     """Fail before writing anything if a LoRA module has no base weight of its shape."""
-    for name, m in sorted(lora.items()):
+    names = set(source.names)
+    for name, modules in updates.items():
         key = name + ".weight"
-        if key not in shapes:
-            raise DataError(f"LoRA module '{name}' matches no tensor of the base transformer (no '{key}')")
-        update = (m.up.shape[0], m.down.shape[1])
-        if tuple(shapes[key]) != update:
-            raise DataError(f"LoRA module '{name}' makes a {update[0]}x{update[1]} update but the base "
-                            f"'{key}' has shape {tuple(shapes[key])}")
+        if key not in names:
+            raise DataError(f"LoRA module '{name}' matches no tensor of the {source.what} (no '{key}')")
+        shape = tuple(source.shape(key))
+        for m in modules:
+            if shape != tuple(m.shape):
+                raise DataError(f"LoRA module '{name}' makes a {m.shape[0]}x{m.shape[1]} update but the "
+                                f"{source.what}'s '{key}' has shape {shape}")
 
 
-def _out_tensor(name: str, w: torch.Tensor, module: Optional[LoraModule], dtype: str) -> torch.Tensor:
-    if module is not None and not w.is_floating_point():
-        raise DataError(f"LoRA module '{module.name}' targets '{name}', which holds {w.dtype} values, not weights")
+def modules_for(updates: Updates, name: str) -> List[LoraModule]:
+    """The LoRA modules that change the tensor `name` (a module's `.weight`); [] for every other tensor."""
+    return updates.get(name[: -len(".weight")], []) if name.endswith(".weight") else []
+
+
+def _out_tensor(name: str, w: torch.Tensor, modules: Sequence[LoraModule], dtype: str) -> torch.Tensor:
+    """`w` with every LoRA delta added in fp32, in order, then cast to out.dtype; refuses non-finite results."""
+    if modules and not w.is_floating_point():
+        raise DataError(f"LoRA module '{modules[0].name}' targets '{name}', which holds {w.dtype} values, not weights")
     target = OUT_DTYPES.get(dtype, w.dtype) if w.is_floating_point() else w.dtype
-    if module is None and target == w.dtype:
+    if not modules and target == w.dtype:
         return w
-    out = (w.float() + module.delta()).to(target) if module is not None else w.to(target)
+    out = w.float() if modules else w
+    for m in modules:
+        out = out + m.delta()
+    out = out.to(target)
     if not torch.isfinite(out).all():  # also catches values that overflow a narrower out.dtype
-        what = "after folding the LoRA" if module is not None else f"after casting to {dtype}"
+        what = "after folding the LoRA" if modules else f"after casting to {dtype}"
         raise DataError(f"tensor '{name}' has non-finite values {what}; lower lora.scale or pick a wider out.dtype")
     return out.contiguous()
 
@@ -99,20 +87,15 @@ def _shard_names(count: int) -> List[str]:
     return [f"{stem}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
 
 
-def fold_transformer(base_dir: str, lora: Dict[str, LoraModule], out_dir: str, dtype: str = "auto",
+def fold_transformer(source: Source, updates: Updates, out_dir: str, dtype: str = "auto",
                      max_shard_bytes: int = 5_000_000_000, progress: bool = True) -> FoldResult:
-    """Write `W + delta` for every LoRA target and every other base tensor unchanged (or cast) into out_dir.
+    """Write `W + deltas` for every LoRA target and every other tensor of `source` unchanged (or cast) into out_dir.
 
     Holds at most one output shard in memory. Shards are written under provisional names and renamed
     once their count is known, so the names match diffusers' `-0000i-of-0000n` scheme.
     """
-    where = base_tensor_files(base_dir)
-    try:
-        parts, used, total_bytes = _write_parts(where, lora, out_dir, dtype, max_shard_bytes, progress)
-    except SafetensorError as e:  # a truncated or corrupt base file
-        raise DataError(f"cannot read the base transformer in {base_dir}: {e}") from None
-    if used != set(lora):  # check_targets rules this out; kept because a partial merge would look fine
-        raise DataError(f"LoRA modules not folded: {', '.join(sorted(set(lora) - used))}")
+    check_targets(updates, source)
+    parts, total_bytes = _write_parts(source, updates, out_dir, dtype, max_shard_bytes, progress)
     files, weight_map = _shard_names(len(parts)), {}
     for (part, names), file in zip(parts, files):
         os.replace(os.path.join(out_dir, part), os.path.join(out_dir, file))
@@ -121,40 +104,32 @@ def fold_transformer(base_dir: str, lora: Dict[str, LoraModule], out_dir: str, d
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return FoldResult(modules=len(used), tensors=len(where), files=files)
+    return FoldResult(modules=sum(map(len, updates.values())), tensors=len(source.names), files=files)
 
 
-def _write_parts(where, lora, out_dir, dtype, max_shard_bytes, progress):
-    """Stream every base tensor through _out_tensor into provisionally named shards of at most max_shard_bytes."""
-    with ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(file, framework="pt")) for file in sorted(set(where.values()))}
-        shapes = {name: tuple(handles[file].get_slice(name).get_shape()) for name, file in where.items()}
-        check_targets(lora, shapes)
+def _write_parts(source: Source, updates: Updates, out_dir, dtype, max_shard_bytes, progress):
+    """Stream every tensor through _out_tensor into provisionally named shards of at most max_shard_bytes."""
+    os.makedirs(out_dir, exist_ok=True)
+    parts = []
+    shard: Dict[str, torch.Tensor] = {}
+    shard_bytes = total_bytes = 0
 
-        os.makedirs(out_dir, exist_ok=True)
-        parts, used = [], set()
-        shard: Dict[str, torch.Tensor] = {}
-        shard_bytes = total_bytes = 0
+    def flush():
+        part = f"part-{len(parts):05d}.safetensors"
+        _save(shard, os.path.join(out_dir, part))
+        parts.append((part, sorted(shard)))
+        shard.clear()
 
-        def flush():
-            part = f"part-{len(parts):05d}.safetensors"
-            _save(shard, os.path.join(out_dir, part))
-            parts.append((part, sorted(shard)))
-            shard.clear()
-
-        # The context closes the bar on errors too, so an error message starts on its own line.
-        with tqdm(sorted(where), desc="merge", unit="tensor", disable=not progress) as bar:
-            for name in bar:
-                module = lora.get(name[: -len(".weight")]) if name.endswith(".weight") else None
-                t = _out_tensor(name, handles[where[name]].get_tensor(name), module, dtype)
-                if module is not None:
-                    used.add(module.name)
-                size = t.numel() * t.element_size()
-                if shard and shard_bytes + size > max_shard_bytes:
-                    flush()
-                    shard_bytes = 0
-                shard[name] = t
-                shard_bytes += size
-                total_bytes += size
-        flush()
-    return parts, used, total_bytes
+    # The context closes the bar on errors too, so an error message starts on its own line.
+    with tqdm(source.names, desc="merge", unit="tensor", disable=not progress) as bar:
+        for name in bar:
+            t = _out_tensor(name, source.get(name), modules_for(updates, name), dtype)
+            size = t.numel() * t.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                flush()
+                shard_bytes = 0
+            shard[name] = t
+            shard_bytes += size
+            total_bytes += size
+    flush()
+    return parts, total_bytes

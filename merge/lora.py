@@ -4,7 +4,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,6 +32,15 @@ class LoraModule:
     def delta(self) -> torch.Tensor:
         """The fp32 weight update; fp32 so bf16 LoRAs do not lose the small products."""
         return self.scale * (self.up.float() @ self.down.float())
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """The shape of the weight it updates: (out_features, in_features)."""
+        return self.up.shape[0], self.down.shape[1]
+
+
+# Module name -> the LoRA modules that update it, in the order of lora.path (one per LoRA that has it).
+Updates = Dict[str, List[LoraModule]]
 
 
 def find_lora_file(path: str) -> str:
@@ -162,3 +171,14 @@ def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
         down, up = checked_pair(path, name, ab["A"][1], ab["B"][1])
         modules[name] = LoraModule(name, down, up, module_scale(config, name, down.shape[0], scale, path))
     return modules
+
+
+def read_loras(paths: Sequence[str], scales: Sequence[float]) -> Updates:
+    """Several LoRA files, each with its own scale, as the updates of every base weight, in file order.
+
+    Applying them in that order to `W` in fp32 gives the same numbers as merging them one after another."""
+    updates: Updates = {}
+    for path, scale in zip(paths, scales):
+        for name, module in read_lora(path, scale).items():
+            updates.setdefault(name, []).append(module)
+    return dict(sorted(updates.items()))

@@ -15,12 +15,15 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def is_release(out_dir: str, entries: Sequence[str]) -> bool:
-    """A diffusers pipeline folder, or a folder holding only a single file that merge wrote (out.format=single_file)."""
+    """A diffusers pipeline folder, or a folder holding only a single file that merge wrote (out.format=single_file),
+    with its model card and samples."""
     if PIPELINE_MARKER in entries:
         return True
+    from .card import CARD_NAME, SAMPLES_DIR
     from .single_file import is_single_file_release
 
-    return len(entries) == 1 and is_single_file_release(os.path.join(out_dir, entries[0]))
+    files = [e for e in entries if e not in (CARD_NAME, SAMPLES_DIR)]
+    return len(files) == 1 and is_single_file_release(os.path.join(out_dir, files[0]))
 
 
 def check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence[str] = ()) -> None:

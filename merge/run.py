@@ -1,17 +1,38 @@
-"""The merge stage: base pipeline + LoRA -> a complete diffusers pipeline folder with the LoRA folded in."""
+"""The merge stage: base (diffusers folder, hub id or original single file) + LoRAs -> a release.
+
+A diffusers base gives a complete pipeline folder with the LoRAs folded into the transformer, or one file in
+the original SD3 layout (out.format=single_file, optionally bundling the VAE and text encoders). A single-file
+base gives a single file again, with everything it bundles carried over unchanged.
+"""
 import os
 import time
-from typing import List
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import List, Optional
 
 from shards.config import load_config
 from shards.errors import UsageError
 from shards.modelpath import resolve_model
 
-from .config import MergeConfig
+from .card import write_card
+from .config import MergeConfig, is_single_file
 from .fold import WEIGHTS_NAME, FoldResult, fold_transformer
-from .lora import find_lora_file, read_lora
+from .lora import Updates, find_lora_file, read_loras
 from .release import check_out_dir, copy_tree, staged
-from .single_file import file_name, write_single_file
+from .single_file import copy_jobs, file_name, transformer_jobs, vae_jobs, write_single_file
+from .sources import TRANSFORMERS_WEIGHTS, OriginalSource, OtherKeys, Source, folder_source
+from .verify import VerifyReport, probe_or_skip, verify_tensors
+
+# out.include=[text_encoders]: pipeline component -> prefix in the original single file.
+TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.transformer.",
+                 "text_encoder_2": "text_encoders.clip_g.transformer.",
+                 "text_encoder_3": "text_encoders.t5xxl.transformer."}
+
+
+@dataclass
+class MergeResult(FoldResult):
+    verify: Optional[VerifyReport] = None
+
 
 def resolve_model_path(path: str) -> str:
     """A local pipeline folder for model.path, downloading the whole pipeline for a hub id."""
@@ -31,32 +52,79 @@ def single_file_name(cfg: MergeConfig) -> str:
     return file_name(name)
 
 
-def run_merge(cfg: MergeConfig, progress: bool = True) -> FoldResult:
-    lora_file = find_lora_file(cfg.lora.path)
-    local_model = [cfg.model.path] if os.path.isdir(cfg.model.path) else []
-    check_out_dir(cfg.out.dir, cfg.out.overwrite, inputs=local_model + [lora_file])
+def _text_encoder_sources(model: str, stack: ExitStack) -> List[Source]:
+    sources = []
+    for component, prefix in TEXT_ENCODERS.items():
+        folder = os.path.join(model, component)
+        if os.path.isdir(folder):  # SD3 may ship without T5 (text_encoder_3 null in model_index.json)
+            sources.append(stack.enter_context(folder_source(folder, f"base {component}", TRANSFORMERS_WEIGHTS, prefix)))
+    if not sources:
+        raise UsageError(f"out.include has text_encoders but {model} has none of {', '.join(TEXT_ENCODERS)}")
+    return sources
+
+
+def _merge_into(cfg: MergeConfig, tmp: str, updates: Updates, stack: ExitStack, progress: bool):
+    """Write the release into tmp; returns (result, base transformer Source, release Source, base config dir)."""
+    fmt = cfg.release_format()
+    if is_single_file(cfg.model.path):
+        base = stack.enter_context(OriginalSource(cfg.model.path))
+        carried = stack.enter_context(OtherKeys(cfg.model.path))
+        out_file = os.path.join(tmp, single_file_name(cfg))
+        result = write_single_file(transformer_jobs(base, updates, cfg.out.dtype) + copy_jobs(carried), out_file, progress)
+        return result, base, lambda: OriginalSource(out_file, "release"), None
     model = resolve_model_path(cfg.model.path)
-    lora = read_lora(lora_file, cfg.lora.scale)
-    if cfg.out.format == "single_file":
-        with staged(cfg.out.dir) as tmp:
-            return write_single_file(os.path.join(model, "transformer"), lora,
-                                     os.path.join(tmp, single_file_name(cfg)), cfg.out.dtype, progress,
-                                     vae_dir=os.path.join(model, "vae") if "vae" in cfg.out.include else None)
-    with staged(cfg.out.dir) as tmp:
-        copy_tree(model, tmp, cfg.out.link, skip=_is_base_weights)
-        return fold_transformer(os.path.join(model, "transformer"), lora, os.path.join(tmp, "transformer"),
-                                cfg.out.dtype, cfg.out.max_shard_bytes, progress)
+    transformer_dir = os.path.join(model, "transformer")
+    base = stack.enter_context(folder_source(transformer_dir, "base transformer"))
+    if fmt == "single_file":
+        jobs = transformer_jobs(base, updates, cfg.out.dtype)
+        if "vae" in cfg.out.include:
+            jobs += vae_jobs(stack.enter_context(folder_source(os.path.join(model, "vae"), "base VAE")))
+        if "text_encoders" in cfg.out.include:
+            for source in _text_encoder_sources(model, stack):
+                jobs += copy_jobs(source)
+        out_file = os.path.join(tmp, single_file_name(cfg))
+        return write_single_file(jobs, out_file, progress), base, lambda: OriginalSource(out_file, "release"), \
+            transformer_dir
+    copy_tree(model, tmp, cfg.out.link, skip=_is_base_weights)
+    out_dir = os.path.join(tmp, "transformer")
+    result = fold_transformer(base, updates, out_dir, cfg.out.dtype, cfg.out.max_shard_bytes, progress)
+    return result, base, lambda: folder_source(out_dir, "release transformer"), transformer_dir
+
+
+def run_merge(cfg: MergeConfig, progress: bool = True) -> MergeResult:
+    lora_files = [find_lora_file(p) for p in cfg.lora.paths()]
+    if is_single_file(cfg.model.path) and not os.path.isfile(cfg.model.path):
+        raise UsageError(f"model.path '{cfg.model.path}' does not exist (a single-file base must be a local file)")
+    local_model = [cfg.model.path] if os.path.exists(cfg.model.path) else []
+    check_out_dir(cfg.out.dir, cfg.out.overwrite, inputs=local_model + lora_files)
+    updates = read_loras(lora_files, cfg.lora.scales())
+    with staged(cfg.out.dir) as tmp, ExitStack() as stack:
+        result, base, release, transformer_dir = _merge_into(cfg, tmp, updates, stack, progress)
+        report = None
+        if cfg.merge.verify:  # before publishing: a release that fails is never put in place
+            with release() as out:
+                report = verify_tensors(base, out, updates, cfg.out.dtype, progress)
+                report = probe_or_skip(report, transformer_dir, base, out, updates, cfg.merge.probe_max_params)
+        write_card(tmp, cfg, lora_files, result.files)
+    return MergeResult(result.modules, result.tensors, result.files, report)
 
 
 def main(argv: List[str]) -> None:
     cfg = load_config(MergeConfig, argv)
     start = time.monotonic()
     result = run_merge(cfg)
-    if cfg.out.format == "single_file":
+    fmt = cfg.release_format()
+    if fmt == "single_file":
         extra = " + " + ", ".join(cfg.out.include) if cfg.out.include else ""
-        where = (f"{os.path.join(cfg.out.dir, result.files[0])} ({result.tensors} tensors of the transformer{extra} "
+        if is_single_file(cfg.model.path):
+            extra = " + everything else the base file bundles"
+        where = (f"{os.path.join(cfg.out.dir, result.files[0])} ({result.tensors} tensors: the transformer{extra}, "
                  f"in the original SD3 layout, out.dtype {cfg.out.dtype})")
     else:
         where = f"{cfg.out.dir} ({result.tensors} tensors in {len(result.files)} file(s), out.dtype {cfg.out.dtype})"
-    print(f"merge: folded {result.modules} LoRA modules (lora.scale {cfg.lora.scale}) into the transformer; "
-          f"wrote {where} in {time.monotonic() - start:.1f} s")
+    loras = ", ".join(f"{os.path.basename(os.path.normpath(p))} x {s:g}" for p, s in zip(cfg.lora.paths(), cfg.lora.scales()))
+    print(f"merge: folded {result.modules} LoRA modules ({loras}) into the transformer; "
+          f"wrote {where} and README.md in {time.monotonic() - start:.1f} s")
+    if result.verify:
+        for line in result.verify.lines():
+            print(line)

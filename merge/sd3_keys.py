@@ -129,6 +129,61 @@ def plan(names: Iterable[str]) -> List[Group]:
     return sorted(groups, key=lambda g: g.key)
 
 
+# The same tables backwards: original module path -> diffusers module path(s) and rule.
+_TOP_BACK = {orig: (diff, rule) for diff, (orig, rule) in _TOP.items()}
+_BLOCK_BACK = {orig: diff for diff, orig in _BLOCK.items()}
+_QKV_BACK = {fused: parts for parts, fused in _QKV.values()}
+_JOINT_RE = re.compile(r"joint_blocks\.(\d+)\.(.+)")
+_LAST_CONTEXT_MODULATION = "context_block.adaLN_modulation.1"
+
+
+def groups_from_original(keys: Iterable[str]) -> List[Group]:
+    """The groups `plan` would make, from the keys of an original checkpoint (with PREFIX; others ignored).
+
+    So an original file is read under diffusers names: each key's tensor is `split` into its sources."""
+    keys = sorted(k for k in keys if k.startswith(PREFIX))
+    found = [int(m.group(1)) for m in (_JOINT_RE.match(k[len(PREFIX):]) for k in keys) if m]
+    layers = max(found) + 1 if found else 0
+    groups = []
+    for key in keys:
+        name = key[len(PREFIX):]
+        if name == "pos_embed":
+            groups.append(Group(key, ("pos_embed.pos_embed",), COPY))
+            continue
+        module, _, param = name.rpartition(".")
+        if module in _TOP_BACK:
+            diff, rule = _TOP_BACK[module]
+            groups.append(Group(key, (f"{diff}.{param}",), rule))
+            continue
+        m = _JOINT_RE.fullmatch(module)
+        if m:
+            i, inner = int(m.group(1)), m.group(2)
+            if inner in _QKV_BACK:
+                groups.append(Group(key, tuple(f"transformer_blocks.{i}.{p}.{param}" for p in _QKV_BACK[inner]), CAT))
+                continue
+            if inner in _BLOCK_BACK:
+                rule = SWAP if inner == _LAST_CONTEXT_MODULATION and i == layers - 1 else COPY
+                groups.append(Group(key, (f"transformer_blocks.{i}.{_BLOCK_BACK[inner]}.{param}",), rule))
+                continue
+        raise DataError(f"the checkpoint tensor '{key}' is not part of an SD3 / SD3.5 transformer this stage knows")
+    return groups
+
+
+def split(group: Group, t: torch.Tensor) -> List[torch.Tensor]:
+    """The inverse of `combine`: the source tensors (in group.sources order) of an original tensor."""
+    if group.rule == CAT:
+        if t.dim() == 0 or t.shape[0] % len(group.sources):
+            raise DataError(f"'{group.key}' has shape {tuple(t.shape)}, which does not split into q, k, v")
+        return [p.contiguous() for p in t.chunk(len(group.sources), dim=0)]
+    if group.rule == CONV1X1:
+        return [t[:, :, 0, 0] if t.dim() == 4 else t]
+    if group.rule == SWAP:
+        if t.dim() == 0 or t.shape[0] % 2:
+            raise DataError(f"'{group.key}' has shape {tuple(t.shape)}, which has no (shift, scale) halves")
+        return [swap_halves(t).contiguous()]
+    return [t]
+
+
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """(a, b) -> (b, a) along dim 0: diffusers' (scale, shift) <-> the original's (shift, scale)."""
     a, b = t.chunk(2, dim=0)

@@ -7,8 +7,8 @@ time, however large the model.
 import json
 import os
 import struct
-from contextlib import ExitStack
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from shards.errors import DataError
 
-from .fold import FILE_METADATA, OUT_DTYPES, FoldResult, _out_tensor, base_tensor_files, check_targets
-from .lora import LoraModule
-from .sd3_keys import Group, combine, output_shape, plan, vae_plan
+from .fold import FILE_METADATA, OUT_DTYPES, FoldResult, _out_tensor, check_targets, modules_for
+from .lora import Updates
+from .sd3_keys import COPY, Group, combine, output_shape, plan, vae_plan
+from .sources import Source
 
 # Marks a file as this stage's output, so out.overwrite=true can tell an earlier release from a user's file.
 SINGLE_FILE_METADATA = {**FILE_METADATA, "shardtune": "merge"}
@@ -56,63 +57,63 @@ def _header(entries: Dict[str, dict]) -> bytes:
     return raw + b" " * (-len(raw) % 8)  # safetensors' own writer pads the header to 8 bytes
 
 
-def write_single_file(base_dir: str, lora: Dict[str, LoraModule], path: str, dtype: str = "auto",
-                      progress: bool = True, vae_dir: Optional[str] = None) -> FoldResult:
-    """Fold the LoRA into the base transformer in base_dir and write the result to `path` in the original layout.
+@dataclass(frozen=True)
+class Job:
+    """One tensor of the file: the group that makes it, where its sources are, what to fold in, its dtype rule."""
+    group: Group
+    source: Source
+    updates: Updates
+    dtype: str  # out.dtype for the transformer; "auto" (unchanged) for everything else
 
-    With vae_dir (a diffusers AutoencoderKL folder), its weights go into the same file under first_stage_model.*
-    (LDM layout), unchanged: out.dtype applies to the transformer only, as in the diffusers-format release.
-    """
-    where = base_tensor_files(base_dir)
-    # (original tensor, where its sources are, LoRA, out dtype) in the order of the file.
-    jobs: List[Tuple[Group, Dict[str, str], Dict[str, LoraModule], str]] = [(g, where, lora, dtype) for g in plan(where)]
-    if vae_dir is not None:
-        vae_where = base_tensor_files(vae_dir, what="base VAE")
-        jobs += [(g, vae_where, {}, "auto") for g in vae_plan(vae_where)]
-    jobs.sort(key=lambda job: job[0].key)
-    files = sorted({file for _, w, _, _ in jobs for file in w.values()})
-    try:
-        with ExitStack() as stack:
-            handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
 
-            def get_slice(w, name):
-                return handles[w[name]].get_slice(name)
+def transformer_jobs(source: Source, updates: Updates, dtype: str) -> List[Job]:
+    """The merged transformer, in the original layout, from diffusers-named tensors (either layout's Source)."""
+    check_targets(updates, source)
+    return [Job(g, source, updates, dtype) for g in plan(source.names)]
 
-            check_targets(lora, {name: tuple(get_slice(where, name).get_shape()) for name in where})
-            entries, offset = {}, 0
-            for g, w, _, out_dtype in jobs:
-                dtypes = {_out_dtype(get_slice(w, s).get_dtype(), out_dtype, s) for s in g.sources}
-                if len(dtypes) > 1:
-                    raise DataError(f"{', '.join(g.sources)} have different dtypes and cannot be fused into "
-                                    f"'{g.key}'; set out.dtype")
-                (t_dtype,) = dtypes
-                shape = output_shape(g, [tuple(get_slice(w, s).get_shape()) for s in g.sources])
-                size = torch.Size(shape).numel() * t_dtype.itemsize
-                entries[g.key] = {"dtype": _ST_DTYPES[t_dtype], "shape": list(shape),
-                                  "data_offsets": [offset, offset + size]}
-                offset += size
 
-            used = set()
-            header = _header(entries)
-            with open(path, "wb") as out:
-                out.write(struct.pack("<Q", len(header)))
-                out.write(header)
-                with tqdm(jobs, desc="merge", unit="tensor", disable=not progress) as bar:
-                    for g, w, job_lora, out_dtype in bar:
-                        parts = []
-                        for name in g.sources:
-                            module = job_lora.get(name[: -len(".weight")]) if name.endswith(".weight") else None
-                            parts.append(_out_tensor(name, handles[w[name]].get_tensor(name), module, out_dtype))
-                            if module is not None:
-                                used.add(module.name)
-                        t = combine(g, parts).contiguous()
-                        e = entries[g.key]
-                        if list(t.shape) != e["shape"] or _ST_DTYPES[t.dtype] != e["dtype"]:  # a bug, not bad input
-                            raise AssertionError(f"{g.key}: made {t.dtype} {tuple(t.shape)}, header says {e}")
-                        out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    except SafetensorError as e:  # a truncated or corrupt base file
-        raise DataError(f"cannot read the base model in {base_dir if vae_dir is None else os.path.dirname(base_dir)}: "
-                        f"{e}") from None
-    if used != set(lora):
-        raise DataError(f"LoRA modules not folded: {', '.join(sorted(set(lora) - used))}")
-    return FoldResult(modules=len(used), tensors=len(jobs), files=[os.path.basename(path)])
+def vae_jobs(source: Source) -> List[Job]:
+    """A diffusers AutoencoderKL under first_stage_model.* (LDM layout), unchanged."""
+    return [Job(g, source, {}, "auto") for g in vae_plan(source.names)]
+
+
+def copy_jobs(source: Source) -> List[Job]:
+    """Every tensor of `source` under its own name, unchanged (bundled text encoders, a base file's extras)."""
+    return [Job(Group(name, (name,), COPY), source, {}, "auto") for name in source.names]
+
+
+def write_single_file(jobs: List[Job], path: str, progress: bool = True) -> FoldResult:
+    """Write every job's tensor into one safetensors file at `path`, sorted by key, one tensor in memory at a time."""
+    jobs = sorted(jobs, key=lambda job: job.group.key)
+    keys = [job.group.key for job in jobs]
+    for a, b in zip(keys, keys[1:]):
+        if a == b:
+            raise DataError(f"two components would both write '{a}' into the single file")
+    entries, offset = {}, 0
+    for job in jobs:
+        g, src = job.group, job.source
+        dtypes = {_out_dtype(src.dtype(s), job.dtype, s) for s in g.sources}
+        if len(dtypes) > 1:
+            raise DataError(f"{', '.join(g.sources)} have different dtypes and cannot be fused into '{g.key}'; "
+                            "set out.dtype")
+        (t_dtype,) = dtypes
+        shape = output_shape(g, [src.shape(s) for s in g.sources])
+        size = torch.Size(shape).numel() * t_dtype.itemsize
+        entries[g.key] = {"dtype": _ST_DTYPES[t_dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+
+    header = _header(entries)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(header)))
+        out.write(header)
+        with tqdm(jobs, desc="merge", unit="tensor", disable=not progress) as bar:
+            for job in bar:
+                g = job.group
+                parts = [_out_tensor(s, job.source.get(s), modules_for(job.updates, s), job.dtype) for s in g.sources]
+                t = combine(g, parts).contiguous()
+                e = entries[g.key]
+                if list(t.shape) != e["shape"] or _ST_DTYPES[t.dtype] != e["dtype"]:  # a bug, not bad input
+                    raise AssertionError(f"{g.key}: made {t.dtype} {tuple(t.shape)}, header says {e}")
+                out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    modules = sum(len(m) for m in next((j.updates for j in jobs if j.updates), {}).values())
+    return FoldResult(modules=modules, tensors=len(jobs), files=[os.path.basename(path)])

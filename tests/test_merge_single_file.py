@@ -73,7 +73,7 @@ def test_from_single_file_equals_merged_diffusers_release(base, lora, tmp_path):
 
     folder = merge(base, lora, tmp_path / "diffusers")
     out = merge(base, lora, tmp_path / "single", "out.format=single_file")
-    assert os.listdir(out) == ["model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "model.safetensors"]
     expected = merged_weights(folder)
     base_sd = base_weights(base)
     assert sum(not torch.equal(expected[k], base_sd[k]) for k in base_sd) >= 15  # the LoRA changed the weights
@@ -144,7 +144,7 @@ def test_command_line_single_file(base, lora, tmp_path):
            "out.format=single_file", "out.name=release"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert os.listdir(out) == ["release.safetensors"] and os.path.join(str(out), "release.safetensors") in p.stdout
+    assert sorted(os.listdir(out)) == ["README.md", "release.safetensors"] and os.path.join(str(out), "release.safetensors") in p.stdout
     assert sorted(os.listdir(tmp_path)) == ["out"]
     # A rerun is refused without out.overwrite=true and replaces the earlier single-file release with it.
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -167,7 +167,7 @@ def test_overwrite_never_deletes_a_users_safetensors_file(base, lora, tmp_path, 
 
 
 @pytest.mark.parametrize("args, words", [
-    (["out.format=ckpt"], ["out.format", "ckpt", "diffusers, single_file"]),
+    (["out.format=ckpt"], ["out.format", "ckpt", "auto, diffusers, single_file"]),
     (["out.format=single_file", "out.name=a/b"], ["out.name", "a/b"]),
     (["out.format=single_file", "out.name=.hidden"], ["out.name"]),
     (["out.format=single_file", "out.name="], ["out.name"]),

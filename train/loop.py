@@ -17,7 +17,7 @@ from shards.reader import check_shard_files
 from shards.modelpath import resolve_model
 
 from . import flow
-from .config import TrainConfig
+from .config import LoraConfig, ModelConfig, TrainConfig
 from .data import Prefetch, bucket_batches
 from . import checkpoint
 from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME, save_lora
@@ -38,6 +38,20 @@ def _dtypes(cfg: TrainConfig, device: torch.device):
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "no"
     return _DTYPES[weights], (None if amp == "no" else _DTYPES[amp])
+
+
+def prepare_lora(transformer, lora: LoraConfig, model: ModelConfig):
+    """LoRA on the frozen transformer as training runs it; returns the trainable parameters."""
+    params = add_lora(transformer, lora)
+    for p in params:  # LoRA weights train in fp32 whatever the base precision
+        p.data = p.data.float()
+    if model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if model.compile:
+        for block in transformer.transformer_blocks:
+            block.compile()
+    transformer.train()
+    return params
 
 
 class Objective:
@@ -147,15 +161,7 @@ class Run:
         self.transformer = load_transformer(root, weight_dtype, self.device, cfg.model.quantize)
         check_shard_set(self.manifest, self.transformer.config)
         warn_if_other_vae(self.manifest, root)
-        self.params = add_lora(self.transformer, cfg.lora)
-        for p in self.params:  # LoRA weights train in fp32 whatever the base precision
-            p.data = p.data.float()
-        if cfg.model.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        if cfg.model.compile:
-            for block in self.transformer.transformer_blocks:
-                block.compile()
-        self.transformer.train()
+        self.params = prepare_lora(self.transformer, cfg.lora, cfg.model)
         sched = scheduler_config(root)
         self.objective = Objective(cfg, self.manifest, extras, sched, self.device, weight_dtype, amp_dtype, self.rank)
         self.validate = Validator(cfg, self.manifest, extras, root, sched, self.device, weight_dtype,
@@ -410,6 +416,12 @@ def _check_ranks_agree(run) -> None:
     run.checksums = sums
 
 
+def _data_config(manifest: dict) -> dict:
+    """The precompute data section the shard set was made with ({} for a set that does not record it)."""
+    data = manifest.get("config", {}).get("data", {})
+    return data if isinstance(data, dict) else {}
+
+
 def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds, seconds) -> dict:
     info = {
         "base_model": cfg.model.path, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
@@ -417,6 +429,9 @@ def _finish(cfg, run, history, metrics_path, last_samples, samples, step_seconds
         "shard_sets": [{"path": p, "manifest_sha256": _manifest_hash(p)} for p in cfg.data.sets()],
         "shard_set_model": run.manifest["model"]["path"],
         "validation_prompts": run.manifest["extras"].get("validation_prompts", []),
+        # What the captions were built from, for the release's model card (merge): the trigger words.
+        "instance_prompt": _data_config(run.manifest).get("instance_prompt"),
+        "caption_prefix": _data_config(run.manifest).get("caption_prefix") or None,
         "config": to_dict(cfg),
     }
     lora_path = save_lora(cfg.out.dir, run.transformer, info)

@@ -1,0 +1,145 @@
+"""The release's model card: README.md with what went into it, and the training run's sample images.
+
+Everything comes from the inputs: the base model path, each LoRA's file header (shardtune's training record,
+peft's adapter config, or kohya's ss_* fields), and the newest validation grid of the training run the LoRA
+came from (`samples/step-*.png` next to the LoRA file). Nothing run-specific (no dates, no absolute
+temporary paths) goes in, so reruns give the same bytes.
+"""
+import glob
+import json
+import os
+import shutil
+from typing import Dict, List, Optional, Sequence
+
+from safetensors import SafetensorError, safe_open
+
+from .config import MergeConfig, is_single_file
+from .lora import METADATA_KEY
+
+CARD_NAME = "README.md"
+SAMPLES_DIR = "samples"
+# kohya / sd-scripts training fields worth showing, with their labels.
+KOHYA_FIELDS = {"ss_network_dim": "rank", "ss_network_alpha": "alpha", "ss_learning_rate": "learning rate",
+                "ss_max_train_steps": "steps", "ss_resolution": "resolution", "ss_base_model_version": "base model"}
+
+
+def lora_header(path: str) -> Dict[str, str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
+
+
+def _json(header: Dict[str, str], key: str) -> dict:
+    try:
+        value = json.loads(header.get(key, "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def training_facts(header: Dict[str, str]) -> Dict[str, object]:
+    """Label -> value for the LoRA's training settings that its header records."""
+    run = _json(header, "shardtune")
+    facts: Dict[str, object] = {}
+    if run:
+        cfg = run.get("config", {})
+        train, data = cfg.get("train", {}), cfg.get("data", {})
+        facts.update({"trained with": "shardtune", "rank": run.get("rank"), "alpha": run.get("alpha"),
+                      "targets": ", ".join(run.get("targets") or []) or None,
+                      "blocks": run.get("blocks"), "steps": run.get("steps"),
+                      "learning rate": train.get("lr"), "batch size": train.get("batch_size"),
+                      "optimizer": train.get("optimizer"), "base precision": cfg.get("model", {}).get("precision"),
+                      "quantized base": cfg.get("model", {}).get("quantize"),
+                      "shard sets": ", ".join(os.path.basename(os.path.normpath(s["path"])) for s in
+                                              run.get("shard_sets", [])) or None,
+                      "instance prompt": run.get("instance_prompt"), "caption prefix": run.get("caption_prefix"),
+                      "validation prompts": "; ".join(run.get("validation_prompts") or []) or None})
+        if data.get("flip"):
+            facts["horizontal flips"] = True
+    else:
+        adapter = _json(header, METADATA_KEY)
+        adapter = {k[len("transformer."):]: v for k, v in adapter.items() if k.startswith("transformer.")} or adapter
+        if adapter:
+            facts.update({"rank": adapter.get("r"), "alpha": adapter.get("lora_alpha")})
+        for key, label in KOHYA_FIELDS.items():
+            if header.get(key):
+                facts[label] = header[key]
+    return {k: v for k, v in facts.items() if v not in (None, "", [], "none")}
+
+
+def newest_sample(lora_file: str) -> Optional[str]:
+    """The last validation grid of the training run the LoRA file belongs to, if that run left one."""
+    grids = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(lora_file)), SAMPLES_DIR, "step-*.png")))
+    return grids[-1] if grids else None
+
+
+def _base_name(path: str) -> str:
+    if is_single_file(path) or os.path.isdir(path):
+        return os.path.basename(os.path.normpath(path))
+    return path  # a hub id is already a name people know
+
+
+def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files: List[str]) -> str:
+    """Write out_dir/README.md (and copy sample grids into out_dir/samples/); returns the card's path."""
+    fmt = cfg.release_format()
+    hub_base = not (is_single_file(cfg.model.path) or os.path.isdir(cfg.model.path))
+    headers = [lora_header(f) for f in lora_files]
+    facts = [training_facts(h) for h in headers]
+    prompts = sorted({str(f[k]) for f in facts for k in ("instance prompt", "caption prefix") if f.get(k)})
+
+    front = ["---"]
+    if hub_base:
+        front += [f"base_model: {cfg.model.path}", "base_model_relation: finetune"]
+    if fmt == "diffusers":
+        front.append("library_name: diffusers")
+    front += ["pipeline_tag: text-to-image", "tags:", "- stable-diffusion-3", "- lora", "- shardtune"]
+    if prompts:
+        front.append(f"instance_prompt: {json.dumps(prompts[0])}")
+    front.append("---")
+
+    title = cfg.out.name if fmt == "single_file" else \
+        " + ".join([_base_name(cfg.model.path)] + [os.path.basename(p) for p in lora_files])
+    lines = front + ["", f"# {title}", "",
+                     f"Stable Diffusion 3 with {len(lora_files)} LoRA{'s' if len(lora_files) > 1 else ''} folded into "
+                     f"the transformer by shardtune's merge stage.", "",
+                     f"- base model: `{_base_name(cfg.model.path)}`",
+                     f"- release format: {fmt} ({', '.join(files)}), out.dtype {cfg.out.dtype}"]
+    if fmt == "single_file" and cfg.out.include:
+        lines.append(f"- bundled with the transformer: {', '.join(cfg.out.include)}")
+    if prompts:
+        lines.append(f"- trigger / instance prompt: `{prompts[0]}`" +
+                     (f" (also: {', '.join(f'`{p}`' for p in prompts[1:])})" if len(prompts) > 1 else ""))
+    lines.append("")
+
+    samples_out = os.path.join(out_dir, SAMPLES_DIR)
+    for i, (path, scale, fact) in enumerate(zip(lora_files, cfg.lora.scales(), facts), start=1):
+        lines += [f"## LoRA {i}: `{os.path.basename(path)}` (scale {scale:g})", ""]
+        if fact:
+            lines += ["| setting | value |", "| --- | --- |"]
+            lines += [f"| {k} | {v} |" for k, v in fact.items()]
+        else:
+            lines.append("Its file records no training settings.")
+        grid = newest_sample(path)
+        if grid:
+            os.makedirs(samples_out, exist_ok=True)
+            name = f"lora{i}-{os.path.basename(grid)}"
+            shutil.copyfile(grid, os.path.join(samples_out, name))
+            lines += ["", f"Validation samples from its training run (the LoRA unmerged, {os.path.basename(grid)}):",
+                      "", f"![samples]({SAMPLES_DIR}/{name})"]
+        lines.append("")
+
+    lines += ["## Use", ""]
+    if fmt == "diffusers":
+        lines += ["```python", "import torch", "from diffusers import StableDiffusion3Pipeline", "",
+                  "pipe = StableDiffusion3Pipeline.from_pretrained(\"path/to/this/folder\", torch_dtype=torch.bfloat16)",
+                  "```"]
+    else:
+        lines += [f"Load `{files[0]}` in ComfyUI or Forge like the original SD3 checkpoint, or in diffusers with "
+                  "`SD3Transformer2DModel.from_single_file` / `StableDiffusion3Pipeline.from_single_file` "
+                  "(with `config=` a diffusers SD3 folder of the same model)."]
+    path = os.path.join(out_dir, CARD_NAME)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

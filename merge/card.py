@@ -45,7 +45,7 @@ def training_facts(header: Dict[str, str]) -> Dict[str, object]:
     facts: Dict[str, object] = {}
     if run:
         cfg = run.get("config", {})
-        train, data = cfg.get("train", {}), cfg.get("data", {})
+        train = cfg.get("train", {})
         facts.update({"trained with": "shardtune", "rank": run.get("rank"), "alpha": run.get("alpha"),
                       "targets": ", ".join(run.get("targets") or []) or None,
                       "blocks": run.get("blocks"), "steps": run.get("steps"),
@@ -56,8 +56,6 @@ def training_facts(header: Dict[str, str]) -> Dict[str, object]:
                                               run.get("shard_sets", [])) or None,
                       "instance prompt": run.get("instance_prompt"), "caption prefix": run.get("caption_prefix"),
                       "validation prompts": "; ".join(run.get("validation_prompts") or []) or None})
-        if data.get("flip"):
-            facts["horizontal flips"] = True
     else:
         adapter = _json(header, METADATA_KEY)
         adapter = {k[len("transformer."):]: v for k, v in adapter.items() if k.startswith("transformer.")} or adapter

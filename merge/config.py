@@ -85,11 +85,13 @@ class OutConfig:
     overwrite: bool = False
     # diffusers' own default unit: 5 GB in decimal bytes.
     max_shard_bytes: int = 5_000_000_000
-    # diffusers: a complete pipeline folder; single_file: only the transformer, as out.dir/<out.name>.safetensors
-    # in the original SD3 checkpoint layout (model.diffusion_model.*, fused qkv).
-    format: str = "diffusers"
+    # diffusers: a complete pipeline folder; single_file: out.dir/<out.name>.safetensors in the original SD3
+    # layout (model.diffusion_model.*, fused qkv); auto: the base's own layout.
+    format: str = "auto"
     name: str = "model"  # the single file's name, without .safetensors (out.format=single_file only)
-    # Other components put into the single file besides the transformer: [vae] adds first_stage_model.*.
+    # Components of a diffusers base bundled into the single file besides the transformer: vae
+    # (first_stage_model.*), text_encoders (text_encoders.clip_l / clip_g / t5xxl.transformer.*).
+    # A single-file base always keeps whatever it bundles.
     include: List[str] = field(default_factory=list)
 
     def problems(self) -> List[str]:

@@ -5,8 +5,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from shards.errors import DataError
@@ -14,6 +12,8 @@ from shards.format import TORCH_DTYPES
 
 from .lora import LoraModule, Updates
 from .sources import DIFFUSERS_WEIGHTS, Source
+from .tensorfile import TORCH_DTYPES as TENSORFILE_DTYPES
+from .tensorfile import Planned, nbytes, write_tensor_file
 
 WEIGHTS_NAME = DIFFUSERS_WEIGHTS
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
@@ -42,6 +42,14 @@ def check_targets(updates: Updates, source: Source) -> None:
                                 f"{source.what}'s '{key}' has shape {shape}")
 
 
+def out_dtype(stored: str, dtype: str, name: str) -> torch.dtype:
+    """The dtype a tensor stored as `stored` (safetensors dtype string) gets in the release under out.dtype."""
+    if stored not in TENSORFILE_DTYPES:
+        raise DataError(f"the base tensor '{name}' has dtype {stored}, which merge cannot write")
+    t = TENSORFILE_DTYPES[stored]
+    return OUT_DTYPES.get(dtype, t) if t.is_floating_point else t
+
+
 def modules_for(updates: Updates, name: str) -> List[LoraModule]:
     """The LoRA modules that change the tensor `name` (a module's `.weight`); [] for every other tensor."""
     return updates.get(name[: -len(".weight")], []) if name.endswith(".weight") else []
@@ -64,22 +72,6 @@ def _out_tensor(name: str, w: torch.Tensor, modules: Sequence[LoraModule], dtype
     return out.contiguous()
 
 
-def _file_mode() -> int:
-    """What open() gives a new file under this process's umask (reading the umask means setting it)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _save(tensors: Dict[str, torch.Tensor], path: str) -> None:
-    try:
-        save_file(tensors, path, metadata=FILE_METADATA)
-    except SafetensorError as e:  # safetensors reports a failed write (disk full, I/O error) as its own type
-        raise DataError(f"cannot write {path}: {e}") from None
-    # safetensors 0.8 writes through a private temp file (mode 0600); a release must be readable like any file.
-    os.chmod(path, _file_mode())
-
-
 def _shard_names(count: int) -> List[str]:
     if count == 1:
         return [WEIGHTS_NAME]
@@ -91,45 +83,36 @@ def fold_transformer(source: Source, updates: Updates, out_dir: str, dtype: str 
                      max_shard_bytes: int = 5_000_000_000, progress: bool = True) -> FoldResult:
     """Write `W + deltas` for every LoRA target and every other tensor of `source` unchanged (or cast) into out_dir.
 
-    Holds at most one output shard in memory. Shards are written under provisional names and renamed
-    once their count is known, so the names match diffusers' `-0000i-of-0000n` scheme.
+    Shards of at most max_shard_bytes (a larger tensor gets a shard of its own) with diffusers' names and index,
+    streamed: one tensor in memory at a time.
     """
     check_targets(updates, source)
-    parts, total_bytes = _write_parts(source, updates, out_dir, dtype, max_shard_bytes, progress)
-    files, weight_map = _shard_names(len(parts)), {}
-    for (part, names), file in zip(parts, files):
-        os.replace(os.path.join(out_dir, part), os.path.join(out_dir, file))
-        weight_map.update({n: file for n in names})
+    planned = [_planned(source, updates, name, dtype) for name in source.names]
+    shards: List[List[Planned]] = [[]]
+    size = 0
+    for p in planned:
+        n = nbytes(p[1], p[2])
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += n
+    files = _shard_names(len(shards))
+    os.makedirs(out_dir, exist_ok=True)
+    total = 0
+    with tqdm(total=len(planned), desc="merge", unit="tensor", disable=not progress) as bar:
+        for shard, file in zip(shards, files):
+            total += write_tensor_file(os.path.join(out_dir, file), shard, FILE_METADATA,
+                                       check=lambda name, t: bar.update())
     if len(files) > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        weight_map = {p[0]: file for shard, file in zip(shards, files) for p in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return FoldResult(modules=sum(map(len, updates.values())), tensors=len(source.names), files=files)
 
 
-def _write_parts(source: Source, updates: Updates, out_dir, dtype, max_shard_bytes, progress):
-    """Stream every tensor through _out_tensor into provisionally named shards of at most max_shard_bytes."""
-    os.makedirs(out_dir, exist_ok=True)
-    parts = []
-    shard: Dict[str, torch.Tensor] = {}
-    shard_bytes = total_bytes = 0
-
-    def flush():
-        part = f"part-{len(parts):05d}.safetensors"
-        _save(shard, os.path.join(out_dir, part))
-        parts.append((part, sorted(shard)))
-        shard.clear()
-
-    # The context closes the bar on errors too, so an error message starts on its own line.
-    with tqdm(source.names, desc="merge", unit="tensor", disable=not progress) as bar:
-        for name in bar:
-            t = _out_tensor(name, source.get(name), modules_for(updates, name), dtype)
-            size = t.numel() * t.element_size()
-            if shard and shard_bytes + size > max_shard_bytes:
-                flush()
-                shard_bytes = 0
-            shard[name] = t
-            shard_bytes += size
-            total_bytes += size
-    flush()
-    return parts, total_bytes
+def _planned(source: Source, updates: Updates, name: str, dtype: str) -> Planned:
+    modules = modules_for(updates, name)
+    return (name, out_dtype(source.dtype(name), dtype, name), source.shape(name),
+            lambda: _out_tensor(name, source.get(name), modules, dtype))

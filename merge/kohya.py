@@ -16,8 +16,8 @@ merge/sd3_keys.py, e.g. `lora_unet_joint_blocks_0_x_block_attn_qkv`.
   last block is recognised by shape: its context modulation (an AdaLayerNormContinuous) has 2 outputs per
   input, every other block's (AdaLayerNormZero) 6.
 
-Not read: the split-qkv variants some trainers write (separate q/k/v LoRAs under original names); a
-file with them is refused with the key named.
+- sd-scripts' split_qkv layout (`<qkv name>.lora_down.0.weight` ... `.lora_up.2.weight`, one alpha; scale
+  alpha / rank of one part) is read too. sd-scripts itself saves such LoRAs fused again, as above.
 """
 import json
 import re
@@ -32,6 +32,8 @@ from .sd3_keys import _BLOCK, _QKV, _TOP, CAT, COPY, SWAP, original_name, swap_h
 
 KOHYA_PREFIX = "lora_unet_"
 _PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# sd-scripts' split_qkv modules hold q, k, v apart under the fused name (its saved files fuse them again).
+_SPLIT_PARTS = tuple(f".lora_{d}.{i}.weight" for d in ("down", "up") for i in range(3))
 
 # Original module paths (no prefix) -> (diffusers module path or q/k/v paths, rule), by kohya name.
 _KOHYA_TOP = {orig.replace(".", "_"): (orig, diff, rule) for diff, (orig, rule) in _TOP.items()}
@@ -68,14 +70,14 @@ def parse_kohya_module(name: str) -> Tuple[str, object, str]:
             return f"joint_blocks.{i}.{orig}", tuple(f"transformer_blocks.{i}.{p}" for p in diff), CAT
         return f"joint_blocks.{i}.{orig}", f"transformer_blocks.{i}.{diff}", rule
     raise DataError(f"'{name}' is not an SD3 transformer module kohya LoRAs use (expected names like "
-                    "lora_unet_joint_blocks_0_x_block_attn_qkv; split-qkv kohya LoRAs are not supported)")
+                    "lora_unet_joint_blocks_0_x_block_attn_qkv)")
 
 
 def kohya_modules(tensors: Dict[str, torch.Tensor], path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
     """A kohya SD3 LoRA state dict as diffusers-named LoraModules (scale = lora scale * alpha / rank)."""
     groups: Dict[str, Dict[str, torch.Tensor]] = {}
     for key in sorted(tensors):
-        part = next((p for p in _PARTS if key.endswith(p)), None)
+        part = next((p for p in _PARTS + _SPLIT_PARTS if key.endswith(p)), None)
         if not key.startswith(KOHYA_PREFIX) or part is None:
             if key.startswith(KOHYA_PREFIX):
                 raise DataError(f"{path}: '{key}' is not a kohya LoRA weight (expected .lora_down.weight, "
@@ -88,16 +90,19 @@ def kohya_modules(tensors: Dict[str, torch.Tensor], path: str, scale: float = 1.
             _, diff, rule = parse_kohya_module(name)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
-        for needed in _PARTS[:2]:
-            if needed not in parts:
-                raise DataError(f"{path}: kohya module '{name}' has no {needed[1:]}")
-        down, up = checked_pair(path, name, parts[".lora_down.weight"], parts[".lora_up.weight"], "lora_down", "lora_up")
-        rank = down.shape[0]
         alpha = parts.get(".alpha")
         if alpha is not None:
             if alpha.numel() != 1 or not torch.isfinite(alpha).all():
                 raise DataError(f"{path}: kohya module '{name}' has an alpha that is not one finite number")
             alpha = float(alpha.float().reshape(()))
+        if any(p in parts for p in _SPLIT_PARTS):
+            modules.update(_split_qkv(path, name, parts, diff, rule, alpha, scale))
+            continue
+        for needed in _PARTS[:2]:
+            if needed not in parts:
+                raise DataError(f"{path}: kohya module '{name}' has no {needed[1:]}")
+        down, up = checked_pair(path, name, parts[".lora_down.weight"], parts[".lora_up.weight"], "lora_down", "lora_up")
+        rank = down.shape[0]
         s = scale * (rank if alpha is None else alpha) / rank
         if rule == CAT:
             if up.shape[0] % 3:
@@ -113,6 +118,24 @@ def kohya_modules(tensors: Dict[str, torch.Tensor], path: str, scale: float = 1.
             up = swap_halves(up).contiguous()
         modules[diff] = LoraModule(diff, down, up, s)
     return dict(sorted(modules.items()))
+
+
+def _split_qkv(path, name, parts, diff, rule, alpha, scale) -> Dict[str, LoraModule]:
+    """sd-scripts' split_qkv layout: q, k, v each with its own down `.lora_down.<i>` and up `.lora_up.<i>`
+    under the fused qkv name, one alpha, and the scale alpha / (rank of one part) as sd-scripts applies it."""
+    if rule != CAT:
+        raise DataError(f"{path}: kohya module '{name}' has split parts (.lora_down.0 ...) but is no fused qkv")
+    missing = [p for p in _SPLIT_PARTS if p not in parts]
+    if missing or any(p in parts for p in _PARTS[:2]):
+        raise DataError(f"{path}: kohya module '{name}' mixes or lacks split-qkv parts "
+                        f"({'no ' + missing[0][1:] if missing else 'fused and split weights'})")
+    out = {}
+    for i, sub in enumerate(diff):
+        down, up = checked_pair(path, f"{name} part {i}", parts[f".lora_down.{i}.weight"], parts[f".lora_up.{i}.weight"],
+                                "lora_down", "lora_up")
+        rank = down.shape[0]
+        out[sub] = LoraModule(sub, down, up, scale * (rank if alpha is None else alpha) / rank)
+    return out
 
 
 def _to_original(module: str) -> Tuple[str, str, Optional[int]]:

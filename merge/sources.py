@@ -11,11 +11,11 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from shards.errors import DataError
 
 from .sd3_keys import CAT, PREFIX, Group, groups_from_original, split
+from .tensorfile import TensorFile
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers models (transformer, vae)
 TRANSFORMERS_WEIGHTS = "model.safetensors"  # transformers models (the text encoders)
@@ -31,12 +31,11 @@ def tensor_files(model_dir: str, what: str, weights_name: str = DIFFUSERS_WEIGHT
                 weight_map = json.load(f)["weight_map"]
             where = {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
         elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
-                where = {name: single for name in f.keys()}
+            where = {name: single for name in file_keys(single, what)}
         else:
             raise DataError(f"{model_dir} holds neither {weights_name} nor its .index.json; merge needs the {what} "
                             "in safetensors")
-    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"cannot read the {what} in {model_dir}: {e!r}") from None
     for file in sorted(set(where.values())):
         if not os.path.isfile(file):
@@ -52,17 +51,17 @@ class Source:
         self.what = what
         self._handles: Dict[str, object] = {}
 
-    def _open(self, file: str):
+    def _open(self, file: str) -> TensorFile:
         if file not in self._handles:
             try:
-                self._handles[file] = safe_open(file, framework="pt").__enter__()
-            except (SafetensorError, OSError) as e:
-                raise DataError(f"cannot read the {self.what} ({file}): {e}") from None
+                self._handles[file] = TensorFile(file)
+            except OSError as e:
+                raise DataError(f"cannot read the {self.what} ({file}): {e.strerror or e}") from None
         return self._handles[file]
 
     def close(self) -> None:
         for h in self._handles.values():
-            h.__exit__(None, None, None)
+            h.close()
         self._handles.clear()
 
     def __enter__(self):
@@ -72,20 +71,14 @@ class Source:
         self.close()
 
     def shape(self, name: str) -> Tuple[int, ...]:
-        return self._read(self._shape, name)
+        return self._shape(name)
 
     def dtype(self, name: str) -> str:
         """The safetensors dtype string (F32, BF16, ...)."""
-        return self._read(self._dtype, name)
+        return self._dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._read(self._get, name)
-
-    def _read(self, fn, name):
-        try:
-            return fn(name)
-        except SafetensorError as e:  # a truncated or corrupt file
-            raise DataError(f"cannot read '{name}' of the {self.what}: {e}") from None
+        return self._get(name)
 
 
 class FileSource(Source):
@@ -95,19 +88,19 @@ class FileSource(Source):
         super().__init__([prefix + n for n in where], what)
         self._where = {prefix + n: (file, n) for n, file in where.items()}
 
-    def _slice(self, name):
+    def _entry(self, name):
         file, stored = self._where[name]
-        return self._open(file).get_slice(stored)
+        return self._open(file).entries[stored]
 
     def _shape(self, name):
-        return tuple(self._slice(name).get_shape())
+        return self._entry(name).shape
 
     def _dtype(self, name):
-        return self._slice(name).get_dtype()
+        return self._entry(name).dtype
 
     def _get(self, name):
         file, stored = self._where[name]
-        return self._open(file).get_tensor(stored)
+        return self._open(file).get(stored)
 
 
 def folder_source(model_dir: str, what: str, weights_name: str = DIFFUSERS_WEIGHTS, prefix: str = "") -> FileSource:
@@ -116,10 +109,10 @@ def folder_source(model_dir: str, what: str, weights_name: str = DIFFUSERS_WEIGH
 
 def file_keys(path: str, what: str) -> List[str]:
     try:
-        with safe_open(path, framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise DataError(f"cannot read the {what} {path}: {e}") from None
+        with TensorFile(path) as f:
+            return f.keys()
+    except OSError as e:
+        raise DataError(f"cannot read the {what} {path}: {e.strerror or e}") from None
 
 
 class OriginalSource(Source):
@@ -138,13 +131,13 @@ class OriginalSource(Source):
         super().__init__(list(self._part), what)
         self._cache: Tuple[Optional[str], List[torch.Tensor]] = (None, [])
 
-    def _slice(self, name):
+    def _entry(self, name):
         g, _ = self._part[name]
-        return self._open(self.path).get_slice(g.key)
+        return self._open(self.path).entries[g.key]
 
     def _shape(self, name):
         g, _ = self._part[name]
-        shape = tuple(self._slice(name).get_shape())
+        shape = self._entry(name).shape
         if g.rule == CAT:
             if not shape or shape[0] % len(g.sources):
                 raise DataError(f"'{g.key}' of the {self.what} has shape {shape}, which does not split into q, k, v")
@@ -152,12 +145,13 @@ class OriginalSource(Source):
         return shape
 
     def _dtype(self, name):
-        return self._slice(name).get_dtype()
+        return self._entry(name).dtype
 
     def _get(self, name):
         g, i = self._part[name]
         if self._cache[0] != g.key:
-            self._cache = (g.key, split(g, self._open(self.path).get_tensor(g.key)))
+            self._cache = (None, [])  # drop the previous group before reading the next
+            self._cache = (g.key, split(g, self._open(self.path).get(g.key)))
         return self._cache[1][i]
 
 

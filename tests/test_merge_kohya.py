@@ -161,3 +161,32 @@ def test_bad_convert_input_is_one_line(lora, kohya, tmp_path, case, code, words)
         assert out.read_bytes() == b"keep me"
     else:
         assert not out.exists()
+
+
+# sd-scripts' split_qkv layout: q, k, v LoRAs apart under the fused qkv name, scale alpha / rank of one part.
+def test_split_qkv_layout_merges_like_the_diffusers_file(base, lora, kohya, tmp_path):
+    fused = load_file(kohya)
+    split = {}
+    for key, t in fused.items():
+        name = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]
+        if not name.endswith("_attn_qkv"):
+            split[key] = t
+        elif key.endswith(".lora_down.weight"):
+            for i, part in enumerate(t.chunk(3)):
+                split[f"{name}.lora_down.{i}.weight"] = part.contiguous()
+        elif key.endswith(".lora_up.weight"):
+            h, r = t.shape[0] // 3, t.shape[1] // 3
+            for i in range(3):
+                split[f"{name}.lora_up.{i}.weight"] = t[i * h:(i + 1) * h, i * r:(i + 1) * r].contiguous()
+        else:  # the fused alpha is 3r * scale; a part's scale is alpha / r, so alpha = r * scale
+            split[key] = t / 3
+    path = str(tmp_path / "split.safetensors")
+    save_file(split, path)
+    assert any(".lora_up.2.weight" in k for k in split)
+    assert_same_weights(merged_weights(merge(base, path, tmp_path / "split")),
+                        merged_weights(merge(base, lora, tmp_path / "orig")))
+    del split[next(k for k in split if k.endswith(".lora_up.1.weight"))]
+    save_file(split, path)
+    r = subprocess.run([sys.executable, "-m", "merge", f"model.path={base}", f"lora.path={path}",
+                        f"out.dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "lacks split-qkv parts (no lora_up.1.weight)" in r.stderr.strip().splitlines()[-1]

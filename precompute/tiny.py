@@ -154,7 +154,8 @@ def build_tiny_model(out_dir: str, seed: int = 0, qk_norm=None, dual_attention_l
         te2 = clip(d["clip_g"], "gelu", seed + 2)
         torch.manual_seed(seed + 3)
         te3 = T5EncoderModel(T5Config(
-            vocab_size=len(tok3), d_model=d["t5"], d_kv=16, d_ff=128,  # bitsandbytes on CPU needs in_features % 64 == 0 num_layers=2, num_heads=4,
+            # bitsandbytes on CPU needs in_features % 64 == 0: d_model, d_ff and heads * d_kv are multiples of 64.
+            vocab_size=len(tok3), d_model=d["t5"], d_kv=16, d_ff=128, num_layers=2, num_heads=4,
             feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
             decoder_start_token_id=0,
         )).eval()

@@ -10,14 +10,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from merge.sd3_keys import PREFIX, VAE_PREFIX, original_name, plan, to_original, vae_to_original
+from merge.sd3_keys import PREFIX, VAE_PREFIX, groups_from_original, original_name, plan, split, to_original, vae_to_original
 from merge.single_file import SINGLE_FILE_METADATA
 from shards.errors import DataError
 from test_merge import _run, make_lora, merge, merged_weights
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-LAYOUTS = {"sd3": {}, "sd35": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}}
+# SD3 Medium; SD3.5 Medium (qk-norm, dual attention in the first blocks); SD3.5 Large (qk-norm only).
+LAYOUTS = {"sd3": {}, "sd35": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+           "sd35-large": {"qk_norm": "rms_norm"}}
 
 
 @pytest.fixture(scope="session", params=sorted(LAYOUTS))
@@ -65,6 +67,19 @@ def test_round_trip_through_diffusers_converter(base):
                        torch.cat([last[half:], last[:half]]))
     assert torch.equal(orig[PREFIX + "joint_blocks.0.context_block.adaLN_modulation.1.bias"],
                        sd["transformer_blocks.0.norm1_context.linear.bias"])
+
+
+# (1b) ... and the original keys give back the same groups, whose split undoes combine, tensor for tensor.
+def test_original_layout_reads_back_under_diffusers_names(base):
+    sd = base_weights(base)
+    orig = to_original(sd)
+    groups = groups_from_original(list(orig) + ["first_stage_model.conv_in.weight"])  # other prefixes are ignored
+    assert groups == plan(sd)
+    for g in groups:
+        for name, t in zip(g.sources, split(g, orig[g.key])):
+            assert torch.equal(t, sd[name]), name
+    with pytest.raises(DataError, match="model.diffusion_model.joint_blocks.0.x_block.attn.nonsense"):
+        groups_from_original([PREFIX + "joint_blocks.0.x_block.attn.nonsense.weight"])
 
 
 # (2) diffusers' from_single_file loads our merged file to exactly the weights of our merged diffusers release.

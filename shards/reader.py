@@ -6,10 +6,15 @@ than feeding silently corrupted tensors onward.
 """
 import hashlib
 import json
+import math
 import os
+import queue
+import sys
 import tarfile
+import threading
 from typing import Dict, Iterator, List, Optional, Union
 
+import numpy
 import torch
 from safetensors.torch import load as st_load
 
@@ -86,52 +91,204 @@ def check_shard_files(path: str, manifest: dict) -> None:
         raise DataError(f"{os.path.join(path, F.EXTRAS)} is missing; the shard set is damaged")
 
 
+# safetensors dtype names of the tensors shards hold; anything else is left to safetensors itself.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def load_tensors(data) -> Dict[str, torch.Tensor]:
+    """A safetensors buffer -> tensors that view `data` instead of copying it (a 1024² sample is ~5 MB,
+    and one copy fewer per sample is a large part of the stream's CPU time). A read-only buffer
+    (`bytes`) or a dtype not listed above goes through `safetensors.torch.load`, which copies."""
+    mv = memoryview(data).cast("B")
+    if len(mv) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(mv[:8], "little")
+    if n > len(mv) - 8:
+        raise ValueError("safetensors header runs past the end of the data")
+    header = json.loads(bytes(mv[8:8 + n]))
+    specs = {k: v for k, v in header.items() if k != "__metadata__"}
+    if mv.readonly or sys.byteorder != "little" or any(v.get("dtype") not in _ST_DTYPES for v in specs.values()):
+        return st_load(bytes(mv))
+    base, size, out, spans = 8 + n, len(mv) - 8 - n, {}, []
+    for name, spec in specs.items():
+        dtype, shape = _ST_DTYPES[spec["dtype"]], [int(d) for d in spec["shape"]]
+        begin, end = (int(o) for o in spec["data_offsets"])
+        numel = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != numel * dtype.itemsize \
+                or (base + begin) % dtype.itemsize:
+            raise ValueError(f"safetensors entry {name} does not fit the data")
+        spans.append((begin, end))
+        out[name] = torch.frombuffer(mv, dtype=dtype, count=numel, offset=base + begin).reshape(shape) if numel \
+            else torch.empty(shape, dtype=dtype)
+    spans.sort()
+    if any(b < e for (_, e), (b, _) in zip(spans, spans[1:])):
+        raise ValueError("safetensors entries overlap")
+    return out
+
+
 def decode_sample(members: Dict[str, bytes]) -> dict:
     """One sample's tar members (by extension) -> tensors + `key` + `meta`."""
-    tensors = st_load(members["safetensors"])
-    meta = json.loads(members["json"])
+    tensors = load_tensors(members["safetensors"])
+    meta = json.loads(bytes(members["json"]))
     return {**tensors, "key": meta["key"], "meta": meta}
 
 
-class _Hashing:
-    """File-like wrapper that hashes what passes through it."""
+class _Sha256Thread:
+    """sha256 of a byte stream, computed in a helper thread in the order the pieces were given.
 
-    def __init__(self, f):
-        self.f, self.h = f, hashlib.sha256()
+    hashlib releases the GIL on large buffers, so on two cores hashing one sample runs alongside
+    reading the next and decoding / batching the previous one; hashing is the largest single cost
+    of the stream. `wait(n)` returns once the first n pieces are hashed, so a sample is handed on only
+    after the hasher is done with its buffers (a consumer may then change them in place).
+    """
 
-    def read(self, n=-1):
-        b = self.f.read(n)
-        self.h.update(b)
-        return b
+    def __init__(self):
+        self._h, self._q = hashlib.sha256(), queue.SimpleQueue()
+        self._given = self._done = 0
+        self._error = None
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="shard-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            piece = self._q.get()
+            if piece is None:
+                return
+            try:
+                if self._error is None:
+                    self._h.update(piece)
+            except BaseException as e:  # reported by wait() / hexdigest() in the reading thread
+                self._error = e
+            with self._cv:
+                self._done += 1
+                self._cv.notify_all()
+
+    @property
+    def given(self) -> int:
+        return self._given
+
+    def update(self, piece) -> None:
+        self._given += 1
+        self._q.put(piece)
+
+    def wait(self, n: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._done >= n)
+        if self._error is not None:
+            raise self._error
+
+    def hexdigest(self) -> str:
+        self.wait(self._given)
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        self._q.put(None)
 
 
-def iter_tar(url: str, sha256: Optional[str] = None) -> Iterator[Dict[str, bytes]]:
-    """Raw samples of one shard (`{"__key__", ext: bytes}`) in file order; checks `sha256` at the end."""
+class _HashedStream:
+    """Reads a file or URL stream in whole pieces, handing each piece to a `_Sha256Thread`; also what
+    `tarfile.TarInfo.fromtarfile` needs of a file (`read`, `tell`)."""
+
+    def __init__(self, f, hasher: _Sha256Thread):
+        self.f, self.hasher, self.pos = f, hasher, 0
+        self._readinto = getattr(f, "readinto", None)
+
+    def read_buffer(self, n: int) -> memoryview:
+        """Up to n bytes (fewer only at the end) in fresh, writable memory: read straight into it with
+        `readinto` where the stream has it, and not zero-filled first as a bytearray would be."""
+        mv = memoryview(numpy.empty(n, dtype=numpy.uint8)).cast("B")
+        got = 0
+        while got < n:
+            if self._readinto is not None:
+                k = self._readinto(mv[got:]) or 0
+            else:  # a pipe: URL streams (webdataset gopen) offer only read
+                b = self.f.read(n - got)
+                k = len(b)
+                mv[got:got + k] = b
+            if not k:
+                break
+            got += k
+        mv = mv[:got]
+        self.pos += got
+        self.hasher.update(mv)
+        return mv
+
+    def read(self, n: int) -> bytes:
+        return bytes(self.read_buffer(n))
+
+    def tell(self) -> int:
+        return self.pos
+
+
+class _TarHeaders:
+    """The part of a `tarfile.TarFile` that `TarInfo.fromtarfile` uses: the standard library parses
+    every header (ustar, GNU long names, pax) while the member data is read here, each member in one
+    piece, instead of in tarfile's 10 KiB stream records joined and sliced again (two more copies)."""
+
+    encoding, errors = tarfile.ENCODING, "surrogateescape"
+
+    def __init__(self, stream: _HashedStream):
+        self.fileobj, self.offset, self.pax_headers = stream, 0, {}
+
+
+def _tar_members(stream: _HashedStream) -> Iterator[tuple]:
+    """(name, data) of each regular file in a tar stream, in file order; ends like `tarfile` in `r|` mode."""
+    headers = _TarHeaders(stream)
+    while True:
+        at = stream.tell()
+        try:
+            info = tarfile.TarInfo.fromtarfile(headers)
+        except tarfile.EOFHeaderError:  # the end-of-archive block
+            return
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            if at == 0:
+                raise tarfile.ReadError("empty file" if isinstance(e, tarfile.EmptyHeaderError) else str(e)) from None
+            return
+        if info.sparse is not None:
+            raise tarfile.ReadError(f"{info.name}: sparse members are not supported")
+        size = headers.offset - stream.tell()  # data and padding up to the next header
+        data = stream.read_buffer(size) if size > 0 else memoryview(b"")
+        if len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        if info.isfile():
+            yield info.name, data[:info.size]
+
+
+def iter_tar(url: str, sha256: Optional[str] = None) -> Iterator[Dict[str, memoryview]]:
+    """Raw samples of one shard (`{"__key__", ext: writable buffer}`) in file order; checks `sha256` at the end."""
     name = os.path.basename(url)
+    hasher = _Sha256Thread()
     try:
         with _open(url) as raw:
-            stream = _Hashing(raw)
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                sample = {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    if sample and key != sample["__key__"]:
-                        yield sample
-                        sample = {}
-                    sample["__key__"] = key
-                    sample[ext] = tar.extractfile(member).read()
-                if sample:
+            stream = _HashedStream(raw, hasher)
+            sample = {}
+            for member, data in _tar_members(stream):
+                key, _, ext = member.partition(".")
+                if sample and key != sample["__key__"]:
+                    # This member's bytes are queued behind the previous sample's: once those are hashed,
+                    # that sample can go (and is hashed while the consumer works on it, or the next is read).
+                    hasher.wait(hasher.given - 1)
                     yield sample
-            while stream.read(1 << 20):  # tar end padding still counts towards the hash
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = data
+            if sample:
+                hasher.wait(hasher.given)
+                yield sample
+            while stream.read_buffer(1 << 20):  # tar end padding still counts towards the hash
                 pass
+            digest = hasher.hexdigest()
     except FileNotFoundError:
         raise DataError(f"{url} is missing; the shard set is damaged: run `python -m shards verify`") from None
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{url}: unreadable shard ({type(e).__name__}: {str(e)[:120]}); "
                         "the shard set is damaged: run `python -m shards verify` and precompute it again") from None
-    if sha256 is not None and stream.h.hexdigest() != sha256:
+    finally:
+        hasher.close()
+    if sha256 is not None and digest != sha256:
         raise DataError(f"{name}: its sha256 differs from the manifest (corrupt or replaced); "
                         "run `python -m shards verify` and precompute the set again")
 

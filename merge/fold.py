@@ -63,8 +63,10 @@ def _out_tensor(name: str, w: torch.Tensor, modules: Sequence[LoraModule], dtype
     if not modules and target == w.dtype:
         return w
     out = w.float() if modules else w
+    if modules and out is w:  # already fp32: do not change the caller's tensor in place
+        out = w.clone()
     for m in modules:
-        out = out + m.delta()
+        out.add_(m.delta())
     out = out.to(target)
     if not torch.isfinite(out).all():  # also catches values that overflow a narrower out.dtype
         what = "after folding the LoRA" if modules else f"after casting to {dtype}"
@@ -103,7 +105,7 @@ def fold_transformer(source: Source, updates: Updates, out_dir: str, dtype: str 
     with tqdm(total=len(planned), desc="merge", unit="tensor", disable=not progress) as bar:
         for shard, file in zip(shards, files):
             total += write_tensor_file(os.path.join(out_dir, file), shard, FILE_METADATA,
-                                       check=lambda name, t: bar.update())
+                                       done=lambda name: bar.update())
     if len(files) > 1:
         weight_map = {p[0]: file for shard, file in zip(shards, files) for p in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -112,7 +114,16 @@ def fold_transformer(source: Source, updates: Updates, out_dir: str, dtype: str 
     return FoldResult(modules=sum(map(len, updates.values())), tensors=len(source.names), files=files)
 
 
+def unchanged(source: Source, name: str, modules: Sequence[LoraModule], to: torch.dtype) -> bool:
+    """Whether the tensor goes into the release byte for byte: no LoRA on it and its stored dtype kept."""
+    return not modules and TENSORFILE_DTYPES[source.dtype(name)] == to
+
+
 def _planned(source: Source, updates: Updates, name: str, dtype: str) -> Planned:
     modules = modules_for(updates, name)
-    return (name, out_dtype(source.dtype(name), dtype, name), source.shape(name),
-            lambda: _out_tensor(name, source.get(name), modules, dtype))
+    to = out_dtype(source.dtype(name), dtype, name)
+
+    def make():
+        spans = source.spans(name) if unchanged(source, name, modules, to) else None
+        return spans if spans is not None else _out_tensor(name, source.get(name), modules, dtype)
+    return name, to, source.shape(name), make

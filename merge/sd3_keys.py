@@ -20,6 +20,8 @@ import torch
 
 from shards.errors import DataError
 
+from .tensorfile import Span, slice_spans, spans_size
+
 PREFIX = "model.diffusion_model."
 COPY, SWAP, CAT = "copy", "swap", "cat"
 
@@ -202,6 +204,30 @@ def combine(group: Group, tensors: List[torch.Tensor]) -> torch.Tensor:
     if group.rule == CONV1X1:
         return t[:, :, None, None] if t.dim() == 2 else t
     return swap_halves(t).contiguous() if group.rule == SWAP else t
+
+
+def split_spans(group: Group, spans: List[Span], i: int) -> List[Span]:
+    """`split`, on bytes: where source i's bytes lie within the original tensor's (row-major, so a dim-0 chunk
+    or half is a byte range)."""
+    n = spans_size(spans)
+    if group.rule == CAT:
+        k = len(group.sources)
+        return slice_spans(spans, i * n // k, (i + 1) * n // k)
+    return _swapped(spans) if group.rule == SWAP else list(spans)
+
+
+def combine_spans(group: Group, parts: List[List[Span]]) -> List[Span]:
+    """`combine`, on bytes: the original tensor's bytes from its sources' (dim-0 concatenation = byte concatenation;
+    a 1x1 convolution holds a linear weight's bytes as they are)."""
+    if group.rule == CAT:
+        return [sp for part in parts for sp in part]
+    (spans,) = parts
+    return _swapped(spans) if group.rule == SWAP else list(spans)
+
+
+def _swapped(spans: List[Span]) -> List[Span]:
+    half = spans_size(spans) // 2
+    return slice_spans(spans, half, 2 * half) + slice_spans(spans, 0, half)
 
 
 def output_shape(group: Group, shapes: List[Tuple[int, ...]]) -> Tuple[int, ...]:

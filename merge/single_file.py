@@ -12,9 +12,9 @@ from tqdm import tqdm
 
 from shards.errors import DataError
 
-from .fold import FILE_METADATA, FoldResult, _out_tensor, check_targets, modules_for, out_dtype
+from .fold import FILE_METADATA, FoldResult, _out_tensor, check_targets, modules_for, out_dtype, unchanged
 from .lora import Updates
-from .sd3_keys import COPY, Group, combine, output_shape, plan, vae_plan
+from .sd3_keys import COPY, Group, combine, combine_spans, output_shape, plan, vae_plan
 from .sources import Source
 from .tensorfile import Planned, read_metadata, write_tensor_file
 
@@ -66,9 +66,15 @@ def _planned(job: Job) -> Planned:
         raise DataError(f"{', '.join(g.sources)} have different dtypes and cannot be fused into '{g.key}'; set out.dtype")
     shape = output_shape(g, [src.shape(s) for s in g.sources])
 
-    def make() -> torch.Tensor:
+    to = dtypes.pop()
+
+    def make():
+        if all(unchanged(src, s, modules_for(job.updates, s), to) for s in g.sources):
+            parts = [src.spans(s) for s in g.sources]
+            if all(p is not None for p in parts):
+                return combine_spans(g, parts)
         return combine(g, [_out_tensor(s, src.get(s), modules_for(job.updates, s), job.dtype) for s in g.sources])
-    return g.key, dtypes.pop(), tuple(shape), make
+    return g.key, to, tuple(shape), make
 
 
 def write_single_file(jobs: List[Job], path: str, progress: bool = True) -> FoldResult:
@@ -81,6 +87,6 @@ def write_single_file(jobs: List[Job], path: str, progress: bool = True) -> Fold
     planned = [_planned(job) for job in jobs]
     # The context closes the bar on errors too, so an error message starts on its own line.
     with tqdm(total=len(planned), desc="merge", unit="tensor", disable=not progress) as bar:
-        write_tensor_file(path, planned, SINGLE_FILE_METADATA, check=lambda name, t: bar.update())
+        write_tensor_file(path, planned, SINGLE_FILE_METADATA, done=lambda name: bar.update())
     modules = sum(len(m) for m in next((j.updates for j in jobs if j.updates), {}).values())
     return FoldResult(modules=modules, tensors=len(jobs), files=[os.path.basename(path)])

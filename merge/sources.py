@@ -14,8 +14,8 @@ import torch
 
 from shards.errors import DataError
 
-from .sd3_keys import CAT, PREFIX, Group, groups_from_original, split
-from .tensorfile import TensorFile
+from .sd3_keys import CAT, PREFIX, Group, groups_from_original, split, split_spans
+from .tensorfile import Span, TensorFile
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers models (transformer, vae)
 TRANSFORMERS_WEIGHTS = "model.safetensors"  # transformers models (the text encoders)
@@ -80,6 +80,10 @@ class Source:
     def get(self, name: str) -> torch.Tensor:
         return self._get(name)
 
+    def spans(self, name: str) -> Optional[List[Span]]:
+        """Where the tensor's bytes lie, as stored (row-major, its `dtype`), if they can be copied as they are."""
+        return None
+
 
 class FileSource(Source):
     """Tensors under their stored names, from files given by name -> file (`prefix` is added to every name)."""
@@ -101,6 +105,10 @@ class FileSource(Source):
     def _get(self, name):
         file, stored = self._where[name]
         return self._open(file).get(stored)
+
+    def spans(self, name):
+        file, stored = self._where[name]
+        return self._open(file).spans(stored)
 
 
 def folder_source(model_dir: str, what: str, weights_name: str = DIFFUSERS_WEIGHTS, prefix: str = "") -> FileSource:
@@ -153,6 +161,11 @@ class OriginalSource(Source):
             self._cache = (None, [])  # drop the previous group before reading the next
             self._cache = (g.key, split(g, self._open(self.path).get(g.key)))
         return self._cache[1][i]
+
+    def spans(self, name):
+        g, i = self._part[name]
+        self._shape(name)  # a fused tensor that does not split is refused here, as when read
+        return split_spans(g, self._open(self.path).spans(g.key), i)
 
 
 class OtherKeys(FileSource):

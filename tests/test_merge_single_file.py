@@ -201,3 +201,44 @@ def test_non_finite_result_leaves_nothing(base, lora, tmp_path, capsys):
     code, line = _run(argv, capsys)
     assert code == 1 and "non-finite" in line, line
     assert os.listdir(tmp_path) == []
+
+
+# Unchanged tensors are copied as input-file byte spans (in the kernel); the result must be the same bytes as
+# reading, converting and writing every tensor, both ways between the layouts, with or without copy_file_range.
+@pytest.mark.parametrize("kernel", [True, False])
+def test_byte_copies_equal_the_tensor_path(base, lora, tmp_path, monkeypatch, kernel):
+    from merge import tensorfile
+    from merge.fold import fold_transformer
+    from merge.lora import read_loras
+    from merge.single_file import transformer_jobs, write_single_file
+    from merge.sources import FileSource, OriginalSource, Source, folder_source
+
+    copied = []
+    real_copy = tensorfile._SpanCopier.copy
+    monkeypatch.setattr(tensorfile._SpanCopier, "copy", lambda self, span, fd: copied.append(span) or real_copy(self, span, fd))
+    if not kernel:  # the fallback of platforms or filesystem pairs without copy_file_range
+        monkeypatch.delattr(tensorfile.os, "copy_file_range", raising=False)
+    updates = read_loras([os.path.join(lora, "pytorch_lora_weights.safetensors")], [0.7])  # attention layers only
+    outputs = {}
+    for mode in ("spans", "tensors"):
+        if mode == "tensors":
+            for cls in (Source, FileSource, OriginalSource):
+                monkeypatch.setattr(cls, "spans", lambda self, name: None)
+            copied.clear()
+        d = tmp_path / mode
+        d.mkdir()
+        for name, ups in (("merged", updates), ("plain", {})):  # diffusers -> original: fused qkv, swapped halves
+            with folder_source(os.path.join(base, "transformer"), "base") as src:
+                write_single_file(transformer_jobs(src, ups, "auto"), str(d / f"{name}.safetensors"), progress=False)
+        for name, ups in (("plain", {}), ("merged", updates)):  # original -> diffusers: split qkv, swapped halves
+            with OriginalSource(str(d / "plain.safetensors")) as src:
+                fold_transformer(src, ups, str(d / name), progress=False)
+        outputs[mode] = {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*.safetensors"))}
+        if mode == "spans":
+            assert copied, "nothing was copied as bytes"
+    assert outputs["spans"].keys() == outputs["tensors"].keys() and len(outputs["spans"]) == 4
+    for name in outputs["spans"]:
+        assert outputs["spans"][name] == outputs["tensors"][name], name
+    # Through the original layout and back, unmerged: the base file's tensors exactly.
+    back, sd = load_file(str(tmp_path / "spans" / "plain" / WEIGHTS)), base_weights(base)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)

@@ -10,12 +10,13 @@ TINY_MODEL := build/tiny-sd3
 SAMPLE_DATA := build/sample-data
 ARGS ?=
 
-.PHONY: help venv tiny-model sample-data precompute train merge demo test clean
+.PHONY: help venv tiny-model sample-data precompute train merge demo test bench clean
 
 help:
 	@echo "make demo        set up, build the tiny model + sample data, run precompute -> train -> merge"
 	@echo "make test        run the test suite"
 	@echo "make precompute|train|merge [CONFIG=file.yaml] [ARGS='key=value ...']"
+	@echo "make bench       benchmarks that fit this machine -> one table + bench/results-<device>-<date>.json"
 	@echo "make tiny-model | sample-data | clean"
 
 $(STAMP): pyproject.toml
@@ -66,6 +67,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# The train and precompute rows need a CUDA GPU (ARGS=--quick runs tiny versions anywhere); stream and merge run on the CPU.
+bench: $(STAMP)
+	$(PY) -m train.bench $(ARGS)
 
 clean:
 	rm -rf build

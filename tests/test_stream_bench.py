@@ -15,7 +15,7 @@ from shards.reader import iter_tar, load_tensors, read_samples
 
 
 def test_quick_row_streams_every_sample_through_the_trainer_pipeline():
-    from shards.bench import rows
+    from train.stream_bench import rows
 
     (row,) = rows(quick=True)
     s = row["settings"]
@@ -30,10 +30,10 @@ def test_quick_row_streams_every_sample_through_the_trainer_pipeline():
 
 
 def test_a_pipeline_that_loses_a_sample_fails_the_benchmark(monkeypatch):
-    import train.data
-    from shards.bench import stream_row
+    import train.stream_bench
+    from train.stream_bench import stream_row
 
-    real = train.data.bucket_batches
+    real = train.stream_bench.bucket_batches
 
     def lossy(*args, **kw):
         for i, batch in enumerate(real(*args, **kw)):
@@ -41,7 +41,7 @@ def test_a_pipeline_that_loses_a_sample_fails_the_benchmark(monkeypatch):
                 batch = dict(batch, keys=batch["keys"][1:])
             yield batch
 
-    monkeypatch.setattr(train.data, "bucket_batches", lossy)
+    monkeypatch.setattr(train.stream_bench, "bucket_batches", lossy)
     with pytest.raises(RuntimeError, match="not each of the 6 written once"):
         stream_row(n=6, per_shard=4, batch_size=2, resolution=64, max_sequence_length=8)
 
@@ -125,6 +125,6 @@ def test_a_sample_handed_on_is_not_hashed_any_more(tmp_path):
 def test_cli_bench_quick_prints_the_row():
     from conftest import run_module
 
-    r = run_module("shards", "bench", "--quick", timeout=120)
+    r = run_module("train.stream_bench", "--quick", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "stream:" in r.stdout and "samples/s" in r.stdout and "baseline" in r.stdout

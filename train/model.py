@@ -16,6 +16,11 @@ def load_transformer(root: str, dtype: torch.dtype, device: torch.device, quanti
     from diffusers import SD3Transformer2DModel
 
     t = SD3Transformer2DModel.from_pretrained(component_dir(root, "transformer"), torch_dtype=dtype)
+    return freeze_and_place(t, dtype, device, quantize)
+
+
+def freeze_and_place(t, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
+    """Freeze the base, quantize its blocks if asked, move it to `device` (also used by train.bench)."""
     t.requires_grad_(False)
     if quantize != "none":
         quantize_blocks(t, quantize, dtype, device)  # before .to(device): only 4/8-bit weights reach the GPU

@@ -3,9 +3,10 @@
 
 The shard set is written with the project's own `ShardSetWriter` (random values in the real shapes
 and storage dtype), so the bytes read are exactly what precompute would have produced. The pipeline
-timed is the trainer's own: `train.data.Prefetch(bucket_batches(...))` over `read_samples` with the
-manifest's sha256 checks, collate included. That is why this module, alone in `shards/`, imports
-`train` (lazily, inside `stream_row`): measuring anything else would not be the trainer's speed.
+timed is the trainer's own: `Prefetch(bucket_batches(...))` over `shards.reader.read_samples` with the
+manifest's sha256 checks, collate included.
+
+`python -m train.stream_bench [--quick]` prints the row; `python -m train.bench --rows stream` puts it in the table.
 """
 import math
 import os
@@ -17,7 +18,11 @@ from typing import List, Optional
 
 import torch
 
-from .writer import ShardSetWriter, torch_dtype
+from shards.measure import write_rows
+from shards.writer import ShardSetWriter, torch_dtype
+
+from .config import DataConfig
+from .data import Prefetch, bucket_batches
 
 RESOLUTION = 1024
 DOWNSAMPLE = 8  # SD3 VAE
@@ -62,14 +67,14 @@ def write_random_set(out_dir: str, n: int, per_shard: int, dtype: str = "bf16", 
                              "validation_pooled_prompt_embeds": torch.zeros(1, POOLED_DIM)},
                             {"validation_prompts": ["random"]})
         return writer.close({
-            "model": {"path": "random values (shards.bench)", "revision": None, "components": {}},
+            "model": {"path": "random values (train.stream_bench)", "revision": None, "components": {}},
             "vae": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "downsample_factor": DOWNSAMPLE},
             "latent_channels": LATENT_CHANNELS,
             "embeddings": {"prompt_embeds_dim": EMBED_DIM, "clip_tokens": CLIP_TOKENS, "pooled_dim": POOLED_DIM},
             "max_sequence_length": max_sequence_length,
             "precisions": {"clip": dtype, "t5": dtype, "vae": dtype},
             "flipped_latents": flip,
-            "config": {"bench": "shards.bench", "samples": n, "resolution": resolution},
+            "config": {"bench": "train.stream_bench", "samples": n, "resolution": resolution},
         })
     except BaseException:
         writer.abort()
@@ -92,8 +97,6 @@ def raw_tar_read(paths: List[str]) -> dict:
 def pipeline_read(set_dir: str, n: int, batch_size: int, shuffle_buffer: int, seed: int = 0,
                   pin: Optional[bool] = None) -> dict:
     """One epoch through the trainer's stream: Prefetch(bucket_batches(set)) until `n` samples arrived."""
-    from train.data import Prefetch, bucket_batches
-
     pin = torch.cuda.is_available() if pin is None else pin  # the trainer pins only when training on CUDA
     keys, batches = [], 0
     t0 = time.perf_counter()
@@ -112,8 +115,6 @@ def pipeline_read(set_dir: str, n: int, batch_size: int, shuffle_buffer: int, se
 def stream_row(n: int, per_shard: int, batch_size: int = 4, repeats: int = 1, dtype: str = "bf16",
                resolution: int = RESOLUTION, flip: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
                shuffle_buffer: Optional[int] = None, workdir: Optional[str] = None) -> dict:
-    from train.config import DataConfig
-
     shuffle_buffer = DataConfig.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
     tmp = tempfile.mkdtemp(prefix="shardtune-stream-bench-", dir=workdir)
     try:
@@ -180,3 +181,23 @@ def format_row(r: dict) -> str:
             f"(runs {', '.join(f'{x:.2f}' for x in b['seconds_all'])} s)\n"
             f"  ratio (baseline time / pipeline time): {r['ratio']:.2f}\n"
             f"  settings: {s}")
+
+
+def main(argv: List[str]) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m train.stream_bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few samples, one pass (for tests)")
+    ap.add_argument("--json", help="also write the rows to this file")
+    a = ap.parse_args(argv)
+    out = rows(a.quick)
+    for row in out:
+        print(format_row(row))
+    if a.json:
+        write_rows(a.json, out)
+
+
+if __name__ == "__main__":
+    from shards.config import run_cli
+
+    run_cli("train.stream_bench", main)

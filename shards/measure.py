@@ -1,0 +1,133 @@
+"""What every stage's benchmark (`make bench`, issue 6) measures with: device sync, peak memory (CUDA allocator
+or the process's peak RSS), out-of-memory detection, timing of repeated calls, and the published SD3
+transformer configs the benchmarks build at full size with random weights.
+
+It lives here because `shards` is the one package precompute, train and merge may all import.
+"""
+import gc
+import re
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+MIB = 2 ** 20
+
+# Exact SD3Transformer2DModel configs of the published models (SD3_FACTS.md); `tiny` is precompute/tiny.py's.
+_SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+            joint_attention_dim=4096, pooled_projection_dim=2048)
+TRANSFORMER_CONFIGS = {
+    "sd3-medium": dict(_SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                       pos_embed_max_size=192, qk_norm=None, dual_attention_layers=()),
+    "sd3.5-medium": dict(_SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                         pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(_SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                        pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=()),
+    "tiny": dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+                 num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=64, pooled_projection_dim=80,
+                 pos_embed_max_size=32, qk_norm=None, dual_attention_layers=()),
+}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device, collect: bool = True) -> None:
+    """Give back what the last measurement held (cycles too, unless `collect` is off: a full collection takes
+    about 0.3 s with diffusers and transformers loaded), so the next one starts from an empty device."""
+    if collect:
+        gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: Linux VmHWM (resettable, see `PeakMemory`), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
+
+
+class PeakMemory:
+    """Peak memory since `reset()`: the CUDA allocator's peaks on a GPU, else the process's peak RSS
+    (Linux VmHWM, which writing 5 to /proc/self/clear_refs resets; elsewhere the lifetime peak)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.since = "reset"
+        except OSError:
+            self.since = "process start"
+
+    def read(self) -> Dict[str, float]:
+        if self.device.type == "cuda":
+            return {"peak_mem_mb": torch.cuda.max_memory_allocated(self.device) / MIB,
+                    "peak_reserved_mb": torch.cuda.max_memory_reserved(self.device) / MIB}
+        out = {"peak_rss_mb": peak_rss_mb()}
+        if self.since != "reset":
+            out["peak_rss_since"] = self.since
+        return out
+
+
+def timed_calls(fn: Callable, device, warmup: int, steps: int) -> List[float]:
+    """Seconds of each of `steps` calls of `fn` after `warmup` untimed ones, the device synced around each."""
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def device_name(device) -> str:
+    """`cpu` or the GPU's name as a file-name part, e.g. nvidia-h100-80gb-hbm3."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def max_peak(*peaks: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """Key-wise maximum of several `PeakMemory.read()` results."""
+    peaks = [p for p in peaks if p]
+    return {k: max(p[k] for p in peaks if k in p) for k in peaks[0] if isinstance(peaks[0][k], (int, float))}
+
+
+def write_rows(path: str, rows: List[dict]) -> None:
+    """A stage's benchmark rows as JSON, for `python -m train.bench`, which runs each other stage's benchmark as
+    its own process (stages do not import each other, and each row's peak memory is then its process's own)."""
+    import json
+
+    from .atomic import write_json
+
+    write_json(path, json.loads(json.dumps({"rows": rows}, default=str)))

@@ -1,0 +1,230 @@
+"""Benchmark harness (issue 6) on the CPU with tiny models: FLOP formulas against torch's FLOP counter, the
+train-step and precompute rows, and the `python -m train.bench` orchestrator. Real sizes only on the meta device."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import run_module
+from shards.errors import DataError, UsageError
+from train import bench
+
+CPU = torch.device("cpu")
+
+
+def _tiny_config(tiny_model) -> dict:
+    with open(os.path.join(tiny_model, "transformer", "config.json")) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+def _counted_flops(model, config, height, width, text_tokens, batch=1, backward=False) -> int:
+    """torch's own count; the math SDPA backend, whose matmuls it sees (the CPU flash kernel it does not)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, config["in_channels"], height // 8, width // 8, generator=g, requires_grad=backward)
+    e = torch.randn(batch, text_tokens, config["joint_attention_dim"], generator=g, requires_grad=backward)
+    p = torch.randn(batch, config["pooled_projection_dim"], generator=g)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.set_grad_enabled(backward):
+        out = model(hidden_states=x, encoder_hidden_states=e, pooled_projections=p,
+                    timestep=torch.full((batch,), 500.0), return_dict=False)[0]
+        if backward:
+            out.square().mean().backward()
+    return counter.get_total_flops()
+
+
+def test_bench_tiny_config_is_the_tiny_model(tiny_model):
+    cfg = _tiny_config(tiny_model)
+    assert {k: cfg[k] for k in bench.MODELS["tiny"]} == {k: (list(v) if isinstance(v, tuple) else v)
+                                                         for k, v in bench.MODELS["tiny"].items()}
+
+
+@pytest.mark.parametrize("variant", [{}, {"dual_attention_layers": [0]}, {"qk_norm": "rms_norm"}])
+def test_forward_flops_match_flop_counter(tiny_model, variant):
+    from diffusers import SD3Transformer2DModel
+
+    config = {**_tiny_config(tiny_model), **variant}
+    if variant:
+        model = SD3Transformer2DModel.from_config(config)
+    else:
+        model = SD3Transformer2DModel.from_pretrained(os.path.join(tiny_model, "transformer"))
+    for height, width, text in ((256, 256, 333), (128, 256, 20)):  # square with SD3's 77+256, and not
+        counted = _counted_flops(model.eval(), config, height, width, text)
+        assert abs(bench.forward_flops(config, height, width, text) / counted - 1) < 0.01
+
+
+def test_real_configs_match_published_sizes_and_flops():
+    """On the meta device nothing is allocated, so the full-size models can be counted here."""
+    from diffusers import SD3Transformer2DModel
+
+    sizes = {"sd3-medium": 2.08e9, "sd3.5-medium": 2.47e9, "sd3.5-large": 8.14e9}  # SD3_FACTS, buffers included
+    for name, size in sizes.items():
+        with torch.device("meta"):
+            m = SD3Transformer2DModel(**bench.MODELS[name])
+        n = sum(t.numel() for t in list(m.parameters()) + list(m.buffers()))
+        assert abs(n / size - 1) < 0.005, name
+    assert abs(bench.forward_flops(bench.MODELS["sd3-medium"], 1024, 1024, 154) / 8.4e12 - 1) < 0.01  # SD3_FACTS
+    config = bench.MODELS["sd3.5-medium"]  # dual attention and qk_norm at full size, 1024²
+    with torch.device("meta"):
+        m = SD3Transformer2DModel(**config)
+        counted = _counted_flops(m, config, 1024, 1024, bench.TEXT_TOKENS)
+    assert abs(bench.forward_flops(config, 1024, 1024) / counted - 1) < 0.01
+
+
+def test_real_encoder_configs_match_published_sizes():
+    from precompute.bench import component
+
+    sizes = {"text_encoder": 123.65e6, "text_encoder_2": 694.66e6, "text_encoder_3": 4.762e9, "vae": 83.82e6}
+    for sub, size in sizes.items():
+        n = sum(p.numel() for p in component(sub, "meta").parameters())
+        assert abs(n / size - 1) < 0.001, sub
+
+
+def test_step_flops_match_counted_forward_and_backward(tiny_model):
+    """A frozen base with inputs that need gradients does what a LoRA step's base does: activation gradients only."""
+    from diffusers import SD3Transformer2DModel
+
+    config = {**_tiny_config(tiny_model), "num_layers": 4}
+    model = SD3Transformer2DModel.from_config(config).requires_grad_(False)
+    counted = _counted_flops(model, config, 256, 256, 20, batch=2, backward=True)
+    assert abs(bench.train_step_flops(config, 256, 256, 20, batch=2) / counted - 1) < 0.01
+
+
+def test_bad_size_is_one_line_error():
+    with pytest.raises(UsageError, match="multiples of 16"):
+        bench.forward_flops(bench.MODELS["tiny"], 200, 256)
+    with pytest.raises(UsageError, match="unknown model"):
+        bench.train_row("sd4", 256, 1, device=CPU)
+
+
+def test_matmul_peak_is_a_rate():
+    peak = bench.matmul_peak_flops(CPU, size=256, repeats=2)
+    assert math.isfinite(peak) and peak > 1e8
+
+
+def test_bench_run_is_the_trainers_step_on_lora():
+    """LoRA on the trainer's default targets (B starts at 0), and the trainer's optimizer step moves it."""
+    from train.config import LoraConfig
+    from train.model import lora_module_names
+
+    cfg = bench.bench_config(batch=2)
+    t = bench.build_transformer("tiny", torch.float32, CPU)
+    expected = len(lora_module_names(t, LoraConfig()))
+    run = bench._bench_run_class()(t, cfg, 128, 20, CPU)
+    assert len(run.params) == 2 * expected and all(p.dtype == torch.float32 for p in run.params)
+    times, nonfinite = run.time_steps(warmup=0, steps=1)
+    assert len(times) == 1 and nonfinite == 0
+    # Every B moved except the last block's context query: that block's context outputs are dropped, so no gradient.
+    unmoved = [n for n, p in t.named_parameters() if "lora_B" in n and p.abs().sum() == 0]
+    assert unmoved == ["transformer_blocks.1.attn.add_q_proj.lora_B.default.weight"]
+
+
+def test_train_row_on_cpu():
+    r = bench.train_row("tiny", 128, 2, quantize="nf4", checkpointing=True, device=CPU, steps=2, warmup=1,
+                        text_tokens=154)
+    assert r["status"] == "ok" and r["settings"]["base_dtype"] == "nf4" and r["settings"]["checkpointing"]
+    for key in ("seconds", "samples_per_s", "peak_rss_mb", "forward_flops", "step_flops", "peak_flops"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert 0 < r["mfu"] <= 1
+    assert r["forward_flops"] == bench.forward_flops(bench.MODELS["tiny"], 128, 128, 154)
+    assert r["samples_per_s"] == pytest.approx(2 / r["seconds"])
+
+
+def test_out_of_memory_becomes_an_oom_row(monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(bench, "_measure_train", oom)
+    r = bench.train_row("tiny", 256, 4, device=CPU, peak_flops=1e9)
+    assert r["status"] == "OOM" and "seconds" not in r and "mfu" not in r
+    assert bench.format_table([r]).splitlines()[2].count("OOM") == 4
+
+
+def test_orchestrator_quick_writes_json_and_prints_one_table(tiny_model, tmp_path, capsys):
+    path = bench.main(["--quick", "--rows", "train,precompute", "--out", str(tmp_path), "--steps", "1",
+                       "--warmup", "1", "--tiny-model", tiny_model])
+    assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("results-cpu-")
+    with open(path) as f:
+        saved = json.load(f)
+    assert [r["row"] for r in saved["rows"]] == ["train"] * 4 + ["precompute"]
+    assert saved["device"] == "cpu" and saved["matmul_peak_flops"] > 0 and saved["versions"]["torch"]
+    assert {(r["settings"]["base_dtype"], r["settings"]["checkpointing"]) for r in saved["rows"][:4]} == \
+        {("fp32", False), ("fp32", True), ("nf4", False), ("nf4", True)}
+    for r in saved["rows"][:4]:
+        assert r["status"] == "ok" and 0 < r["mfu"] <= 1 and r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0
+    p = saved["rows"][4]  # the precompute row: T5 in nf4 as the stage loads it, per stage and per component
+    assert p["status"] == "ok" and p["settings"]["base_dtype"].startswith("t5 nf4") and p["settings"]["batch"] == 2
+    for key in ("seconds", "images_per_s", "peak_rss_mb", "load_seconds"):
+        assert math.isfinite(p[key]) and p[key] > 0, key
+    assert set(p["stages"]) == {"text", "vae"} and all(s["seconds"] > 0 for s in p["stages"].values())
+    assert set(p["stages"]["text"]["component_peaks"]) == {"clip_l", "clip_g", "t5"}
+    assert set(p["stages"]["vae"]["component_peaks"]) == {"vae_encoder"}
+    assert set(p["weights_mb"]) == {"clip_l", "clip_g", "t5", "vae_encoder"} and min(p["weights_mb"].values()) > 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["row", "model"] and "MFU" in lines[0]
+    assert sum(line.startswith("train ") for line in lines) == 4
+    assert sum(line.startswith("precompute ") for line in lines) == 1
+    assert "MFU = B·(2·F_dense + 3·F_attn)" in out and path in out
+
+
+def test_results_file_keeps_rows_with_other_settings(tmp_path):
+    path = str(tmp_path / "r.json")
+    row = lambda batch, s: {"row": "train", "what": "x", "settings": {"batch": batch}, "seconds": s}
+    bench.save_results(path, [row(1, 1.0), row(4, 2.0)], {"command": "a"})
+    bench.save_results(path, [row(4, 3.0)], {"command": "b"})
+    with open(path) as f:
+        saved = json.load(f)
+    assert [(r["settings"]["batch"], r["seconds"]) for r in saved["rows"]] == [(1, 1.0), (4, 3.0)]
+    assert saved["commands"] == ["a", "b"]
+
+
+def test_command_line(tmp_path):
+    p = run_module("train.bench", "--help")
+    assert p.returncode == 0 and "--rows" in p.stdout and "--quick" in p.stdout
+    with pytest.raises(UsageError, match="--rows: gpu not known; choose from train, precompute, stream, merge"):
+        bench.main(["--rows", "train,gpu", "--out", str(tmp_path)])
+    with pytest.raises(UsageError, match="--batches"):
+        bench.main(["--rows", "train", "--batches", "0", "--out", str(tmp_path)])
+    assert os.listdir(tmp_path) == []  # nothing ran, nothing written
+
+
+def test_full_size_precompute_path_with_shrunk_configs(monkeypatch, tmp_path):
+    """The GPU row's own code (random components written as a pipeline folder, loaded back by the stage's
+    loaders with T5 in nf4), run here with narrow, shallow versions of the configs."""
+    from precompute import bench as pb
+
+    small = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 projection_dim=64)
+    monkeypatch.setattr(pb, "CLIP_L", {**pb.CLIP_L, **small})
+    monkeypatch.setattr(pb, "CLIP_G", {**pb.CLIP_G, **small})
+    monkeypatch.setattr(pb, "T5_XXL", {**pb.T5_XXL, "vocab_size": 500, "d_model": 128, "d_ff": 128, "num_layers": 2,
+                                       "num_heads": 2})
+    monkeypatch.setattr(pb, "SD3_VAE", {**pb.SD3_VAE, "block_out_channels": (32,) * 4, "layers_per_block": 1})
+    root = pb.write_pipeline("sd3", str(tmp_path / "sd3"), CPU)
+    (r,) = pb.encode_rows("sd3", root, [1], 64, CPU, max_sequence_length=16, steps=1, warmup=0)
+    assert r["status"] == "ok" and r["images_per_s"] > 0 and r["settings"]["model"] == "sd3 encoders"
+    assert r["settings"]["base_dtype"].startswith("t5 nf4") and set(r["stages"]["text"]["component_peaks"]) == \
+        {"clip_l", "clip_g", "t5"}
+
+
+def test_merge_rows_through_the_orchestrator(tmp_path, capsys):
+    """`--rows merge` runs `python -m merge.bench --quick` as its own process: both layouts, timed against a copy."""
+    path = bench.main(["--quick", "--rows", "merge", "--out", str(tmp_path)])
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    assert [r["what"].split(",")[1].strip() for r in rows] == ["diffusers folder -> diffusers release",
+                                                               "single file -> single file"]
+    for r in rows:
+        assert r["status"] == "ok" and r["settings"]["lora_modules"] == 2 * 8 - 1  # the last block has no to_add_out
+        assert 0 < r["peak_rss_mb"] < 4096 and r["seconds"] > 0 and r["baseline"]["seconds"] > 0
+        assert r["ratio"] == pytest.approx(r["seconds"] / r["baseline"]["seconds"])
+    assert sum(line.startswith("merge ") for line in capsys.readouterr().out.splitlines()) == 2
+
+
+def test_a_failing_stage_is_one_line(tmp_path):
+    with pytest.raises(DataError, match=r"`python -m merge.bench --nonsense` failed \(exit 2"):
+        bench.stage_rows("merge.bench", "--nonsense")

@@ -1,0 +1,570 @@
+"""Benchmarks of issue 6: `python -m train.bench [--quick] [--rows train,precompute,stream,merge] [--out bench/]`.
+
+Runs the rows that fit this machine (the train and precompute rows on real model sizes need a CUDA GPU;
+`--quick` runs tiny-model versions of them anywhere), prints one table and writes
+`OUT/results-<device>-<YYYY-MM-DD>.json` (rows of an earlier run that day with other settings are kept).
+
+The stream rows come from `train.stream_bench`; the precompute and merge rows from `python -m precompute.bench`
+and `python -m merge.bench`, each run as its own process (stages do not import each other, and a row's peak
+RSS is then its own process's). Every row, whichever stage measures it, is a dict with these keys:
+
+    row       str   "train", "precompute", "stream" or "merge"
+    what      str   one line: what was timed, on what
+    settings  dict  every input that shapes the numbers; the table shows "model", "resolution", "batch",
+                    "base_dtype" and "checkpointing" from it when present
+    status    str   optional: "ok" (the default) or "OOM" (out of device memory: no metrics then)
+  metric keys, each optional (left out where it does not apply):
+    seconds           float  the timed quantity: median step (train), median batch (precompute), or the
+                             whole timed run (stream, merge)
+    samples_per_s     float  samples per second (train: training samples; stream: samples read)
+    images_per_s      float  images encoded per second (precompute)
+    peak_rss_mb       float  peak resident memory of the process during the row, MiB
+    peak_mem_mb       float  CUDA: torch.cuda.max_memory_allocated during the row, MiB
+    peak_reserved_mb  float  CUDA: torch.cuda.max_memory_reserved during the row, MiB
+    mfu               float  model FLOPs utilisation (train rows; see `train_step_flops`)
+    baseline          dict   the raw comparison, e.g. {"what": "tarfile read of the same bytes", "seconds": 1.2}
+  Any other key is kept in the JSON file but not shown in the table.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from shards.errors import DataError, UsageError
+from shards.measure import (TRANSFORMER_CONFIGS, PeakMemory, default_device, device_name, is_oom, release, sync,
+                            timed_calls)
+
+ROW_KINDS = ("train", "precompute", "stream", "merge")
+TEXT_TOKENS = 77 + 256  # CLIP's 77 + T5's 256 (the SD3 pipeline's max_sequence_length)
+LORA_RANK = 16
+
+MODELS = TRANSFORMER_CONFIGS
+GPU_MODELS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+# What the trainer's objective reads from a shard set's manifest and the scheduler config (SD3's values).
+BENCH_MANIFEST = {"vae": {"shift_factor": 0.0609, "scaling_factor": 1.5305}, "flipped_latents": False}
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+MFU_DEFINITION = ("MFU = B·(2·F_dense + 3·F_attn) / (t_step · peak): F per sample from train.bench.flop_parts "
+                  "(2 FLOPs per multiply-add); the frozen base needs only activation gradients (one matmul per "
+                  "linear, two per attention matmul); LoRA and checkpoint recompute not counted; peak = "
+                  "a measured square matmul on this device")
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def flop_parts(config, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> Dict[str, int]:
+    """Forward FLOPs per sample of diffusers' SD3Transformer2DModel, split into "dense" (linear layers and
+    the patchify conv) and "attention" (the two batched matmuls QKᵀ and softmax·V); 2 FLOPs per multiply-add.
+
+    Norms, activations, softmax, the position-table add and qk_norm are elementwise and not counted.
+    """
+    c = dict(config)
+    p, d = c["patch_size"], c["num_attention_heads"] * c["attention_head_dim"]
+    if height <= 0 or width <= 0 or height % (8 * p) or width % (8 * p):
+        raise UsageError(f"image size {height}x{width} must be positive multiples of {8 * p} "
+                         f"(VAE factor 8 × patch size {p})")
+    n_img = (height // 8 // p) * (width // 8 // p)  # image tokens
+    n_txt, s = text_tokens, n_img + text_tokens  # text tokens; the joint sequence
+    dual = set(c.get("dual_attention_layers") or ())
+    out_channels = c.get("out_channels") or c["in_channels"]
+
+    def linear(tokens: int, fan_in: int, fan_out: int) -> int:
+        return 2 * tokens * fan_in * fan_out
+
+    dense = (linear(n_img, c["in_channels"] * p * p, d)  # patchify conv = one linear per p×p patch
+             + linear(n_txt, c["joint_attention_dim"], c["caption_projection_dim"])  # context_embedder
+             + linear(1, 256, d) + linear(1, d, d)  # timestep MLP on the 256-wide sinusoidal embedding
+             + linear(1, c["pooled_projection_dim"], d) + linear(1, d, d))  # pooled-text MLP
+    attention = 0
+    for i in range(c["num_layers"]):
+        last = i == c["num_layers"] - 1  # context_pre_only: no to_add_out, no ff_context
+        dense += linear(1, d, (9 if i in dual else 6) * d)  # norm1: AdaLayerNormZero (SD35 ...ZeroX: 9 chunks)
+        dense += linear(1, d, (2 if last else 6) * d)  # norm1_context: AdaLayerNormContinuous in the last block
+        dense += linear(n_img, d, 4 * d)  # to_q, to_k, to_v, to_out.0
+        dense += linear(n_txt, d, (3 if last else 4) * d)  # add_q/k/v_proj (+ to_add_out)
+        dense += 2 * linear(n_img, d, 4 * d)  # ff: d -> 4d -> d
+        if not last:
+            dense += 2 * linear(n_txt, d, 4 * d)  # ff_context
+        attention += 2 * 2 * s * s * d  # QKᵀ and softmax·V over the joint sequence, all heads together
+        if i in dual:  # attn2: image-only self-attention
+            dense += linear(n_img, d, 4 * d)
+            attention += 2 * 2 * n_img * n_img * d
+    dense += linear(1, d, 2 * d) + linear(n_img, d, p * p * out_channels)  # norm_out modulation, proj_out
+    return {"dense": dense, "attention": attention}
+
+
+def forward_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> int:
+    """Forward FLOPs per sample (matmuls and attention, 2 per multiply-add); SD3 Medium, 1024², 154 text
+    tokens: 8.44 TFLOP."""
+    return sum(flop_parts(config, height, width, text_tokens).values())
+
+
+def train_step_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKENS, batch: int = 1) -> int:
+    """Model FLOPs of one LoRA training step: forward + backward of the frozen base, B·(2·F_dense + 3·F_attn).
+
+    The base weights get no gradient, so backward costs one matmul per linear layer (the activation
+    gradient) and, for attention, the four matmuls of dQ, dK, dV and dP against the forward's two. This is
+    the work a step must do however it is run: LoRA's own FLOPs (about 2·rank/width of the targeted layers)
+    and the forward that gradient checkpointing runs again are not counted, as MFU conventionally does.
+    (The "3 × forward" rule of full fine-tuning would count weight gradients this step never computes.)
+    """
+    f = flop_parts(config, height, width, text_tokens)
+    return batch * (2 * f["dense"] + 3 * f["attention"])
+
+
+def matmul_peak_flops(device, dtype: Optional[torch.dtype] = None, size: Optional[int] = None,
+                      repeats: int = 5) -> float:
+    """Measured FLOP/s of a square matmul on `device`: the best of `repeats` timed batches after a warm-up.
+
+    CUDA: bf16 (the dtype of the train rows) at 8192², ten matmuls per timed batch. CPU: fp32 (what the
+    trainer uses there) at 1024², one per batch, so it takes well under a second.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    n, inner = size or (8192 if cuda else 1024), 10 if cuda else 1
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(2 if cuda else 1):  # warm-up: kernel choice, clocks, allocator
+        torch.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.matmul(a, b, out=out)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * inner / best
+
+
+# ---------------------------------------------------------------- the train-step row
+
+def model_config(name: str) -> dict:
+    if name not in MODELS:
+        raise UsageError(f"unknown model '{name}'; known: {', '.join(MODELS)}")
+    return dict(MODELS[name])
+
+
+def build_transformer(name: str, dtype: torch.dtype, device, quantize: str = "none"):
+    """A random-weight SD3 transformer of a named config, frozen and (optionally) quantized exactly as the
+    trainer's `load_transformer` leaves a loaded one; built directly on `device` in `dtype`, so a GPU
+    initialises it in seconds (bitsandbytes quantizes weights that are already on the device)."""
+    from diffusers import SD3Transformer2DModel
+
+    from .model import freeze_and_place
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            t = SD3Transformer2DModel(**model_config(name))
+    finally:
+        torch.set_default_dtype(default)
+    # The position table is built in fp32 whatever the default; from_pretrained(torch_dtype=...) would cast it.
+    # nn.Module.to, not diffusers' own, which warns about fp32-kept modules (SD3 has none).
+    torch.nn.Module.to(t, dtype)
+    return freeze_and_place(t, dtype, torch.device(device), quantize)
+
+
+def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,
+                 seed: int = 0) -> SimpleNamespace:
+    """The sections of a TrainConfig that `Run.step`, `Objective`, `prepare_lora` and `_dtypes` read, at the
+    trainer's defaults (a TrainConfig itself insists on a model folder and a shard set)."""
+    from .config import DataConfig, LoraConfig, LossConfig, ModelConfig, TrainLoopConfig
+
+    return SimpleNamespace(model=ModelConfig(quantize=quantize, gradient_checkpointing=checkpointing),
+                           train=TrainLoopConfig(batch_size=batch, seed=seed), lora=LoraConfig(rank=rank),
+                           loss=LossConfig(), data=DataConfig())
+
+
+def random_batch(config, resolution: int, batch: int, text_tokens: int, seed: int = 0, pin: bool = False) -> dict:
+    """One batch as the trainer's loader yields it: bf16 tensors (the shard set's storage dtype) on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    side = resolution // 8
+    latent = (batch, config.in_channels, side, side)
+    shapes = {"latent_mean": latent, "latent_std": latent, "prompt_embeds": (batch, text_tokens, config.joint_attention_dim),
+              "pooled_prompt_embeds": (batch, config.pooled_projection_dim)}
+    out = {k: torch.randn(shape, generator=g).to(torch.bfloat16) for k, shape in shapes.items()}
+    out["latent_std"] = out["latent_std"].abs() * 0.1
+    if pin:
+        out = {k: v.pin_memory() for k, v in out.items()}
+    out["keys"] = [f"random-{i}" for i in range(batch)]
+    return out
+
+
+def _bench_run_class():
+    from .loop import Run
+
+    class BenchRun(Run):
+        """The trainer's `Run` without a shard set: its LoRA set-up, objective, optimizer and `step`, on a
+        given transformer, fed one random batch of the real shapes again and again.
+
+        `Run.__init__` (shard sets, model folder, validation) is replaced; `step` is the trainer's own.
+        """
+
+        def __init__(self, transformer, cfg, resolution: int, text_tokens: int, device):
+            from .loop import Objective, _dtypes, prepare_lora
+            from .optim import make_optimizer, make_schedule
+
+            self.cfg, self.accel, self.rank, self.world, self.device = cfg, None, 0, 1, device
+            self.weight_dtype, amp_dtype = _dtypes(cfg, device)
+            torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
+            self.transformer = self.model = transformer
+            self.params = prepare_lora(transformer, cfg.lora, cfg.model)
+            c = transformer.config
+            extras = {"empty_prompt_embeds": torch.zeros(text_tokens, c.joint_attention_dim),
+                      "empty_pooled_prompt_embeds": torch.zeros(c.pooled_projection_dim)}
+            self.objective = Objective(cfg, BENCH_MANIFEST, extras, SD3_SCHEDULER, device, self.weight_dtype,
+                                       amp_dtype)
+            self.opt = make_optimizer(self.params, cfg.train)
+            self.schedule = make_schedule(self.opt, cfg.train)
+            self.ema = None
+            self.batch = random_batch(c, resolution, cfg.train.batch_size, text_tokens, cfg.train.seed,
+                                      pin=device.type == "cuda")
+            self.batches_drawn = 0
+
+        def next_batch(self):
+            self.batches_drawn += 1
+            return self.batch
+
+        def close(self) -> None:
+            pass
+
+        def time_steps(self, warmup: int, steps: int):
+            """Seconds of each timed step (after `warmup` untimed ones) and how many had a non-finite loss."""
+            losses = []
+            times = timed_calls(lambda: losses.append(self.step()[0]), self.device, warmup, steps)
+            nonfinite = sum(loss is None for loss in losses[warmup:])
+            return times, nonfinite
+
+    return BenchRun
+
+
+def _measure_train(model, resolution, batch, quantize, checkpointing, device, steps, warmup, text_tokens, rank):
+    """Build, train `warmup + steps` steps, return (step seconds, non-finite steps, peak memory, dtype)."""
+    from .loop import _dtypes
+
+    cfg = bench_config(quantize, checkpointing, batch, rank)
+    weight_dtype, _ = _dtypes(cfg, device)
+    transformer = build_transformer(model, weight_dtype, device, quantize)
+    release(device, collect=False)  # the build's transients (bf16 weights before nf4) are not training's
+    mem = PeakMemory(device)
+    run = _bench_run_class()(transformer, cfg, resolution, text_tokens, device)
+    times, nonfinite = run.time_steps(warmup, steps)
+    return times, nonfinite, mem.read(), weight_dtype
+
+
+def check_train_settings(model: str, resolution: int, batch: int, quantize: str = "none", steps: int = 1,
+                         warmup: int = 0) -> dict:
+    """The model's config once a train row's settings are known to be runnable; else a one-line UsageError."""
+    config = model_config(model)
+    if quantize not in ("none", "nf4", "int8"):
+        raise UsageError(f"quantize '{quantize}' is not one of none, nf4, int8")
+    if batch < 1 or steps < 1 or warmup < 0:
+        raise UsageError("batch and steps must be at least 1, warmup at least 0")
+    forward_flops(config, resolution, resolution)  # checks the size
+    limit = config["pos_embed_max_size"] * config["patch_size"] * 8
+    if resolution > limit:
+        raise UsageError(f"resolution {resolution} is larger than {model}'s position grid allows ({limit} px a side)")
+    return config
+
+
+def train_row(model: str, resolution: int, batch: int, quantize: str = "none", checkpointing: bool = False,
+              device=None, steps: int = 5, warmup: int = 2, peak_flops: Optional[float] = None,
+              text_tokens: int = TEXT_TOKENS, rank: int = LORA_RANK) -> dict:
+    """One LoRA training-step row: peak memory, median step time, samples/s, FLOPs and MFU ("OOM" if it does
+    not fit). Peak memory counts from the built model on (weights, LoRA, optimizer state, activations), not
+    the build's transients. `peak_flops` is measured with `matmul_peak_flops` when not given."""
+    device = torch.device(device or default_device())
+    config = check_train_settings(model, resolution, batch, quantize, steps, warmup)
+    fwd = forward_flops(config, resolution, resolution, text_tokens)
+    cuda = device.type == "cuda"
+    settings = {"model": model, "resolution": resolution, "batch": batch,
+                "base_dtype": quantize if quantize != "none" else ("bf16" if cuda else "fp32"),
+                "checkpointing": checkpointing, "lora_rank": rank, "lora_targets": "attn", "optimizer": "adamw",
+                "text_tokens": text_tokens, "steps": steps, "warmup": warmup, "device": device_name(device)}
+    row = {"row": "train", "settings": settings,
+           "what": f"LoRA step (trainer's Run.step, flow loss, AdamW) on random {model} weights"}
+    peak_flops = peak_flops or matmul_peak_flops(device)
+    try:
+        times, nonfinite, mem, weight_dtype = _measure_train(model, resolution, batch, quantize, checkpointing,
+                                                             device, steps, warmup, text_tokens, rank)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        times = None
+    release(device)
+    if times is None:
+        return {**row, "status": "OOM"}
+    t = statistics.median(times)
+    step_flops = train_step_flops(config, resolution, resolution, text_tokens, batch)
+    return {**row, "status": "ok", "seconds": t, "step_seconds": times, "samples_per_s": batch / t, **mem,
+            "forward_flops": fwd, "step_flops": step_flops, "peak_flops": peak_flops,
+            "mfu": step_flops / (t * peak_flops), "compute_dtype": str(weight_dtype).replace("torch.", ""),
+            "nonfinite_steps": nonfinite}
+
+
+def train_matrix(models=GPU_MODELS, resolutions=(512, 1024), batches=(1, 4)) -> List[dict]:
+    """The GPU rows of issue 6: each model × resolution × batch × base (bf16, nf4) × checkpointing off/on."""
+    return [dict(model=m, quantize=q, resolution=r, batch=b, checkpointing=c)
+            for m in models for q in ("none", "nf4") for r in resolutions for b in batches for c in (False, True)]
+
+
+# The harness check: tiny rows with 77 + 77 text tokens (T5 at the precompute default of 77).
+QUICK_MATRIX = [dict(model="tiny", quantize=q, resolution=128, batch=2, checkpointing=c, text_tokens=77 + 77)
+                for q in ("none", "nf4") for c in (False, True)]
+
+
+def train_rows(matrix: List[dict], device, peak_flops: float, steps: int, warmup: int) -> Iterator[dict]:
+    for s in matrix:
+        yield train_row(device=device, peak_flops=peak_flops, steps=steps, warmup=warmup, **s)
+
+
+# ---------------------------------------------------------------- table and results file
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _table_cells(r: dict) -> List[str]:
+    s = r.get("settings", {})
+    oom = r.get("status") == "OOM"
+
+    def get(key, fmt=str):
+        return fmt(s[key]) if s.get(key) is not None else "-"
+
+    if oom:
+        mem = "OOM"
+    elif "peak_mem_mb" in r:
+        mem = f"{r['peak_mem_mb'] / 1024:.1f} GiB ({r.get('peak_reserved_mb', 0) / 1024:.1f} resv)"
+    elif "peak_rss_mb" in r:
+        mem = f"{r['peak_rss_mb']:.0f} MiB RSS"
+    else:
+        mem = "-"
+    rate = "-"
+    for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):
+        if key in r:
+            rate = f"{r[key]:.3g} {unit}"
+    return [r["row"], str(s.get("model") or r.get("what", "-"))[:44], get("resolution"),
+            get("batch" if "batch" in s else "batch_size"),
+            get("base_dtype"), get("checkpointing", lambda v: "on" if v else "off"), mem,
+            "OOM" if oom else (_fmt_seconds(r["seconds"]) if "seconds" in r else "-"),
+            "OOM" if oom else rate, "OOM" if oom else (f"{r['mfu']:.1%}" if "mfu" in r else "-")]
+
+
+TABLE_HEADER = ["row", "model / what", "resolution", "batch", "base dtype", "checkpointing", "peak mem",
+                "step/median time", "samples/s or images/s", "MFU*"]
+
+
+def format_table(rows: List[dict]) -> str:
+    """One text table of every row, with the MFU definition under it."""
+    lines = [TABLE_HEADER] + [_table_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text + ["", "* " + MFU_DEFINITION])
+
+
+def results_path(out_dir: str, device, day: Optional[datetime.date] = None) -> str:
+    day = day or datetime.date.today()
+    return os.path.join(out_dir, f"results-{device_name(device)}-{day.isoformat()}.json")
+
+
+def _row_key(r: dict) -> str:
+    return json.dumps([r["row"], r.get("what"), r.get("settings")], sort_keys=True, default=str)
+
+
+def save_results(path: str, rows: List[dict], header: dict) -> None:
+    """Write header + rows atomically; rows already in the file with other settings are kept (a GPU session
+    may run the matrix in several commands on one day), rows with the same settings are replaced."""
+    from shards.atomic import write_json
+
+    kept, commands = [], []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except ValueError:
+            raise DataError(f"{path} is not a results file (bad JSON); move it away and run again") from None
+        new_keys = {_row_key(r) for r in rows}
+        kept = [r for r in old.get("rows", []) if _row_key(r) not in new_keys]
+        commands = old.get("commands", [])
+    if header["command"] not in commands:
+        commands = commands + [header["command"]]
+    # default=str: a row from another stage may hold a value JSON has no type for (a path object, a dtype).
+    write_json(path, json.loads(json.dumps({**header, "commands": commands, "rows": kept + rows}, default=str)))
+
+
+def check_row(r, source: str) -> None:
+    """A row from another stage's bench must follow the contract in this module's docstring."""
+    if not isinstance(r, dict) or not isinstance(r.get("row"), str) or not isinstance(r.get("what"), str) \
+            or not isinstance(r.get("settings"), dict):
+        raise DataError(f"{source} returned a row without the keys row (str), what (str), settings (dict): {r!r}"[:300])
+
+
+# ---------------------------------------------------------------- orchestrator
+
+def parse_args(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0],
+                                 epilog="On a machine without CUDA only --quick runs the train and precompute rows.")
+    ap.add_argument("--quick", action="store_true", help="tiny-model versions of the GPU rows, few steps")
+    ap.add_argument("--rows", default=",".join(ROW_KINDS), help=f"comma list of {', '.join(ROW_KINDS)} (default: all)")
+    ap.add_argument("--out", default="bench", help="folder of the results JSON (default: bench)")
+    ap.add_argument("--models", default=",".join(GPU_MODELS),
+                    help=f"GPU train rows: comma list of {', '.join(GPU_MODELS)} (default: all)")
+    ap.add_argument("--resolutions", default="512,1024", help="GPU train rows: comma list of square sizes in pixels")
+    ap.add_argument("--batches", default="1,4", help="GPU train rows: comma list of batch sizes")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per train row (default 5; 3 with --quick) and batches per precompute row")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed train steps before them (default 2)")
+    ap.add_argument("--tiny-model", default=None,
+                    help="--quick precompute row: an existing tiny pipeline folder (default: build one)")
+    return ap.parse_args(argv)
+
+
+def _int_list(key: str, text: str) -> List[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--{key}: '{text}' is not a comma list of whole numbers") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"--{key}: '{text}' needs positive numbers")
+    return values
+
+
+def _selected_kinds(text: str) -> List[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ROW_KINDS]
+    if bad or not kinds:
+        raise UsageError(f"--rows: {', '.join(bad) or 'nothing'} not known; choose from {', '.join(ROW_KINDS)}")
+    return list(dict.fromkeys(kinds))
+
+
+def stage_rows(module: str, *args: str) -> List[dict]:
+    """Rows of another stage's benchmark, `python -m MODULE --json FILE ARGS`, run as its own process: stages
+    do not import each other (DESIGN.md), and a row's peak RSS is then its own process's. Its progress and
+    errors go to this terminal; a failure is one line naming the command."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="shardtune-bench-") as tmp:
+        path = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", module, "--json", path, *args]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        p = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
+        if p.returncode != 0 or not os.path.exists(path):
+            raise DataError(f"`python -m {module} {' '.join(args)}` failed (exit {p.returncode}; its message is above)")
+        with open(path) as f:
+            return json.load(f)["rows"]
+
+
+def _matrix(a: argparse.Namespace) -> List[dict]:
+    if a.quick:
+        return QUICK_MATRIX
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    if not models:
+        raise UsageError("--models: no model named")
+    return train_matrix(models, _int_list("resolutions", a.resolutions), _int_list("batches", a.batches))
+
+
+def _providers(kinds: List[str], a: argparse.Namespace, device: torch.device, state: dict) -> dict:
+    """For each wanted kind, a function returning its rows; [] (with a note) where this machine cannot run it."""
+    gpu_ok = device.type == "cuda" or a.quick
+    steps = a.steps if a.steps is not None else (3 if a.quick else 5)
+    if a.warmup < 0 or steps < 1:
+        raise UsageError("--steps must be at least 1 and --warmup at least 0")
+    matrix = _matrix(a) if "train" in kinds else []
+    for s in matrix:  # every row's settings before the first row runs
+        check_train_settings(s["model"], s["resolution"], s["batch"], s["quantize"], steps, a.warmup)
+
+    def train():
+        state["peak_flops"] = matmul_peak_flops(device)
+        return train_rows(matrix, device, state["peak_flops"], steps, a.warmup)
+
+    def precompute():
+        args = ["--quick"] * a.quick + ["--tiny-model", a.tiny_model] * bool(a.tiny_model) + \
+            ["--steps", str(a.steps)] * (a.steps is not None)
+        return stage_rows("precompute.bench", *args)
+
+    def skipped(kind):
+        def note():
+            print(f"bench: {kind} rows need a CUDA GPU at real model sizes; --quick runs tiny-model versions",
+                  file=sys.stderr)
+            return []
+        return note
+
+    out = {}
+    for kind in kinds:
+        if kind in ("train", "precompute"):
+            out[kind] = (train if kind == "train" else precompute) if gpu_ok else skipped(kind)
+        elif kind == "stream":
+            from .stream_bench import rows as stream_rows
+
+            out[kind] = lambda: stream_rows(a.quick)
+        else:
+            out[kind] = lambda: stage_rows("merge.bench", *["--quick"] * a.quick)
+    return out
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _progress(r: dict) -> None:
+    print("bench: " + "  ".join(c for c in _table_cells(r) if c != "-"), file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> str:
+    """Run the selected rows, print the table, write the results file; returns its path."""
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    kinds = _selected_kinds(a.rows)
+    device = default_device()
+    state = {"peak_flops": None}
+    providers = _providers(kinds, a, device, state)  # checks every setting before any work
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create {a.out} ({e.strerror})") from None
+    path = results_path(a.out, device)
+    header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "date": datetime.date.today().isoformat(), "command": "python -m train.bench " + " ".join(
+                  sys.argv[1:] if argv is None else argv), "versions": _versions(), "mfu": MFU_DEFINITION}
+    rows = []
+    for kind in kinds:
+        for r in providers[kind]():
+            check_row(r, f"{kind} rows")
+            r.setdefault("status", "ok")
+            rows.append(r)
+            _progress(r)
+            save_results(path, rows, {**header, "matmul_peak_flops": state["peak_flops"]})
+    if not rows:
+        print("bench: no rows ran on this machine (see the notes above)", file=sys.stderr)
+        return path
+    print(format_table(rows))
+    print(f"\nwrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    from shards.config import run_cli
+
+    run_cli("train.bench", main)

@@ -123,7 +123,7 @@ def timed_copy(src: str, dst: str) -> float:
     return time.perf_counter() - start
 
 
-def rows(quick: bool = False, repeats: int = 3) -> List[dict]:
+def rows(quick: bool = False, repeats: int = 5) -> List[dict]:
     """The merge rows: diffusers folder -> diffusers release, single file -> single file, against copying the
     checkpoint; the best of `repeats` timings of each (one with `quick`), the highest peak RSS."""
     repeats = 1 if quick else repeats

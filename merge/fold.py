@@ -55,6 +55,14 @@ def modules_for(updates: Updates, name: str) -> List[LoraModule]:
     return updates.get(name[: -len(".weight")], []) if name.endswith(".weight") else []
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in a floating tensor: one min/max pass (NaN propagates through both), no bool copy."""
+    if not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
 def _out_tensor(name: str, w: torch.Tensor, modules: Sequence[LoraModule], dtype: str) -> torch.Tensor:
     """`w` with every LoRA delta added in fp32, in order, then cast to out.dtype; refuses non-finite results."""
     if modules and not w.is_floating_point():
@@ -66,9 +74,9 @@ def _out_tensor(name: str, w: torch.Tensor, modules: Sequence[LoraModule], dtype
     if modules and out is w:  # already fp32: do not change the caller's tensor in place
         out = w.clone()
     for m in modules:
-        out.add_(m.delta())
+        m.add_to(out)
     out = out.to(target)
-    if not torch.isfinite(out).all():  # also catches values that overflow a narrower out.dtype
+    if not all_finite(out):  # also catches values that overflow a narrower out.dtype
         what = "after folding the LoRA" if modules else f"after casting to {dtype}"
         raise DataError(f"tensor '{name}' has non-finite values {what}; lower lora.scale or pick a wider out.dtype")
     return out.contiguous()

@@ -31,7 +31,11 @@ class LoraModule:
 
     def delta(self) -> torch.Tensor:
         """The fp32 weight update; fp32 so bf16 LoRAs do not lose the small products."""
-        return self.scale * (self.up.float() @ self.down.float())
+        return (self.up.float() @ self.down.float()).mul_(self.scale)
+
+    def add_to(self, w: torch.Tensor) -> torch.Tensor:
+        """`w += delta()` for an fp32 `w`, rounded exactly as `delta()` is (verify recomputes it)."""
+        return w.add_(self.delta())
 
     @property
     def shape(self) -> Tuple[int, int]:

@@ -215,7 +215,7 @@ def test_byte_copies_equal_the_tensor_path(base, lora, tmp_path, monkeypatch, ke
 
     copied = []
     real_copy = tensorfile._SpanCopier.copy
-    monkeypatch.setattr(tensorfile._SpanCopier, "copy", lambda self, span, fd: copied.append(span) or real_copy(self, span, fd))
+    monkeypatch.setattr(tensorfile._SpanCopier, "copy", lambda self, span, at: copied.append(span) or real_copy(self, span, at))
     if not kernel:  # the fallback of platforms or filesystem pairs without copy_file_range
         monkeypatch.delattr(tensorfile.os, "copy_file_range", raising=False)
     updates = read_loras([os.path.join(lora, "pytorch_lora_weights.safetensors")], [0.7])  # attention layers only

@@ -359,11 +359,13 @@ def _table_cells(r: dict) -> List[str]:
             get("batch" if "batch" in s else "batch_size"),
             get("base_dtype"), get("checkpointing", lambda v: "on" if v else "off"), mem,
             "OOM" if oom else (_fmt_seconds(r["seconds"]) if "seconds" in r else "-"),
-            "OOM" if oom else rate, "OOM" if oom else (f"{r['mfu']:.1%}" if "mfu" in r else "-")]
+            "OOM" if oom else rate, "OOM" if oom else (f"{r['mfu']:.1%}" if "mfu" in r else "-"),
+            _fmt_seconds(r["baseline"]["seconds"]) if isinstance(r.get("baseline"), dict) and "seconds" in r["baseline"]
+            else "-"]
 
 
 TABLE_HEADER = ["row", "model / what", "resolution", "batch", "base dtype", "checkpointing", "peak mem",
-                "step/median time", "samples/s or images/s", "MFU*"]
+                "step/median time", "samples/s or images/s", "MFU*", "baseline time**"]
 
 
 def format_table(rows: List[dict]) -> str:
@@ -372,7 +374,8 @@ def format_table(rows: List[dict]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text + ["", "* " + MFU_DEFINITION])
+    return "\n".join(text + ["", "* " + MFU_DEFINITION, "** the same bytes read raw (stream) or the checkpoint copied "
+                                                     "(merge); see each row's baseline in the JSON"])
 
 
 def results_path(out_dir: str, device, day: Optional[datetime.date] = None) -> str:

@@ -167,10 +167,10 @@ def stream_row(n: int, per_shard: int, batch_size: int = 4, repeats: int = 1, dt
 
 
 def rows(quick: bool = False) -> List[dict]:
-    """quick: a few samples, one pass (tests); full: 512 samples (~2.4 GB of shards), best of 3."""
+    """quick: a few samples, one pass (tests); full: 512 samples (~2.4 GB of shards), best of 5."""
     if quick:
         return [stream_row(n=24, per_shard=8, batch_size=4, repeats=1)]
-    return [stream_row(n=512, per_shard=64, batch_size=4, repeats=3)]
+    return [stream_row(n=512, per_shard=64, batch_size=4, repeats=5)]
 
 
 def format_row(r: dict) -> str:

@@ -161,7 +161,8 @@ def rows(quick: bool = False, repeats: int = 5) -> List[dict]:
             seconds = min(t for t, _ in merges[kind])
             out.append({
                 "row": "merge", "what": f"merge, {kind}, one process (imports included)",
-                "settings": {"model": model, "params": params, "dtype": "fp16", "checkpoint_mb": round(size_mb),
+                "settings": {"model": model, "layout": kind.replace(" folder", "").replace(" release", ""),
+                             "params": params, "dtype": "fp16", "checkpoint_mb": round(size_mb),
                              "lora_rank": RANK, "lora_modules": modules, "repeats": repeats,
                              "tensors": len(plan(shapes)) if "single" in kind else len(shapes)},
                 "seconds": seconds, "seconds_all": [t for t, _ in merges[kind]],

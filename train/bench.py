@@ -355,7 +355,8 @@ def _table_cells(r: dict) -> List[str]:
     for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):
         if key in r:
             rate = f"{r[key]:.3g} {unit}"
-    return [r["row"], str(s.get("model") or r.get("what", "-"))[:44], get("resolution"),
+    what = str(s.get("model") or r.get("what", "-")) + (f", {s['layout']}" if s.get("layout") else "")
+    return [r["row"], what[:44], get("resolution"),
             get("batch" if "batch" in s else "batch_size"),
             get("base_dtype"), get("checkpointing", lambda v: "on" if v else "off"), mem,
             "OOM" if oom else (_fmt_seconds(r["seconds"]) if "seconds" in r else "-"),

@@ -122,14 +122,15 @@ def encode_rows(name: str, root: str, batches: Sequence[int], resolution: int, d
     mem = PeakMemory(device)
     t0 = time.perf_counter()
     text = TextEncoders(root, t5_precision, clip_dtype, device, max_sequence_length)
-    vae = VaeEncoder(root, vae_dtype, device)
+    vae = VaeEncoder(root, vae_dtype, device, VaeConfig.max_pixels)
     sync(device)
     load = {"load_seconds": time.perf_counter() - t0, **{f"load_{k}": v for k, v in mem.read().items()}}
     weights = {"clip_l": _weights_mb(text.clips[0]), "clip_g": _weights_mb(text.clips[1]),
                "t5": _weights_mb(text.t5) if text.t5 is not None else 0.0, "vae_encoder": _weights_mb(vae.vae)}
     settings = {"model": f"{name} encoders", "resolution": resolution,
                 "base_dtype": f"t5 {t5_precision}, clip {_NAMES[clip_dtype]}, vae {_NAMES[vae_dtype]}",
-                "max_sequence_length": max_sequence_length, "steps": steps, "warmup": warmup,
+                "max_sequence_length": max_sequence_length, "vae_max_pixels": VaeConfig.max_pixels,
+                "steps": steps, "warmup": warmup,
                 "device": str(device)}
     rows = []
     for b in batches:

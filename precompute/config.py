@@ -57,6 +57,9 @@ class TextConfig:
 @dataclass
 class VaeConfig:
     precision: str = "fp32"  # the SD3 VAE overflows in fp16 on some images
+    # Pixels per VAE call (images × height × width): the encoder's activations grow with it (about 2.5 GB per
+    # 1024² image in fp32, measured), so 1024² images go one at a time and 512² four at a time.
+    max_pixels: int = 1024 * 1024
 
 
 @dataclass
@@ -118,6 +121,8 @@ class PrecomputeConfig:
         one_of(p, "text.t5_precision", self.text.t5_precision, T5_PRECISIONS)
         one_of(p, "text.clip_precision", self.text.clip_precision, PRECISIONS)
         one_of(p, "vae.precision", self.vae.precision, PRECISIONS)
+        if self.vae.max_pixels < 1:
+            p.append("config key 'vae.max_pixels' must be at least 1 (pixels per VAE call; one image always goes)")
         if not 1 <= self.text.max_sequence_length <= 512:
             p.append(f"config key 'text.max_sequence_length': {self.text.max_sequence_length} is outside 1..512")
         if not self.out.dir:

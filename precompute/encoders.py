@@ -93,20 +93,34 @@ class TextEncoders:
 class VaeEncoder:
     """The VAE's encoder half; returns the raw posterior mean and std (no shift/scale applied)."""
 
-    def __init__(self, root: str, dtype: torch.dtype, device: torch.device):
+    def __init__(self, root: str, dtype: torch.dtype, device: torch.device, max_pixels: int = 1024 * 1024):
         from diffusers import AutoencoderKL
 
         self.vae = AutoencoderKL.from_pretrained(component_dir(root, "vae"), torch_dtype=dtype)
         self.vae.decoder = None  # never used here; frees its memory
         self.vae.to(device).eval()
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.max_pixels = device, dtype, max_pixels
         cfg = self.vae.config
         self.scaling_factor = cfg.scaling_factor
         self.shift_factor = cfg.shift_factor if cfg.shift_factor is not None else 0.0
         self.latent_channels = cfg.latent_channels
         self.downsample_factor = 2 ** (len(cfg.block_out_channels) - 1)
 
-    @torch.no_grad()
     def encode(self, pixels: torch.Tensor):
+        """[N, 3, H, W] in [-1, 1] -> (mean, std), fp32; in calls of at most `max_pixels` pixels (vae.max_pixels)."""
+        n, _, h, w = pixels.shape
+        step = vae_batch(n, self.max_pixels, h, w)
+        if step >= n:
+            return self._encode(pixels)
+        parts = [self._encode(pixels[i:i + step]) for i in range(0, n, step)]
+        return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor):
         dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
+
+
+def vae_batch(batch: int, max_pixels: int, height: int, width: int) -> int:
+    """Images per VAE call: at most `batch`, at most `max_pixels` pixels, at least one image."""
+    return max(1, min(batch, max_pixels // (height * width)))

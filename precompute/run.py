@@ -311,7 +311,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         if need_extras:
             _write_extras(cfg, text)
         if todo:
-            vae = VaeEncoder(root, resolve_dtype(cfg.vae.precision, device), device)
+            vae = VaeEncoder(root, resolve_dtype(cfg.vae.precision, device), device, cfg.vae.max_pixels)
             load_seconds = time.time() - t_load
             stats = _process(cfg, plan, todo, text, vae)
     progress = {"part": part, "parts": parts, "shards_done_here": len(todo), "shards": plan.n,

@@ -213,3 +213,29 @@ def test_combine_does_not_replace_a_set_silently(tiny_model, sample_data, tmp_pa
     r = run_module("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"), "--overwrite")
     assert r.returncode == 0, r.stderr
     assert len(read_manifest(other)["shards"]) == 3 and run_module("shards", "verify", other).returncode == 0
+
+
+def test_vae_max_pixels_bounds_each_vae_call(tiny_model, sample_data, tmp_path, monkeypatch):
+    """vae.max_pixels splits a bucket's batch into VAE calls of at most that many pixels (one image at least);
+    the latents are those of the whole-batch run up to batched-convolution rounding, and a changed value is
+    a change of content (a rerun into the same set refuses)."""
+    from precompute.encoders import VaeEncoder, vae_batch
+
+    assert [vae_batch(4, 1024 * 1024, s, s) for s in (1024, 768, 512, 256)] == [1, 1, 4, 4]
+    assert vae_batch(4, 1, 64, 64) == 1 and vae_batch(3, 10 ** 9, 64, 64) == 3
+    calls = []
+    real = VaeEncoder._encode
+    monkeypatch.setattr(VaeEncoder, "_encode", lambda self, pixels: calls.append(tuple(pixels.shape)) or real(self, pixels))
+    _run(tiny_model, sample_data, tmp_path / "whole", batch_size=4)
+    whole = list(calls)
+    calls.clear()
+    _run(tiny_model, sample_data, tmp_path / "split", batch_size=4, **{"vae.max_pixels": 2 * 96 * 96})
+    assert max(n for n, _, _, _ in whole) > 1
+    assert all(n * h * w <= 2 * 96 * 96 or n == 1 for n, _, h, w in calls) and len(calls) > len(whole)
+    a, b = _tensors(str(tmp_path / "whole")), _tensors(str(tmp_path / "split"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        for name in a[k]:
+            assert torch.allclose(a[k][name].float(), b[k][name].float(), rtol=1e-2, atol=1e-3), (k, name)
+    with pytest.raises(Exception, match="vae.max_pixels"):
+        _run(tiny_model, sample_data, tmp_path / "whole", batch_size=4, **{"vae.max_pixels": 64 * 64})

@@ -65,30 +65,35 @@ class Objective:
         self.table = flow.sigma_table(sched.get("num_train_timesteps", 1000), shift)
         self.shift_factor = manifest["vae"]["shift_factor"]
         self.scaling_factor = manifest["vae"]["scaling_factor"]
-        self.empty = (extras["empty_prompt_embeds"].float(), extras["empty_pooled_prompt_embeds"].float())
+        self.empty = tuple(extras[k].float().to(device) for k in ("empty_prompt_embeds", "empty_pooled_prompt_embeds"))
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1000003 * rank)  # each process its own noise
 
     def __call__(self, transformer, batch):
         c, g, dev = self.cfg, self.gen, self.device
-        mean, std = batch["latent_mean"], batch["latent_std"]
+
+        def put(name):  # stored dtype to the device first (asynchronous from the loader's pinned memory), then math
+            return batch[name].to(dev, non_blocking=True)
+
+        mean, std = put("latent_mean"), put("latent_std")
+        n = mean.shape[0]
         if self.flip > 0 and "latent_mean_flip" in batch:  # the mirrored image's stored latent: a flip without a VAE
-            use = (torch.rand(mean.shape[0], generator=g) < self.flip)[:, None, None, None]
-            mean = torch.where(use, batch["latent_mean_flip"], mean)
-            std = torch.where(use, batch["latent_std_flip"], std)
-        x0 = flow.model_latents(mean, std, g, self.shift_factor, self.scaling_factor).to(dev)
+            use = (torch.rand(n, generator=g) < self.flip)[:, None, None, None].to(dev)
+            mean = torch.where(use, put("latent_mean_flip"), mean)
+            std = torch.where(use, put("latent_std_flip"), std)
+        x0 = flow.model_latents(mean, std, g, self.shift_factor, self.scaling_factor)  # noise drawn on the CPU
         noise = torch.randn(x0.shape, generator=g).to(dev)
-        sigma = flow.sigmas_for(flow.sample_u(c.timestep_sampling, x0.shape[0], g, c.logit_mean, c.logit_std,
+        sigma = flow.sigmas_for(flow.sample_u(c.timestep_sampling, n, g, c.logit_mean, c.logit_std,
                                               c.mode_scale), self.table).to(dev)
         noisy = flow.noisy_latents(x0, noise, sigma)
-        embeds, pooled = batch["prompt_embeds"].float(), batch["pooled_prompt_embeds"].float()
+        embeds, pooled = put("prompt_embeds").float(), put("pooled_prompt_embeds").float()
         if c.caption_dropout > 0:
-            drop = torch.rand(x0.shape[0], generator=g) < c.caption_dropout  # the batch itself is left as it is
+            drop = (torch.rand(n, generator=g) < c.caption_dropout).to(dev)  # the batch itself is left as it is
             embeds = torch.where(drop[:, None, None], self.empty[0], embeds)
             pooled = torch.where(drop[:, None], self.empty[1], pooled)
         with torch.autocast(dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = transformer(hidden_states=noisy.to(self.weight_dtype), timestep=sigma * 1000,
-                              encoder_hidden_states=embeds.to(dev, self.weight_dtype),
-                              pooled_projections=pooled.to(dev, self.weight_dtype), return_dict=False)[0]
+                              encoder_hidden_states=embeds.to(self.weight_dtype),
+                              pooled_projections=pooled.to(self.weight_dtype), return_dict=False)[0]
         per_sample = flow.flow_matching_loss(out, x0, noise, noisy, sigma, c.weighting, c.precondition_outputs,
                                              reduce=False)
         if c.prior_weight != 1.0:  # class images of DreamBooth prior preservation

@@ -19,6 +19,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from shards.errors import DataError
 from shards.measure import TRANSFORMER_CONFIGS, write_rows
 
 from .sd3_keys import plan
@@ -110,7 +111,7 @@ def timed_merge(args: List[str]) -> Tuple[float, float]:
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     seconds = time.perf_counter() - start
     if p.returncode != 0:
-        raise RuntimeError(f"bench merge failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        raise DataError(f"bench merge failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
     return seconds, float(p.stdout.split("peak_rss_mb")[-1])
 
 

@@ -59,6 +59,8 @@ def all_finite(t: torch.Tensor) -> bool:
     """No inf or NaN in a floating tensor: one min/max pass (NaN propagates through both), no bool copy."""
     if not t.numel():
         return True
+    if t.dtype.itemsize == 1:  # fp8: no aminmax kernels; fp32 keeps its NaN and inf
+        t = t.float()
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 

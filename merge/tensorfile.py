@@ -124,6 +124,9 @@ def _read_header(f, path: str):
     for name, e in entries.items():
         if not 0 <= e.begin <= e.end or data + e.end > size:
             raise DataError(f"{path} is truncated or corrupt: '{name}' lies outside the file")
+        if e.dtype in TORCH_DTYPES and e.end - e.begin != nbytes(TORCH_DTYPES[e.dtype], e.shape):
+            raise DataError(f"{path} is corrupt: '{name}' holds {e.end - e.begin} bytes, not the {e.dtype} "
+                            f"{list(e.shape)} its header says")
     return entries, metadata, data
 
 

@@ -116,15 +116,17 @@ def load_tensors(data) -> Dict[str, torch.Tensor]:
         dtype, shape = _ST_DTYPES[spec["dtype"]], [int(d) for d in spec["shape"]]
         begin, end = (int(o) for o in spec["data_offsets"])
         numel = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != numel * dtype.itemsize \
-                or (base + begin) % dtype.itemsize:
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != numel * dtype.itemsize:
             raise ValueError(f"safetensors entry {name} does not fit the data")
+        if (base + begin) % dtype.itemsize:  # valid, but torch cannot view it: safetensors copies it aligned
+            return st_load(bytes(mv))
         spans.append((begin, end))
         out[name] = torch.frombuffer(mv, dtype=dtype, count=numel, offset=base + begin).reshape(shape) if numel \
             else torch.empty(shape, dtype=dtype)
     spans.sort()
-    if any(b < e for (_, e), (b, _) in zip(spans, spans[1:])):
-        raise ValueError("safetensors entries overlap")
+    ends = [0] + [e for _, e in spans]
+    if any(b != prev for (b, _), prev in zip(spans, ends)) or ends[-1] != size:  # what safetensors insists on too
+        raise ValueError("safetensors entries overlap or leave bytes uncovered")
     return out
 
 

@@ -415,3 +415,30 @@ def test_shipped_configs_load():
         assert cfg.lora.scale == 1.0 and cfg.out.dtype == "auto" and cfg.out.link == "hardlink"
         assert not cfg.out.overwrite
     assert cfg.model.path == "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e5m2,
+                                   torch.float8_e4m3fn])
+def test_finiteness_check_catches_nan_and_inf_in_every_float_dtype(dtype):
+    from merge.fold import all_finite
+
+    t = torch.randn(300, 7).to(dtype)
+    assert all_finite(t) and all_finite(t[:0]) and all_finite(t[:, 2])
+    bad = [float("nan")] + ([float("inf"), -float("inf")] if dtype != torch.float8_e4m3fn else [])  # e4m3fn: no inf
+    for value in bad:
+        for at in ((0, 0), (150, 3), (299, 6)):
+            u = t.float()
+            u[at] = value
+            assert not all_finite(u.to(dtype)), (dtype, value, at)
+
+
+def test_a_header_whose_sizes_disagree_is_one_line(tmp_path):
+    from merge.tensorfile import TensorFile
+    from shards.errors import DataError
+
+    h = json.dumps({"a.weight": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    h += b" " * (-len(h) % 8)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(h).to_bytes(8, "little") + h + bytes(16))
+    with pytest.raises(DataError, match=r"'a.weight' holds 16 bytes, not the F16 \[2, 2\]"):
+        TensorFile(str(path))

@@ -26,7 +26,7 @@ def test_quick_row_streams_every_sample_through_the_trainer_pipeline():
                row["baseline"]["samples_per_s"], row["baseline"]["mb_per_s"]]
     assert all(math.isfinite(x) and x > 0 for x in numbers)
     assert row["samples_per_s"] == pytest.approx(s["samples"] / row["seconds"])
-    assert row["ratio"] == pytest.approx(row["baseline"]["seconds"] / row["seconds"])
+    assert row["ratio"] == pytest.approx(row["seconds"] / row["baseline"]["seconds"])
 
 
 def test_a_pipeline_that_loses_a_sample_fails_the_benchmark(monkeypatch):
@@ -42,7 +42,7 @@ def test_a_pipeline_that_loses_a_sample_fails_the_benchmark(monkeypatch):
             yield batch
 
     monkeypatch.setattr(train.stream_bench, "bucket_batches", lossy)
-    with pytest.raises(RuntimeError, match="not each of the 6 written once"):
+    with pytest.raises(DataError, match="not each of the 6 written once"):
         stream_row(n=6, per_shard=4, batch_size=2, resolution=64, max_sequence_length=8)
 
 
@@ -99,6 +99,26 @@ def test_tensors_view_the_member_bytes_and_stay_writable():
         .encode().ljust(header_len)
     with pytest.raises(ValueError, match="does not fit"):
         load_tensors(bad)
+
+
+def _raw_safetensors(header: dict, data: bytes, pad: bool) -> bytearray:
+    h = json.dumps(header).encode()
+    if pad:
+        h += b" " * (-len(h) % 8)
+    return bytearray(len(h).to_bytes(8, "little") + h + data)
+
+
+def test_unaligned_data_is_copied_and_holes_are_refused_as_safetensors_does():
+    data = torch.tensor([1.0, 2.0]).numpy().tobytes()
+    header = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    for pad in (False, True):  # unpadded: the data may start off a 4-byte boundary; valid, so it is read (copied)
+        buf = _raw_safetensors(header, data, pad)
+        assert torch.equal(load_tensors(buf)["x"], st_load(bytes(buf))["x"])
+    holed = _raw_safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, data, pad=True)
+    with pytest.raises(Exception):
+        st_load(bytes(holed))
+    with pytest.raises(ValueError, match="uncovered"):
+        load_tensors(holed)
 
 
 def test_a_sample_handed_on_is_not_hashed_any_more(tmp_path):

@@ -23,6 +23,7 @@ RSS is then its own process's). Every row, whichever stage measures it, is a dic
     peak_reserved_mb  float  CUDA: torch.cuda.max_memory_reserved during the row, MiB
     mfu               float  model FLOPs utilisation (train rows; see `train_step_flops`)
     baseline          dict   the raw comparison, e.g. {"what": "tarfile read of the same bytes", "seconds": 1.2}
+    ratio             float  seconds / baseline["seconds"]: how many times the baseline's time the row takes
   Any other key is kept in the JSON file but not shown in the table.
 """
 import argparse

@@ -129,7 +129,7 @@ def rows(quick: bool = False, repeats: int = 5) -> List[dict]:
     checkpoint; the best of `repeats` timings of each (one with `quick`), the highest peak RSS."""
     repeats = 1 if quick else repeats
     if quick:
-        config, model = QUICK, "quick (hidden 512, 2 blocks)"
+        config, model = QUICK, "small (2 blocks)"
     else:
         config, model = dict(TRANSFORMER_CONFIGS["sd3-medium"]), "sd3-medium"
     out = []
@@ -162,6 +162,7 @@ def rows(quick: bool = False, repeats: int = 5) -> List[dict]:
             seconds = min(t for t, _ in merges[kind])
             out.append({
                 "row": "merge", "what": f"merge, {kind}, one process (imports included)",
+                "label": f"{model}: {kind.replace(' folder', '').replace(' release', '')}",
                 "settings": {"model": model, "layout": kind.replace(" folder", "").replace(" release", ""),
                              "params": params, "dtype": "fp16", "checkpoint_mb": round(size_mb),
                              "lora_rank": RANK, "lora_modules": modules, "repeats": repeats,

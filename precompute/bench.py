@@ -216,7 +216,7 @@ def rows(quick: bool, device=None, tiny_model: Optional[str] = None, batches: Op
                            warmup=warmup)
     if not quick and device.type != "cuda":
         raise UsageError("the full-size precompute rows need a CUDA GPU (T5-XXL alone is 4.76B parameters); "
-                         "use quick=True for the tiny version")
+                         "use --quick for the tiny version")
     tmp = tempfile.mkdtemp(prefix="shardtune-bench-")
     try:
         root = write_pipeline(name, os.path.join(tmp, name), device)

@@ -153,6 +153,7 @@ def test_orchestrator_quick_writes_json_and_prints_one_table(tiny_model, tmp_pat
     assert saved["device"] == "cpu" and saved["matmul_peak_flops"] > 0 and saved["versions"]["torch"]
     assert {(r["settings"]["base_dtype"], r["settings"]["checkpointing"]) for r in saved["rows"][:4]} == \
         {("fp32", False), ("fp32", True), ("nf4", False), ("nf4", True)}
+    assert all(r["settings"]["quick"] for r in saved["rows"])
     for r in saved["rows"][:4]:
         assert r["status"] == "ok" and 0 < r["mfu"] <= 1 and r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0
     p = saved["rows"][4]  # the precompute row: T5 in nf4 as the stage loads it, per stage and per component
@@ -228,3 +229,17 @@ def test_merge_rows_through_the_orchestrator(tmp_path, capsys):
 def test_a_failing_stage_is_one_line(tmp_path):
     with pytest.raises(DataError, match=r"`python -m merge.bench --nonsense` failed \(exit 2"):
         bench.stage_rows("merge.bench", "--nonsense")
+
+
+def test_quick_runs_are_marked_and_kept_apart(tmp_path):
+    assert bench.parse_args(["--quick"]).out == os.path.join("build", "bench")
+    assert bench.parse_args([]).out == "bench"
+    with pytest.raises(UsageError, match="--models, --batches choose GPU train rows; --quick runs a fixed tiny matrix"):
+        bench.parse_args(["--quick", "--models", "sd9", "--batches", "0"])
+    with pytest.raises(UsageError, match="--rows: no row named"):
+        bench.main(["--rows", ",", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():  # nothing this machine can run is an error, not an empty success
+        with pytest.raises(UsageError, match="no rows ran on this machine"):
+            bench.main(["--rows", "train", "--out", str(tmp_path)])
+    r = {"row": "train", "what": "x", "settings": {"model": "tiny", "quick": True}}
+    assert "quick: tiny" in bench.format_table([r])

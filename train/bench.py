@@ -24,6 +24,7 @@ RSS is then its own process's). Every row, whichever stage measures it, is a dic
     mfu               float  model FLOPs utilisation (train rows; see `train_step_flops`)
     baseline          dict   the raw comparison, e.g. {"what": "tarfile read of the same bytes", "seconds": 1.2}
     ratio             float  seconds / baseline["seconds"]: how many times the baseline's time the row takes
+    label             str    optional: a short name for the table (else settings["model"])
   Any other key is kept in the JSON file but not shown in the table.
 """
 import argparse
@@ -356,18 +357,20 @@ def _table_cells(r: dict) -> List[str]:
     for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):
         if key in r:
             rate = f"{r[key]:.3g} {unit}"
-    what = str(s.get("model") or r.get("what", "-")) + (f", {s['layout']}" if s.get("layout") else "")
-    return [r["row"], what[:44], get("resolution"),
+    what = r.get("label") or (str(s.get("model") or r.get("what", "-")) + (f", {s['layout']}" if s.get("layout") else ""))
+    if s.get("quick"):
+        what = "quick: " + what
+    return [r["row"], what[:56], get("resolution"),
             get("batch" if "batch" in s else "batch_size"),
             get("base_dtype"), get("checkpointing", lambda v: "on" if v else "off"), mem,
             "OOM" if oom else (_fmt_seconds(r["seconds"]) if "seconds" in r else "-"),
             "OOM" if oom else rate, "OOM" if oom else (f"{r['mfu']:.1%}" if "mfu" in r else "-"),
-            _fmt_seconds(r["baseline"]["seconds"]) if isinstance(r.get("baseline"), dict) and "seconds" in r["baseline"]
-            else "-"]
+            f"{r['ratio']:.2f}x of {_fmt_seconds(r['baseline']['seconds'])}" if "ratio" in r
+            and isinstance(r.get("baseline"), dict) and "seconds" in r["baseline"] else "-"]
 
 
 TABLE_HEADER = ["row", "model / what", "resolution", "batch", "base dtype", "checkpointing", "peak mem",
-                "step/median time", "samples/s or images/s", "MFU*", "baseline time**"]
+                "step/median time", "samples/s or images/s", "MFU*", "vs baseline**"]
 
 
 def format_table(rows: List[dict]) -> str:
@@ -376,8 +379,8 @@ def format_table(rows: List[dict]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text + ["", "* " + MFU_DEFINITION, "** the same bytes read raw (stream) or the checkpoint copied "
-                                                     "(merge); see each row's baseline in the JSON"])
+    return "\n".join(text + ["", "* " + MFU_DEFINITION, "** time / the baseline's time: the same bytes read raw (stream), "
+                                                     "the checkpoint copied (merge); details in the JSON"])
 
 
 def results_path(out_dir: str, device, day: Optional[datetime.date] = None) -> str:
@@ -404,6 +407,8 @@ def save_results(path: str, rows: List[dict], header: dict) -> None:
         new_keys = {_row_key(r) for r in rows}
         kept = [r for r in old.get("rows", []) if _row_key(r) not in new_keys]
         commands = old.get("commands", [])
+        if header.get("matmul_peak_flops") is None and old.get("matmul_peak_flops") is not None:
+            header = {**header, "matmul_peak_flops": old["matmul_peak_flops"]}  # measured by an earlier train run
     if header["command"] not in commands:
         commands = commands + [header["command"]]
     # default=str: a row from another stage may hold a value JSON has no type for (a path object, a dtype).
@@ -424,17 +429,27 @@ def parse_args(argv) -> argparse.Namespace:
                                  epilog="On a machine without CUDA only --quick runs the train and precompute rows.")
     ap.add_argument("--quick", action="store_true", help="tiny-model versions of the GPU rows, few steps")
     ap.add_argument("--rows", default=",".join(ROW_KINDS), help=f"comma list of {', '.join(ROW_KINDS)} (default: all)")
-    ap.add_argument("--out", default="bench", help="folder of the results JSON (default: bench)")
-    ap.add_argument("--models", default=",".join(GPU_MODELS),
+    ap.add_argument("--out", default=None, help="folder of the results JSON (default: bench; with --quick: build/bench, "
+                                                "so harness checks never mix with measurements)")
+    ap.add_argument("--models", default=None,
                     help=f"GPU train rows: comma list of {', '.join(GPU_MODELS)} (default: all)")
-    ap.add_argument("--resolutions", default="512,1024", help="GPU train rows: comma list of square sizes in pixels")
-    ap.add_argument("--batches", default="1,4", help="GPU train rows: comma list of batch sizes")
+    ap.add_argument("--resolutions", default=None, help="GPU train rows: comma list of square sizes (default: 512,1024)")
+    ap.add_argument("--batches", default=None, help="GPU train rows: comma list of batch sizes (default: 1,4)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per train row (default 5; 3 with --quick) and batches per precompute row")
     ap.add_argument("--warmup", type=int, default=2, help="untimed train steps before them (default 2)")
     ap.add_argument("--tiny-model", default=None,
                     help="--quick precompute row: an existing tiny pipeline folder (default: build one)")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    chosen = [f"--{k}" for k in ("models", "resolutions", "batches") if getattr(a, k) is not None]
+    if a.quick and chosen:
+        raise UsageError(f"{', '.join(chosen)} choose GPU train rows; --quick runs a fixed tiny matrix instead: "
+                         "leave out one or the other")
+    a.models = a.models if a.models is not None else ",".join(GPU_MODELS)
+    a.resolutions = a.resolutions if a.resolutions is not None else "512,1024"
+    a.batches = a.batches if a.batches is not None else "1,4"
+    a.out = a.out if a.out is not None else os.path.join("build", "bench") if a.quick else "bench"
+    return a
 
 
 def _int_list(key: str, text: str) -> List[int]:
@@ -451,7 +466,8 @@ def _selected_kinds(text: str) -> List[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ROW_KINDS]
     if bad or not kinds:
-        raise UsageError(f"--rows: {', '.join(bad) or 'nothing'} not known; choose from {', '.join(ROW_KINDS)}")
+        what = f"{', '.join(bad)} not known" if bad else "no row named"
+        raise UsageError(f"--rows: {what}; choose from {', '.join(ROW_KINDS)}")
     return list(dict.fromkeys(kinds))
 
 
@@ -558,12 +574,13 @@ def main(argv=None) -> str:
         for r in providers[kind]():
             check_row(r, f"{kind} rows")
             r.setdefault("status", "ok")
+            if a.quick:  # tiny stand-ins: marked, so they are never read as measurements of real sizes
+                r["settings"] = {**r["settings"], "quick": True}
             rows.append(r)
             _progress(r)
             save_results(path, rows, {**header, "matmul_peak_flops": state["peak_flops"]})
     if not rows:
-        print("bench: no rows ran on this machine (see the notes above)", file=sys.stderr)
-        return path
+        raise UsageError("no rows ran on this machine (see the notes above); choose --rows it can run, or --quick")
     print(format_table(rows))
     print(f"\nwrote {path}")
     return path

@@ -20,7 +20,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from shards.errors import DataError
-from shards.measure import TRANSFORMER_CONFIGS, write_rows
+from shards.measure import TRANSFORMER_CONFIGS, rows_cli
 
 from .sd3_keys import plan
 from .single_file import transformer_jobs, write_single_file
@@ -174,20 +174,14 @@ def rows(quick: bool = False, repeats: int = 5) -> List[dict]:
     return out
 
 
-def main(argv: List[str]) -> None:
-    import argparse
+def _show(r: dict) -> str:
+    return (f"{r['what']}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB; "
+            f"{r['baseline']['what']}: {r['baseline']['seconds']:.1f} s (x{r['ratio']:.2f}); {r['settings']}")
 
-    ap = argparse.ArgumentParser(prog="python -m merge.bench", description="Merge a random full-size SD3 Medium "
-                                 "checkpoint on the CPU: seconds and peak RSS against copying the file.")
-    ap.add_argument("--quick", action="store_true", help="a small model instead (seconds, for tests)")
-    ap.add_argument("--json", help="also write the rows to this file (python -m train.bench reads it)")
-    a = ap.parse_args(argv)
-    out = rows(a.quick)
-    for r in out:
-        print(f"{r['what']}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB; "
-              f"{r['baseline']['what']}: {r['baseline']['seconds']:.1f} s (x{r['ratio']:.2f}); {r['settings']}")
-    if a.json:
-        write_rows(a.json, out)
+
+def main(argv: List[str]) -> None:
+    rows_cli(argv, "python -m merge.bench", "Merge a random full-size SD3 Medium checkpoint on the CPU: seconds and "
+             "peak RSS against copying the file.", rows, _show, "a small model instead (seconds, for tests)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 from shards.errors import UsageError
 from shards.format import TORCH_DTYPES
-from shards.measure import MIB, PeakMemory, is_oom, max_peak, release, sync, timed_calls, write_rows
+from shards.measure import MIB, PeakMemory, max_peak, release, sync, timed_calls, unless_oom, write_rows
 
 # Real SD3 component configs (SD3_FACTS.md and the published config files).
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -145,13 +145,7 @@ def _batch_row(text, vae, batch: int, resolution: int, device, steps: int, warmu
                extra: dict) -> dict:
     row = {"row": "precompute", "settings": settings,
            "what": "precompute TextEncoders.encode + VaeEncoder.encode on random images and captions"}
-    try:
-        stages = _measure_batch(text, vae, batch, resolution, device, steps, warmup)
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        stages = None
-    release(device)
+    stages = unless_oom(lambda: _measure_batch(text, vae, batch, resolution, device, steps, warmup), device)
     if stages is None:
         return {**row, "status": "OOM", **extra}
     seconds = stages["text"]["seconds"] + stages["vae"]["seconds"]

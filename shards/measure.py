@@ -49,6 +49,18 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
+def unless_oom(fn: Callable, device):
+    """`fn()`, or None if the device ran out of memory; the device is emptied after either."""
+    try:
+        out = fn()
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        out = None
+    release(device)
+    return out
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB: Linux VmHWM (resettable, see `PeakMemory`), else ru_maxrss."""
     try:
@@ -131,3 +143,19 @@ def write_rows(path: str, rows: List[dict]) -> None:
     from .atomic import write_json
 
     write_json(path, json.loads(json.dumps({"rows": rows}, default=str)))
+
+
+def rows_cli(argv: List[str], prog: str, description: str, rows: Callable[[bool], List[dict]],
+             show: Callable[[dict], str], quick_help: str) -> None:
+    """The command line of a stage's benchmark that has only `--quick` and `--json`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--json", help="also write the rows to this file (python -m train.bench reads it)")
+    a = ap.parse_args(argv)
+    out = rows(a.quick)
+    for r in out:
+        print(show(r))
+    if a.json:
+        write_rows(a.json, out)

@@ -40,8 +40,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from shards.errors import DataError, UsageError
-from shards.measure import (TRANSFORMER_CONFIGS, PeakMemory, default_device, device_name, is_oom, release, sync,
-                            timed_calls)
+from shards.measure import (TRANSFORMER_CONFIGS, PeakMemory, default_device, device_name, release, sync, timed_calls,
+                            unless_oom)
 
 ROW_KINDS = ("train", "precompute", "stream", "merge")
 TEXT_TOKENS = 77 + 256  # CLIP's 77 + T5's 256 (the SD3 pipeline's max_sequence_length)
@@ -298,16 +298,11 @@ def train_row(model: str, resolution: int, batch: int, quantize: str = "none", c
     row = {"row": "train", "settings": settings,
            "what": f"LoRA step (trainer's Run.step, flow loss, AdamW) on random {model} weights"}
     peak_flops = peak_flops or matmul_peak_flops(device)
-    try:
-        times, nonfinite, mem, weight_dtype = _measure_train(model, resolution, batch, quantize, checkpointing,
-                                                             device, steps, warmup, text_tokens, rank)
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        times = None
-    release(device)
-    if times is None:
+    measured = unless_oom(lambda: _measure_train(model, resolution, batch, quantize, checkpointing, device, steps,
+                                                 warmup, text_tokens, rank), device)
+    if measured is None:
         return {**row, "status": "OOM"}
+    times, nonfinite, mem, weight_dtype = measured
     t = statistics.median(times)
     step_flops = train_step_flops(config, resolution, resolution, text_tokens, batch)
     return {**row, "status": "ok", "seconds": t, "step_seconds": times, "samples_per_s": batch / t, **mem,

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from shards.errors import DataError
-from shards.measure import write_rows
+from shards.measure import rows_cli
 from shards.writer import ShardSetWriter, torch_dtype
 
 from .config import DataConfig
@@ -186,18 +186,8 @@ def format_row(r: dict) -> str:
 
 
 def main(argv: List[str]) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m train.stream_bench", description="Samples/s of the trainer's data "
-                                 "pipeline on 1024² SD3 samples, against a raw read of the same tar bytes.")
-    ap.add_argument("--quick", action="store_true", help="a few samples, one pass (for tests)")
-    ap.add_argument("--json", help="also write the rows to this file")
-    a = ap.parse_args(argv)
-    out = rows(a.quick)
-    for row in out:
-        print(format_row(row))
-    if a.json:
-        write_rows(a.json, out)
+    rows_cli(argv, "python -m train.stream_bench", "Samples/s of the trainer's data pipeline on 1024² SD3 samples, "
+             "against a raw read of the same tar bytes.", rows, format_row, "a few samples, one pass (for tests)")
 
 
 if __name__ == "__main__":

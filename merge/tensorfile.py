@@ -22,13 +22,10 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from shards.errors import DataError
+from shards.format import SAFETENSORS_DTYPES
 
-ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+TORCH_DTYPES = SAFETENSORS_DTYPES  # safetensors name -> torch dtype
+ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 MAX_HEADER = 100_000_000  # what the safetensors library accepts
 
 

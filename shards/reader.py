@@ -91,16 +91,10 @@ def check_shard_files(path: str, manifest: dict) -> None:
         raise DataError(f"{os.path.join(path, F.EXTRAS)} is missing; the shard set is damaged")
 
 
-# safetensors dtype names of the tensors shards hold; anything else is left to safetensors itself.
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
 def load_tensors(data) -> Dict[str, torch.Tensor]:
     """A safetensors buffer -> tensors that view `data` instead of copying it (a 1024² sample is ~5 MB,
     and one copy fewer per sample is a large part of the stream's CPU time). A read-only buffer
-    (`bytes`) or a dtype not listed above goes through `safetensors.torch.load`, which copies."""
+    (`bytes`) or a dtype not in shards.format.SAFETENSORS_DTYPES goes through `safetensors.torch.load`, which copies."""
     mv = memoryview(data).cast("B")
     if len(mv) < 8:
         raise ValueError("shorter than a safetensors header")
@@ -109,11 +103,12 @@ def load_tensors(data) -> Dict[str, torch.Tensor]:
         raise ValueError("safetensors header runs past the end of the data")
     header = json.loads(bytes(mv[8:8 + n]))
     specs = {k: v for k, v in header.items() if k != "__metadata__"}
-    if mv.readonly or sys.byteorder != "little" or any(v.get("dtype") not in _ST_DTYPES for v in specs.values()):
+    known = F.SAFETENSORS_DTYPES
+    if mv.readonly or sys.byteorder != "little" or any(v.get("dtype") not in known for v in specs.values()):
         return st_load(bytes(mv))
     base, size, out, spans = 8 + n, len(mv) - 8 - n, {}, []
     for name, spec in specs.items():
-        dtype, shape = _ST_DTYPES[spec["dtype"]], [int(d) for d in spec["shape"]]
+        dtype, shape = known[spec["dtype"]], [int(d) for d in spec["shape"]]
         begin, end = (int(o) for o in spec["data_offsets"])
         numel = math.prod(shape)
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != numel * dtype.itemsize:

@@ -442,3 +442,20 @@ def test_a_header_whose_sizes_disagree_is_one_line(tmp_path):
     path.write_bytes(len(h).to_bytes(8, "little") + h + bytes(16))
     with pytest.raises(DataError, match=r"'a.weight' holds 16 bytes, not the F16 \[2, 2\]"):
         TensorFile(str(path))
+
+
+def test_folding_runs_on_one_thread_and_gives_the_threads_back(base_model, lora_dir, tmp_path, monkeypatch):
+    """Idle OpenMP workers spun on the cores the kernel copies need (BENCHMARKS.md); the caller's setting returns."""
+    from merge import run as merge_run
+
+    seen = []
+    real = merge_run.fold_transformer
+    monkeypatch.setattr(merge_run, "fold_transformer", lambda *a, **k: seen.append(torch.get_num_threads()) or
+                        real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so the test means something on a one-core machine too
+    try:
+        merge(base_model, lora_dir, tmp_path / "out")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -189,8 +189,8 @@ class _HashedStream:
     """Reads a file or URL stream in whole pieces, handing each piece to a `_Sha256Thread`; also what
     `tarfile.TarInfo.fromtarfile` needs of a file (`read`, `tell`)."""
 
-    def __init__(self, f, hasher: _Sha256Thread):
-        self.f, self.hasher, self.pos = f, hasher, 0
+    def __init__(self, f, hasher: Optional[_Sha256Thread], pos: int = 0, stats: Optional[dict] = None):
+        self.f, self.hasher, self.pos, self.stats = f, hasher, pos, stats
         self._readinto = getattr(f, "readinto", None)
 
     def read_buffer(self, n: int) -> memoryview:
@@ -210,7 +210,10 @@ class _HashedStream:
             got += k
         mv = mv[:got]
         self.pos += got
-        self.hasher.update(mv)
+        if self.stats is not None:
+            self.stats["bytes"] = self.stats.get("bytes", 0) + got
+        if self.hasher is not None:
+            self.hasher.update(mv)
         return mv
 
     def read(self, n: int) -> bytes:
@@ -232,7 +235,8 @@ class _TarHeaders:
 
 
 def _tar_members(stream: _HashedStream) -> Iterator[tuple]:
-    """(name, data) of each regular file in a tar stream, in file order; ends like `tarfile` in `r|` mode."""
+    """(name, data, header offset) of each regular file in a tar stream, in file order; ends like
+    `tarfile` in `r|` mode."""
     headers = _TarHeaders(stream)
     while True:
         at = stream.tell()
@@ -251,18 +255,19 @@ def _tar_members(stream: _HashedStream) -> Iterator[tuple]:
         if len(data) < size:
             raise tarfile.ReadError("unexpected end of data")
         if info.isfile():
-            yield info.name, data[:info.size]
+            yield info.name, data[:info.size], at
 
 
-def iter_tar(url: str, sha256: Optional[str] = None) -> Iterator[Dict[str, memoryview]]:
-    """Raw samples of one shard (`{"__key__", ext: writable buffer}`) in file order; checks `sha256` at the end."""
+def iter_tar(url: str, sha256: Optional[str] = None, stats: Optional[dict] = None) -> Iterator[Dict[str, memoryview]]:
+    """Raw samples of one shard (`{"__key__", "__offset__": byte offset of its first header, ext: writable
+    buffer}`) in file order; checks `sha256` at the end; adds the bytes it reads to `stats["bytes"]`."""
     name = os.path.basename(url)
     hasher = _Sha256Thread()
     try:
         with _open(url) as raw:
-            stream = _HashedStream(raw, hasher)
+            stream = _HashedStream(raw, hasher, stats=stats)
             sample = {}
-            for member, data in _tar_members(stream):
+            for member, data, at in _tar_members(stream):
                 key, _, ext = member.partition(".")
                 if sample and key != sample["__key__"]:
                     # This member's bytes are queued behind the previous sample's: once those are hashed,
@@ -270,6 +275,8 @@ def iter_tar(url: str, sha256: Optional[str] = None) -> Iterator[Dict[str, memor
                     hasher.wait(hasher.given - 1)
                     yield sample
                     sample = {}
+                if not sample:
+                    sample["__offset__"] = at
                 sample["__key__"] = key
                 sample[ext] = data
             if sample:
@@ -290,13 +297,69 @@ def iter_tar(url: str, sha256: Optional[str] = None) -> Iterator[Dict[str, memor
                         "run `python -m shards verify` and precompute the set again")
 
 
+def decode_raw(url: str, raw: dict) -> dict:
+    try:
+        return decode_sample(raw)
+    except Exception as e:  # a damaged member decodes to garbage before the hash check can run
+        raise DataError(f"{url}: sample {raw.get('__key__')} cannot be decoded ({type(e).__name__}); "
+                        "the shard set is damaged: run `python -m shards verify`") from None
+
+
 def _decoded(url: str, sha256: Optional[str]) -> Iterator[Dict]:
     for raw in iter_tar(url, sha256):
-        try:
-            yield decode_sample(raw)
-        except Exception as e:  # a damaged member decodes to garbage before the hash check can run
-            raise DataError(f"{url}: sample {raw.get('__key__')} cannot be decoded ({type(e).__name__}); "
-                            "the shard set is damaged: run `python -m shards verify`") from None
+        yield decode_raw(url, raw)
+
+
+def read_samples_at(url: str, wanted: List[tuple], stats: Optional[dict] = None) -> Dict[int, dict]:
+    """Samples of one shard by the byte offsets `iter_tar` reported for them: {offset: sample}.
+
+    `wanted` holds (offset, key) pairs. A local shard is read only at those offsets (a seek, then the
+    sample's own members); a URL stream cannot seek and is read from its start up to the last one. The
+    shard's sha256 is not checked (only part of it is read): each sample must carry the recorded key.
+    """
+    wanted = sorted(wanted)
+    found = {}
+    try:
+        if is_url(url):
+            with _open(url) as raw:
+                members = _tar_members(_HashedStream(raw, None, stats=stats))
+                _collect(members, dict(wanted), found, last=wanted[-1][0] if wanted else -1)
+        else:
+            with open(url, "rb") as f:
+                for offset, key in wanted:
+                    f.seek(offset)
+                    _collect(_tar_members(_HashedStream(f, None, pos=offset, stats=stats)), {offset: key}, found,
+                             last=offset)
+    except FileNotFoundError:
+        raise DataError(f"{url} is missing; the shard set is damaged: run `python -m shards verify`") from None
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{url}: unreadable shard ({type(e).__name__}: {str(e)[:120]}); "
+                        "the shard set is damaged: run `python -m shards verify` and precompute it again") from None
+    out = {}
+    for offset, key in wanted:
+        raw = found.get(offset)
+        if raw is None or raw["__key__"] != key:
+            raise DataError(f"{url}: sample {key} is no longer at byte {offset}; the shard set changed since the "
+                            "checkpoint was written: resume with the set it was made with, or resume=none")
+        out[offset] = decode_raw(url, raw)
+    return out
+
+
+def _collect(members, wanted: Dict[int, str], found: Dict[int, dict], last: int) -> None:
+    """Gather the members of the samples that begin at the `wanted` offsets, stopping after `last`'s."""
+    current = None
+    for member, data, at in members:
+        key, _, ext = member.partition(".")
+        if current is not None and key != current["__key__"]:
+            current = None
+            if at > last:
+                return
+        if current is None and at in wanted:
+            current = found[at] = {"__key__": key, "__offset__": at}
+        if current is not None:
+            current[ext] = data
+        elif at > last:
+            return
 
 
 def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:

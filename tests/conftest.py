@@ -59,3 +59,26 @@ def model_without_text_encoders(tiny_model, tmp_path_factory):
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
         shutil.rmtree(os.path.join(dst, name))
     return dst
+
+
+def small_set(out, n: int, per_shard: int, buckets: int = 3, prefix: str = "s", seed: int = 0) -> dict:
+    """A shard set of `n` small random samples in `buckets` buckets, written with the project's writer
+    (no model needed): for tests of the data stream. Returns its manifest."""
+    import torch
+
+    from shards.writer import ShardSetWriter
+
+    g = torch.Generator().manual_seed(seed)
+    w = ShardSetWriter(str(out), dtype="fp32", samples_per_shard=per_shard, overwrite=True)
+    for i in range(n):
+        b = [16 + 8 * (i % buckets), 16]
+        t = {"latent_mean": torch.randn(4, b[0] // 8, 2, generator=g), "latent_std": torch.rand(4, b[0] // 8, 2, generator=g),
+             "prompt_embeds": torch.randn(5, 6, generator=g), "pooled_prompt_embeds": torch.randn(5, generator=g)}
+        w.add(f"{prefix}{i:05d}", t, {"caption": f"c{i}", "source": f"{prefix}/{i}.png", "sha256": f"{prefix}{i:063x}",
+                                     "original_size": b, "crop_top_left": [0, 0], "bucket": b})
+    w.write_extras({"empty_prompt_embeds": torch.zeros(5, 6), "empty_pooled_prompt_embeds": torch.zeros(5),
+                    "validation_prompt_embeds": torch.zeros(1, 5, 6), "validation_pooled_prompt_embeds": torch.zeros(1, 5)},
+                   {"validation_prompts": ["p"]})
+    return w.close({"model": {"path": "m", "components": {}}, "vae": {"scaling_factor": 1.5, "shift_factor": 0.1,
+                    "downsample_factor": 8}, "latent_channels": 4, "embeddings": {"prompt_embeds_dim": 6, "clip_tokens": 2,
+                    "pooled_dim": 5}, "max_sequence_length": 3, "precisions": {"t5": "fp32"}, "config": {}})

@@ -113,8 +113,9 @@ def test_bench_run_is_the_trainers_step_on_lora():
     cfg = bench.bench_config(batch=2)
     t = bench.build_transformer("tiny", torch.float32, CPU)
     expected = len(lora_module_names(t, LoraConfig()))
-    run = bench._bench_run_class()(t, cfg, 128, 20, CPU)
-    assert len(run.params) == 2 * expected and all(p.dtype == torch.float32 for p in run.params)
+    run = bench.BenchRun(t, cfg, 128, 20, CPU)
+    params = run.stepper.params
+    assert len(params) == 2 * expected and all(p.dtype == torch.float32 for p in params)
     times, nonfinite = run.time_steps(warmup=0, steps=1)
     assert len(times) == 1 and nonfinite == 0
     # Every B moved except the last block's context query: that block's context outputs are dropped, so no gradient.

@@ -32,14 +32,14 @@ def test_caption_dropout_trains_on_the_empty_prompt(tiny_model, shard_set_fp32):
     from shards import read_extras, read_manifest
     from shards.config import load_config
     from train.config import TrainConfig
-    from train.loop import Objective
     from train.model import load_transformer, scheduler_config
+    from train.objective import Objective
 
     def objective(dropout):
         cfg = load_config(TrainConfig, [f"model.path={tiny_model}", f"data.shards={shard_set_fp32}", "out.dir=x",
                                         f"loss.caption_dropout={dropout}"])
         return Objective(cfg, read_manifest(shard_set_fp32), read_extras(shard_set_fp32),
-                         scheduler_config(tiny_model), torch.device("cpu"), torch.float32, None)
+                         scheduler_config(tiny_model), torch.device("cpu"), torch.float32)
 
     t = load_transformer(tiny_model, torch.float32, torch.device("cpu"))
     batch = next(bucket_batches(shard_set_fp32, 2, seed=0))
@@ -47,10 +47,10 @@ def test_caption_dropout_trains_on_the_empty_prompt(tiny_model, shard_set_fp32):
     empty_batch = dict(batch, prompt_embeds=extras["empty_prompt_embeds"].expand(2, -1, -1).clone(),
                        pooled_prompt_embeds=extras["empty_pooled_prompt_embeds"].expand(2, -1).clone())
     with torch.no_grad():
-        dropped, _ = objective(1.0)(t, dict(batch))
+        dropped = objective(1.0)(t, dict(batch))[0]
         # Same generator state: the dropout draw comes after the latents, noise and sigma draws.
-        reference, _ = objective(0.0)(t, empty_batch)
-        kept, _ = objective(0.0)(t, dict(batch))
+        reference = objective(0.0)(t, empty_batch)[0]
+        kept = objective(0.0)(t, dict(batch))[0]
     assert torch.allclose(dropped, reference)
     assert not torch.allclose(dropped, kept)
 
@@ -87,37 +87,3 @@ def test_torchrun_processes_take_their_own_part(tiny_model, sample_data, tmp_pat
                                                                       "out.samples_per_shard": 3}))
     assert (r["part"], r["parts"], r["shards_done_here"]) == (1, 2, 1)  # shards 0..2: part 1 takes shard 1
     assert os.path.exists(tmp_path / "shard-000001.json") and not os.path.exists(tmp_path / "shard-000000.json")
-
-
-def test_sets_mixed_by_weight(shard_set_fp32, tmp_path):
-    import shutil
-
-    from shards import read_samples
-    from shards.config import load_config
-    from train.config import TrainConfig
-
-    cfg = load_config(TrainConfig, ["model.path=x/y", f"data.shards={shard_set_fp32}@3,{shard_set_fp32}", "out.dir=o"])
-    assert cfg.data.weights() == [3.0, 1.0] and cfg.data.sets() == [shard_set_fp32, shard_set_fp32]
-    # Two copies of one set: count which copy each sample came from through a marker in the second.
-    other = tmp_path / "copy"
-    shutil.copytree(shard_set_fp32, other)
-    keys_a = {s["key"] for s in read_samples(shard_set_fp32)}
-    batches = bucket_batches([shard_set_fp32, str(other)], 1, seed=0, shuffle_buffer=4, weights=[3.0, 1.0])
-    drawn = [next(batches)["keys"][0] for _ in range(400)]
-    assert all(k in keys_a for k in drawn)
-    again = bucket_batches([shard_set_fp32, str(other)], 1, seed=0, shuffle_buffer=4, weights=[3.0, 1.0])
-    assert [next(again)["keys"][0] for _ in range(400)] == drawn  # seeded
-
-
-def test_weighted_draws_follow_the_weights(monkeypatch):
-    import train.data as data
-
-    def fake(path, shuffle_buffer, seed):
-        while True:
-            yield {"key": path, "meta": {"bucket": [8, 8]}, "latent_mean": torch.zeros(1), "latent_std": torch.zeros(1),
-                   "prompt_embeds": torch.zeros(1), "pooled_prompt_embeds": torch.zeros(1)}
-
-    monkeypatch.setattr(data, "_endless", fake)
-    b = data._weighted_batches(["a", "b"], [3.0, 1.0], 1, 0, 1)
-    drawn = [next(b)["keys"][0] for _ in range(4000)]
-    assert 0.72 < drawn.count("a") / 4000 < 0.78

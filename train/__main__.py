@@ -5,7 +5,8 @@ from .config import TrainConfig
 
 def main(argv):
     cfg = load_config(TrainConfig, argv)
-    from .loop import summary, train  # heavy imports only after the config is known to be good
+    from .loop import train
+    from .outputs import summary  # heavy imports only after the config is known to be good
 
     result = train(cfg)
     if "lora" in result:  # the main process of a multi-process run writes and reports

@@ -180,7 +180,7 @@ def build_transformer(name: str, dtype: torch.dtype, device, quantize: str = "no
 
 def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,
                  seed: int = 0) -> SimpleNamespace:
-    """The sections of a TrainConfig that `Run.step`, `Objective`, `prepare_lora` and `_dtypes` read, at the
+    """The sections of a TrainConfig that `LoraStep`, `Objective`, `prepare_lora` and `resolve_dtypes` read, at the
     trainer's defaults (a TrainConfig itself insists on a model folder and a shard set)."""
     from .config import DataConfig, LoraConfig, LossConfig, ModelConfig, TrainLoopConfig
 
@@ -204,64 +204,48 @@ def random_batch(config, resolution: int, batch: int, text_tokens: int, seed: in
     return out
 
 
-def _bench_run_class():
-    from .loop import Run
+class BenchRun:
+    """The trainer's own parts without a shard set: the run's Accelerator, `prepare_lora`, `Objective` and
+    `LoraStep`, on a given transformer, fed one random batch of the real shapes again and again."""
 
-    class BenchRun(Run):
-        """The trainer's `Run` without a shard set: its LoRA set-up, objective, optimizer and `step`, on a
-        given transformer, fed one random batch of the real shapes again and again.
+    def __init__(self, transformer, cfg, resolution: int, text_tokens: int, device):
+        from .objective import Objective, prepare_lora, resolve_dtypes
+        from .step import LoraStep, make_accelerator
 
-        `Run.__init__` (shard sets, model folder, validation) is replaced; `step` is the trainer's own.
-        """
+        self.device = device
+        weight_dtype, amp = resolve_dtypes(cfg, device)
+        self.accel = make_accelerator(str(device), amp, cfg.train.grad_accum)
+        torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
+        params = prepare_lora(transformer, cfg.lora, cfg.model)
+        c = transformer.config
+        extras = {"empty_prompt_embeds": torch.zeros(text_tokens, c.joint_attention_dim),
+                  "empty_pooled_prompt_embeds": torch.zeros(c.pooled_projection_dim)}
+        objective = Objective(cfg, BENCH_MANIFEST, extras, SD3_SCHEDULER, device, weight_dtype)
+        self.stepper = LoraStep(self.accel, transformer, params, objective, cfg.train)
+        self.batch = random_batch(c, resolution, cfg.train.batch_size, text_tokens, cfg.train.seed,
+                                  pin=device.type == "cuda")
 
-        def __init__(self, transformer, cfg, resolution: int, text_tokens: int, device):
-            from .loop import Objective, _dtypes, prepare_lora
-            from .optim import make_optimizer, make_schedule
+    def step(self) -> dict:
+        return self.stepper.step(lambda: self.batch)
 
-            self.cfg, self.accel, self.rank, self.world, self.device = cfg, None, 0, 1, device
-            self.weight_dtype, amp_dtype = _dtypes(cfg, device)
-            torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
-            self.transformer = self.model = transformer
-            self.params = prepare_lora(transformer, cfg.lora, cfg.model)
-            c = transformer.config
-            extras = {"empty_prompt_embeds": torch.zeros(text_tokens, c.joint_attention_dim),
-                      "empty_pooled_prompt_embeds": torch.zeros(c.pooled_projection_dim)}
-            self.objective = Objective(cfg, BENCH_MANIFEST, extras, SD3_SCHEDULER, device, self.weight_dtype,
-                                       amp_dtype)
-            self.opt = make_optimizer(self.params, cfg.train)
-            self.schedule = make_schedule(self.opt, cfg.train)
-            self.ema = None
-            self.batch = random_batch(c, resolution, cfg.train.batch_size, text_tokens, cfg.train.seed,
-                                      pin=device.type == "cuda")
-            self.batches_drawn = 0
-
-        def next_batch(self):
-            self.batches_drawn += 1
-            return self.batch
-
-        def close(self) -> None:
-            pass
-
-        def time_steps(self, warmup: int, steps: int):
-            """Seconds of each timed step (after `warmup` untimed ones) and how many had a non-finite loss."""
-            losses = []
-            times = timed_calls(lambda: losses.append(self.step()[0]), self.device, warmup, steps)
-            nonfinite = sum(loss is None for loss in losses[warmup:])
-            return times, nonfinite
-
-    return BenchRun
+    def time_steps(self, warmup: int, steps: int):
+        """Seconds of each timed step (after `warmup` untimed ones) and how many were not applied."""
+        applied = []
+        times = timed_calls(lambda: applied.append(self.step()["applied"]), self.device, warmup, steps)
+        nonfinite = sum(not a for a in applied[warmup:])
+        return times, nonfinite
 
 
 def _measure_train(model, resolution, batch, quantize, checkpointing, device, steps, warmup, text_tokens, rank):
     """Build, train `warmup + steps` steps, return (step seconds, non-finite steps, peak memory, dtype)."""
-    from .loop import _dtypes
+    from .objective import resolve_dtypes
 
     cfg = bench_config(quantize, checkpointing, batch, rank)
-    weight_dtype, _ = _dtypes(cfg, device)
+    weight_dtype, _ = resolve_dtypes(cfg, device)
     transformer = build_transformer(model, weight_dtype, device, quantize)
     release(device, collect=False)  # the build's transients (bf16 weights before nf4) are not training's
     mem = PeakMemory(device)
-    run = _bench_run_class()(transformer, cfg, resolution, text_tokens, device)
+    run = BenchRun(transformer, cfg, resolution, text_tokens, device)
     times, nonfinite = run.time_steps(warmup, steps)
     return times, nonfinite, mem.read(), weight_dtype
 
@@ -296,7 +280,7 @@ def train_row(model: str, resolution: int, batch: int, quantize: str = "none", c
                 "checkpointing": checkpointing, "lora_rank": rank, "lora_targets": "attn", "optimizer": "adamw",
                 "text_tokens": text_tokens, "steps": steps, "warmup": warmup, "device": device_name(device)}
     row = {"row": "train", "settings": settings,
-           "what": f"LoRA step (trainer's Run.step, flow loss, AdamW) on random {model} weights"}
+           "what": f"LoRA step (trainer's LoraStep, flow loss, AdamW) on random {model} weights"}
     peak_flops = peak_flops or matmul_peak_flops(device)
     measured = unless_oom(lambda: _measure_train(model, resolution, batch, quantize, checkpointing, device, steps,
                                                  warmup, text_tokens, rank), device)

@@ -1,7 +1,7 @@
 """Checkpoints for exact resume: `out.dir/checkpoints/step-NNNNNN/`, complete once COMPLETE exists.
 
-Holds the LoRA weights, optimizer, LR schedule, EMA, every RNG state, the data position and the
-resolved config; `resume: auto` continues from the newest complete one.
+Holds the LoRA weights, optimizer, LR schedule, EMA, gradient scaler, every RNG state, each process's
+data stream position and the resolved config; `resume: auto` continues from the newest complete one.
 """
 import json
 import os
@@ -9,7 +9,7 @@ import random
 import re
 import shutil
 import sys
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,27 +38,43 @@ def complete_checkpoints(out_dir: str):
     return sorted(found)
 
 
-def save(out_dir: str, step: int, run, state: dict, keep: int) -> str:
+class GlobalRng:
+    """The process-wide generators (torch CPU and CUDA, Python's `random`) as a checkpoint part."""
+
+    def state_dict(self) -> dict:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate(state["python"])
+
+
+def save(out_dir: str, step: int, accel, lora: Dict[str, torch.Tensor], shared: Dict, per_rank: Dict,
+         state: dict, keep: int) -> str:
     """Write step-NNNNNN.tmp/, then rename it and write the marker; prune to the newest `keep`.
 
-    Under DDP every process writes its own RNG state; the main process writes the rest."""
+    `shared` and `per_rank` map names to parts with `state_dict()`: the main process writes the shared
+    parts (`shared.pt`), the LoRA and `state.json`; every process writes its own parts (`rank-R.pt`: its
+    noise generator, data stream position, RNG states)."""
     root = checkpoint_root(out_dir)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
-    if run.main:
+    main = accel.is_main_process
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    run.barrier()
-    torch.save({"objective": run.objective.gen.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate()}, os.path.join(tmp, f"rng-rank{run.rank}.pt"))
-    run.barrier()
-    if run.main:
-        lora = {n: p.detach().cpu().float().contiguous() for n, p in run.named_lora_params()}
+    accel.wait_for_everyone()
+    torch.save({name: part.state_dict() for name, part in per_rank.items()},
+               os.path.join(tmp, f"rank-{accel.process_index}.pt"))
+    accel.wait_for_everyone()
+    if main:
         save_file(lora, os.path.join(tmp, "lora.safetensors"))
-        torch.save({"optimizer": run.opt.state_dict(), "schedule": run.schedule.state_dict(),
-                    "ema": run.ema.state_dict() if run.ema else None}, os.path.join(tmp, "optimizer.pt"))
-        write_json(os.path.join(tmp, "state.json"), {**state, "processes": run.world})
+        torch.save({name: part.state_dict() for name, part in shared.items()}, os.path.join(tmp, "shared.pt"))
+        write_json(os.path.join(tmp, "state.json"), {**state, "processes": accel.num_processes})
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
@@ -69,7 +85,7 @@ def save(out_dir: str, step: int, run, state: dict, keep: int) -> str:
         fsync_dir(root)
         for _, old in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    run.barrier()
+    accel.wait_for_everyone()
     return final
 
 
@@ -84,37 +100,39 @@ def find(out_dir: str, resume: str) -> Optional[str]:
     return resume
 
 
-def load(path: str, run) -> dict:
-    """Restore everything `save` wrote into `run`; returns the saved state (step, data position...)."""
+def load(path: str, accel, cfg, lora_target, shared: Dict, per_rank: Dict) -> dict:
+    """Restore what `save` wrote into the parts; returns state.json (step, run state, config...).
+
+    With another number of processes than the run that saved it, the parts that can (`repartition`: the
+    data stream) take their share of every saved process's state; the others are restored for the ranks
+    that existed and start afresh for new ones."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    _check_same_lora(state["config"]["lora"], run.cfg, path)
-    _warn_if_stream_changed(state["config"], run.cfg, path)
-    lora = load_file(os.path.join(path, "lora.safetensors"))
-    params = dict(run.named_lora_params())
-    if set(lora) != set(params):
-        raise UsageError(f"resume: {path} holds LoRA weights for other modules than this run's lora settings")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tuple(p.shape) != tuple(lora[name].shape):
-                raise UsageError(f"resume: {name} has shape {tuple(lora[name].shape)} in {path}, {tuple(p.shape)} now")
-            p.copy_(lora[name].to(p.dtype))
-    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=False)  # load_state_dict moves it
-    run.opt.load_state_dict(opt["optimizer"])
-    run.schedule.load_state_dict(opt["schedule"])
-    if run.ema and opt["ema"]:
-        run.ema.load_state_dict(opt["ema"])
-    elif run.ema:  # EMA switched on at resume: it starts from the weights trained so far
-        run.ema.shadow = [p.detach().float().clone() for p in run.ema.params]
-    if state.get("processes", 1) != run.world:
-        raise UsageError(f"resume: {path} was made by {state.get('processes', 1)} process(es), this run has "
-                         f"{run.world}; resume with the same number, or resume=none")
-    rng = torch.load(os.path.join(path, f"rng-rank{run.rank}.pt"), weights_only=False)
-    run.objective.gen.set_state(rng["objective"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(rng["python"])
+    _check_same_lora(state["config"]["lora"], cfg, path)
+    _warn_if_stream_changed(state["config"], cfg, path)
+    ranks = sorted(int(m.group(1)) for m in (re.match(r"^rank-(\d+)\.pt$", n) for n in os.listdir(path)) if m)
+    if not os.path.exists(os.path.join(path, "shared.pt")) or len(ranks) != state.get("processes"):
+        raise UsageError(f"resume: {path} was written by an older shardtune (no stream position); "
+                         "resume=none starts over")
+    lora_target.load_lora_state(load_file(os.path.join(path, "lora.safetensors")), path)
+    saved = torch.load(os.path.join(path, "shared.pt"), map_location="cpu", weights_only=False)
+    for name, part in shared.items():
+        part.load_state_dict(saved[name])
+    rank_states = [torch.load(os.path.join(path, f"rank-{r}.pt"), weights_only=False) for r in ranks] \
+        if len(ranks) != accel.num_processes else None
+    if rank_states is None:
+        mine = torch.load(os.path.join(path, f"rank-{accel.process_index}.pt"), weights_only=False)
+        for name, part in per_rank.items():
+            part.load_state_dict(mine[name])
+        return state
+    print(f"train: resuming {path}, saved by {len(ranks)} process(es), with {accel.num_processes}: each process "
+          "takes its share of the data the others had left; noise draws differ from an uninterrupted run",
+          file=sys.stderr)
+    for name, part in per_rank.items():
+        if hasattr(part, "repartition"):
+            part.repartition([s[name] for s in rank_states])
+        elif accel.process_index < len(rank_states):
+            part.load_state_dict(rank_states[accel.process_index][name])
     return state
 
 

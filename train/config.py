@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # shard set folder or URL; several: "a,b" (read in turn) or "a@3,b@1" (mixed by weight)
+    shards: str = ""  # shard set folder or URL; several: "a,b" (read as one set) or "a@3,b@1" (mixed by weight)
 
     def weighted(self) -> List[tuple]:
         """(set, weight or None) for every set; brace patterns (sets-{00..07}) expand into several."""
@@ -105,7 +105,7 @@ class TrainLoopConfig:
     trackers: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     mixed_precision: str = "auto"  # autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16, no
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 10  # steps between bringing logged values to the host (one transfer per interval)
     device: str = "auto"
 
 

@@ -1,0 +1,203 @@
+"""The trainer under several processes and on a device: kills and resumes, all-reduces, fp16, host syncs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+
+def _args(model, shards, out, *extra):
+    return [f"model.path={model}", f"data.shards={shards}", f"out.dir={out}", "train.batch_size=2", "lora.rank=4",
+            "lora.alpha=8", "validation.enabled=false", "train.lr=2e-3", *extra]
+
+
+def _torchrun(n, *args, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "-m", "train", *args]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _same_lora(a, b) -> bool:
+    a, b = load_file(os.path.join(a, "pytorch_lora_weights.safetensors")), load_file(os.path.join(b, "pytorch_lora_weights.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_sigkill_then_resume_bit_identical_and_resume_with_one(tiny_model, shard_set_fp32, tmp_path):
+    common = ["train.max_steps=8", "checkpoint.every=2", "train.grad_accum=2", "train.log_every=3"]
+    straight = tmp_path / "straight"
+    r = _torchrun(2, *_args(tiny_model, shard_set_fp32, straight, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == list(range(1, 9))
+    for line in lines:  # each step: two micro-batches per process (an epoch's last batch may be short)
+        assert all(2 <= len(keys) <= 4 for keys in line["keys"])
+    rank0, rank1 = lines[0]["keys"]  # in their first epoch the processes read disjoint shares
+    assert not set(rank0) & set(rank1)
+    killed = tmp_path / "killed"
+    proc = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *common), wait=False)
+    marker = killed / "checkpoints" / "step-000004" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "pytorch_lora_weights.safetensors").exists()
+    r = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *common))
+    assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout, r.stderr[-3000:]
+    assert _same_lora(straight, killed)
+    assert [json.loads(x)["step"] for x in open(killed / "metrics.jsonl")] == list(range(1, 9))
+    # The same checkpoint resumed by one process: it takes over both processes' share of the data.
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.loop import train
+
+    r = train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "one", *common,
+                                             f"resume={straight / 'checkpoints' / 'step-000006'}")))
+    assert r["steps"] == 8
+    assert not _same_lora(straight, tmp_path / "one")  # one process trains on half the data per step
+
+
+def test_only_the_last_micro_batch_of_a_step_all_reduces(tiny_model, shard_set_fp32, tmp_path):
+    """A DDP comm hook counts the gradient all-reduces: with grad_accum=4 they equal those of grad_accum=1."""
+    script = tmp_path / "count.py"
+    script.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {REPO!r})
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from shards.config import load_config
+from train.config import TrainConfig
+from train.loop import build_run, run_accelerator
+
+counts = {{}}
+for accum in (1, 4):
+    cfg = load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp_path / 'o')!r} + [f"train.grad_accum={{accum}}"])
+    accel = run_accelerator(cfg)
+    run = build_run(cfg, accel)
+    calls = []
+
+    def hook(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+
+    run.stepper.model.register_comm_hook(dist.group.WORLD, hook)
+    run.stream.start()
+    for _ in range(3):
+        run.stepper.step(run.stream)
+    run.stream.close()
+    counts[accum] = len(calls)
+if dist.get_rank() == 0:
+    print("COUNTS", json.dumps(counts))
+""")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(script)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads(r.stdout.split("COUNTS", 1)[1].strip().splitlines()[0])
+    assert counts["1"] >= 3 and counts["4"] == counts["1"], counts  # per optimizer step, not per micro-batch
+
+
+def test_fp16_on_cpu_trains_with_a_gradient_scaler(tiny_model, shard_set_fp32, tmp_path):
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.loop import train
+
+    r = train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3",
+                                             "train.mixed_precision=fp16")))
+    shared = torch.load(tmp_path / "checkpoints" / "step-000003" / "shared.pt", weights_only=False)
+    scaler = shared["training"]["scaler"]
+    assert scaler is not None and scaler["scale"] > 0 and scaler["_growth_tracker"] >= 0
+    lora = load_file(r["lora"])
+    assert all(torch.isfinite(v).all() for v in lora.values())
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
+    fp32 = train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "fp32", "train.max_steps=3")))
+    ref = load_file(fp32["lora"])
+    assert any(not torch.equal(ref[k], lora[k]) for k in ref)  # autocast ran the matmuls in fp16
+
+
+def test_host_syncs_one_per_step_and_one_transfer_per_log_interval(tiny_model, shard_set_fp32, tmp_path, monkeypatch):
+    from shards.config import load_config
+    from train.config import TrainConfig
+    import train.loop as loop
+
+    main = threading.get_ident()
+    counts = {"steps": 0, "syncs": 0, "by": {}}
+    in_step = [False]
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **kw):
+            if in_step[0] and threading.get_ident() == main:
+                where = sys._getframe(1).f_code.co_filename
+                counts["by"][where] = counts["by"].get(where, 0) + 1
+                # AdamW reads its per-parameter step counters, CPU tensors also when training on CUDA.
+                if not where.endswith(os.path.join("torch", "optim", "optimizer.py")):
+                    counts["syncs"] += 1
+            return real(self, *a, **kw)
+        return wrapper
+
+    for name in ("item", "cpu", "tolist", "__bool__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    real_step, real_flush = loop.LoraStep.step, loop.Metrics.flush
+
+    def step(self, next_batch):
+        in_step[0] = True
+        try:
+            return real_step(self, next_batch)
+        finally:
+            in_step[0] = False
+            counts["steps"] += 1
+
+    def flush(self, bar=None):
+        in_step[0] = True
+        try:
+            return real_flush(self, bar)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(loop.LoraStep, "step", step)
+    monkeypatch.setattr(loop.Metrics, "flush", flush)
+    loop.train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=10",
+                                              "train.log_every=5", "train.grad_accum=2", "checkpoint.every=0")))
+    assert counts["steps"] == 10
+    # One per step (whether the step's loss and gradients were finite), two transfers per log interval.
+    assert counts["syncs"] == 10 + 2 * 2, counts
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == list(range(1, 11)) and all(len(x["losses"]) == 4 for x in lines)
+
+
+def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    from train import outputs
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": i}) + "\n" for i in range(1, 11)))
+    real = json.dumps
+    calls = []
+
+    def failing(obj, *a, **kw):
+        calls.append(obj)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real(obj, *a, **kw)
+
+    monkeypatch.setattr(outputs.json, "dumps", failing)
+    with pytest.raises(OSError):
+        outputs.keep_metrics_until(str(path), 5)
+    monkeypatch.setattr(outputs.json, "dumps", real)
+    assert [json.loads(x)["step"] for x in open(path)] == list(range(1, 11))  # the history is whole
+    outputs.keep_metrics_until(str(path), 5)
+    assert [json.loads(x)["step"] for x in open(path)] == list(range(1, 6))
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []

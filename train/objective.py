@@ -1,0 +1,90 @@
+"""The training objective: SD3's rectified-flow loss on one micro-batch, every draw from one generator."""
+import torch
+
+from shards.format import TORCH_DTYPES
+
+from . import flow
+from .config import LoraConfig, ModelConfig, TrainConfig
+from .model import add_lora
+
+
+def resolve_dtypes(cfg: TrainConfig, device: torch.device):
+    """(frozen weights' dtype, mixed-precision name: 'bf16' | 'fp16' | 'no')."""
+    weights = cfg.model.precision
+    if weights == "auto":
+        weights = "bf16" if device.type == "cuda" else "fp32"
+    amp = cfg.train.mixed_precision
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "no"
+    return TORCH_DTYPES[weights], amp
+
+
+def prepare_lora(transformer, lora: LoraConfig, model: ModelConfig):
+    """LoRA on the frozen transformer as training runs it; returns the trainable parameters."""
+    params = add_lora(transformer, lora)
+    for p in params:  # LoRA weights train in fp32 whatever the base precision
+        p.data = p.data.float()
+    if model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if model.compile:
+        for block in transformer.transformer_blocks:
+            block.compile()
+    transformer.train()
+    return params
+
+
+class Objective:
+    """One micro-batch's loss; owns the generator so every random draw is reproducible.
+
+    Mixed precision is not applied here: the model the run calls is prepared by its Accelerator, whose
+    forward runs under autocast."""
+
+    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, sched: dict, device, weight_dtype,
+                 rank: int = 0):
+        self.cfg, self.device, self.weight_dtype = cfg.loss, device, weight_dtype
+        self.flip = cfg.data.flip if manifest.get("flipped_latents") else 0.0
+        shift = cfg.loss.shift if cfg.loss.shift is not None else sched.get("shift", 1.0)
+        self.table = flow.sigma_table(sched.get("num_train_timesteps", 1000), shift)
+        self.shift_factor = manifest["vae"]["shift_factor"]
+        self.scaling_factor = manifest["vae"]["scaling_factor"]
+        self.empty = tuple(extras[k].float().to(device) for k in ("empty_prompt_embeds", "empty_pooled_prompt_embeds"))
+        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1000003 * rank)  # each process its own noise
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
+    def __call__(self, model, batch):
+        """(mean loss, sigmas, per-sample losses), all on the device; nothing here waits for the device."""
+        c, g, dev = self.cfg, self.gen, self.device
+
+        def put(name):  # stored dtype to the device first (asynchronous from the loader's pinned memory), then math
+            return batch[name].to(dev, non_blocking=True)
+
+        mean, std = put("latent_mean"), put("latent_std")
+        n = mean.shape[0]
+        if self.flip > 0 and "latent_mean_flip" in batch:  # the mirrored image's stored latent: a flip without a VAE
+            use = (torch.rand(n, generator=g) < self.flip)[:, None, None, None].to(dev)
+            mean = torch.where(use, put("latent_mean_flip"), mean)
+            std = torch.where(use, put("latent_std_flip"), std)
+        x0 = flow.model_latents(mean, std, g, self.shift_factor, self.scaling_factor)  # noise drawn on the CPU
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        sigma = flow.sigmas_for(flow.sample_u(c.timestep_sampling, n, g, c.logit_mean, c.logit_std,
+                                              c.mode_scale), self.table).to(dev)
+        noisy = flow.noisy_latents(x0, noise, sigma)
+        embeds, pooled = put("prompt_embeds").float(), put("pooled_prompt_embeds").float()
+        if c.caption_dropout > 0:
+            drop = (torch.rand(n, generator=g) < c.caption_dropout).to(dev)  # the batch itself is left as it is
+            embeds = torch.where(drop[:, None, None], self.empty[0], embeds)
+            pooled = torch.where(drop[:, None], self.empty[1], pooled)
+        out = model(hidden_states=noisy.to(self.weight_dtype), timestep=sigma * 1000,
+                    encoder_hidden_states=embeds.to(self.weight_dtype),
+                    pooled_projections=pooled.to(self.weight_dtype), return_dict=False)[0]
+        per_sample = flow.flow_matching_loss(out, x0, noise, noisy, sigma, c.weighting, c.precondition_outputs,
+                                             reduce=False)
+        if c.prior_weight != 1.0:  # class images of DreamBooth prior preservation
+            prior = torch.tensor(batch["prior"], device=per_sample.device)
+            per_sample = per_sample * torch.where(prior, c.prior_weight, 1.0)
+        return per_sample.mean(), sigma, per_sample.detach()

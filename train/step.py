@@ -1,0 +1,124 @@
+"""The run's Accelerator and one LoRA optimizer step through it.
+
+One Accelerator serves every run, one process included: it holds the process group (DDP when launched with
+several processes), mixed precision (autocast in the prepared model's forward; fp16 with its gradient
+scaler), gradient accumulation (only the last micro-batch of a step all-reduces) and the trackers.
+"""
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from shards.errors import UsageError
+
+from .optim import Ema, make_optimizer, make_schedule
+
+
+def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_accum: int = 1,
+                     trackers: Optional[List[str]] = None, project_dir: Optional[str] = None):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
+    # notebooks) starts from the settings it asks for, not from the previous run's.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if not cpu and device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        torch.cuda.set_device(torch.device(device))
+    try:
+        accel = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                            log_with=list(trackers) if trackers else None, project_dir=project_dir)
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"train.trackers {list(trackers or [])} / train.mixed_precision {mixed_precision}: "
+                         f"{str(e).splitlines()[0]} (install the tracker's package, e.g. pip install tensorboard)") from None
+    if mixed_precision == "fp16" and accel.scaler is None:
+        # Accelerate gives the CPU neither fp16 autocast nor a scaler; torch has both. Without the scaler
+        # small fp16 gradients would underflow to zero silently.
+        accel.native_amp = True
+        accel.scaler = torch.amp.GradScaler(accel.device.type)
+    return accel
+
+
+class LoraStep:
+    """The trainable LoRA on a frozen transformer, its optimizer, LR schedule and EMA; `step` runs one
+    optimizer step over `grad_accum` micro-batches. `state_dict` holds what a checkpoint must restore."""
+
+    def __init__(self, accel, transformer, params: List[torch.nn.Parameter], objective, t):
+        self.accel, self.transformer, self.params, self.objective = accel, transformer, params, objective
+        self.grad_accum, self.max_grad_norm = t.grad_accum, t.max_grad_norm
+        # Under DDP the prepared model averages the LoRA gradients across processes in backward.
+        self.model = accel.prepare_model(transformer, device_placement=False)
+        self.opt = accel.prepare_optimizer(make_optimizer(params, t), device_placement=False)
+        # The schedule drives the wrapped optimizer itself: accelerate's scheduler wrapper would advance it
+        # once per process and step.
+        self.schedule = make_schedule(self.opt.optimizer, t)
+        self.ema = Ema(params, t.ema) if t.ema > 0 else None
+
+    def named_lora_params(self):
+        return [(n, p) for n, p in self.transformer.named_parameters() if "lora_" in n]
+
+    def step(self, next_batch: Callable[[], Dict]) -> dict:
+        """One optimizer step. Everything returned stays on the device except `keys` and `applied`.
+
+        Host syncs: one, `applied` (whether the loss and gradients were finite, i.e. whether to take the
+        step); with fp16 the gradient scaler makes its own (it reads whether gradients overflowed)."""
+        accel = self.accel
+        losses, sigmas, per_sample, keys = [], [], [], []
+        for _ in range(self.grad_accum):
+            batch = next_batch()
+            with accel.accumulate(self.model):  # no all-reduce until the step's last micro-batch
+                loss, sigma, each = self.objective(self.model, batch)
+                accel.backward(loss)  # divided by grad_accum; scaled under fp16
+            losses.append(loss.detach())
+            sigmas.append(sigma.detach())
+            per_sample.append(each)
+            keys += batch["keys"]
+        grad_norm = accel.clip_grad_norm_(self.params, self.max_grad_norm)  # unscales fp16 gradients first
+        loss = torch.stack(losses).mean()
+        overflow = False
+        if accel.scaler is not None:
+            finite_loss = bool(torch.isfinite(loss))
+            self.opt.step()  # the scaler skips a step whose gradients overflowed and lowers its scale
+            overflow = finite_loss and self.opt.step_was_skipped
+            applied = finite_loss and not overflow
+        else:
+            applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            if applied:
+                self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.schedule.step()  # the schedule follows steps taken or skipped
+        if applied and self.ema:
+            self.ema.update()
+        return {"loss": loss, "grad_norm": grad_norm.detach().float(), "sigmas": torch.cat(sigmas),
+                "losses": torch.cat(per_sample), "keys": keys, "applied": applied, "overflow": overflow,
+                "samples": len(keys)}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "scaler": self.accel.scaler.state_dict() if self.accel.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema:  # EMA switched on at resume: it starts from the weights trained so far
+            self.ema.shadow = [p.detach().float().clone() for p in self.ema.params]
+        if self.accel.scaler is not None and state.get("scaler"):
+            self.accel.scaler.load_state_dict(state["scaler"])
+
+    def lora_state(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().float().contiguous() for n, p in self.named_lora_params()}
+
+    def load_lora_state(self, lora: Dict[str, torch.Tensor], path: str) -> None:
+        params = dict(self.named_lora_params())
+        if set(lora) != set(params):
+            raise UsageError(f"resume: {path} holds LoRA weights for other modules than this run's lora settings")
+        with torch.no_grad():
+            for name, p in params.items():
+                if tuple(p.shape) != tuple(lora[name].shape):
+                    raise UsageError(f"resume: {name} has shape {tuple(lora[name].shape)} in {path}, "
+                                     f"{tuple(p.shape)} now")
+                p.copy_(lora[name].to(p.dtype))

@@ -179,8 +179,9 @@ def summary(r: dict) -> str:
              f"  metrics: {r['metrics']}   loss curves: {r['loss_curve']}, {r['loss_by_sigma']}"]
     reads = r.get("data_read") or []
     if reads:
-        mb = ", ".join(f"{d['bytes'] / 1e6:.1f}" for d in reads)
-        lines.append(f"  shard data read per process: {mb} MB (the set holds {r['set_bytes'] / 1e6:.1f} MB)"
+        mb = ", ".join(f"{d['bytes'] / 1e6:.2f}" + (f" (kernel count {d['rchar'] / 1e6:.2f})" if d.get("rchar") else "")
+                       for d in reads)
+        lines.append(f"  shard data read per process: {mb} MB; the set holds {r['set_bytes'] / 1e6:.2f} MB"
                      + (f" (resume re-read {sum(d['resume_samples'] for d in reads)} buffered samples)"
                         if any(d["resume_samples"] for d in reads) else ""))
     if r["samples"]:

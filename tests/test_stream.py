@@ -165,3 +165,20 @@ def test_a_changed_shard_set_is_refused_at_resume(tmp_path):
     b = BatchStream(str(tmp_path / "set"), 2, seed=0, shuffle_buffer=6)
     with pytest.raises(DataError, match="changed since the checkpoint"):
         b.load_state_dict(state)
+
+
+def test_a_stream_position_from_other_sets_is_refused(tmp_path):
+    from shards.errors import UsageError
+
+    small_set(tmp_path / "a", 20, 5)
+    small_set(tmp_path / "b", 30, 5, prefix="b")
+    a = BatchStream(str(tmp_path / "a"), 2, seed=0, shuffle_buffer=6)
+    list(itertools.islice(a, 3))
+    with pytest.raises(UsageError, match="position is in other shard sets"):
+        BatchStream(str(tmp_path / "b"), 2, seed=0, shuffle_buffer=6).load_state_dict(a.state_dict())
+    with pytest.raises(UsageError, match="mixed another number of shard sets"):
+        BatchStream([str(tmp_path / "a"), str(tmp_path / "b")], 2, seed=0, shuffle_buffer=6,
+                    weights=[1.0, 1.0]).load_state_dict(a.state_dict())
+    other_seed = BatchStream(str(tmp_path / "a"), 2, seed=1, shuffle_buffer=6)  # allowed: later epochs differ
+    other_seed.load_state_dict(a.state_dict())
+    assert next(other_seed)["keys"] == next(a)["keys"]

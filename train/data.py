@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from shards import read_manifest
-from shards.errors import DataError
+from shards.errors import DataError, UsageError
 from shards.reader import _join, decode_raw, iter_tar, read_samples_at
 
 TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
@@ -172,13 +172,23 @@ class SampleStream:
             self.read_in_epoch += 1
             yield s
 
+    def _identity(self) -> list:
+        return [len(self.shards), sum(s.samples for s in self.shards)]
+
+    def _check_same_source(self, state: dict) -> None:
+        if state.get("source") != self._identity():
+            raise UsageError("resume: the checkpoint's data position is in other shard sets "
+                             f"({state.get('source')} vs {self._identity()} shards and samples); resume with the "
+                             "data.shards it was made with, or resume=none")
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "rank": self.rank, "world": self.world,
+        return {"source": self._identity(), "epoch": self.epoch, "rank": self.rank, "world": self.world,
                 "plan": [list(p) for p in self.plan if p[1] < p[2]],
                 "pool": [[*s["loc"], s["key"]] for s in self.pool], "draining": self.draining,
                 "read_in_epoch": self.read_in_epoch, "rng": _random_state(self.rng)}
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_same_source(state)
         self._start_epoch(state["epoch"], [tuple(p) for p in state["plan"]])
         self.draining, self.read_in_epoch = state["draining"], state["read_in_epoch"]
         _set_random_state(self.rng, state["rng"])
@@ -209,6 +219,8 @@ class SampleStream:
         had left: their unread pieces (and the rest of the newest epoch, for those still in an older one)
         are cut into equal sample ranges, their buffered samples dealt out in turn. Every sample of the
         epochs in flight is still read exactly once; the next epoch is split among the new processes."""
+        for state in states:
+            self._check_same_source(state)
         states = sorted(states, key=lambda s: s["rank"])
         newest = max(s["epoch"] for s in states)
         rest = []
@@ -295,6 +307,9 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a position this stream (same sets, seed, rank and process count) saved."""
+        if len(state["sources"]) != len(self.sources):
+            raise UsageError("resume: the checkpoint's data stream mixed another number of shard sets by weight; "
+                             "resume with the data.shards it was made with, or resume=none")
         for src, st in zip(self.sources, state["sources"]):
             src.load_state_dict(st)
         _set_random_state(self.mix, state["mix"])

@@ -1,4 +1,4 @@
-"""Precompute throughput (issue 6): the stage's own `TextEncoders` and `VaeEncoder` on random-weight models.
+"""Precompute throughput: the stage's own `TextEncoders` and `VaeEncoder` on random-weight models.
 
 `sd3`: full-size components with the real SD3 configs (CLIP-L, OpenCLIP bigG, the T5-v1.1-XXL encoder,
 the 16-channel VAE) and random weights, written as a pipeline folder in a temporary directory and loaded
@@ -26,7 +26,7 @@ from shards.errors import UsageError
 from shards.format import TORCH_DTYPES
 from shards.measure import MIB, PeakMemory, max_peak, release, sync, timed_calls, unless_oom, write_rows
 
-# Real SD3 component configs (SD3_FACTS.md and the published config files).
+# Real SD3 component configs (the published config files of the SD3 and SD3.5 repositories).
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
               max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
 CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,

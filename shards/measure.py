@@ -1,4 +1,4 @@
-"""What every stage's benchmark (`make bench`, issue 6) measures with: device sync, peak memory (CUDA allocator
+"""What every stage's benchmark (`make bench`) measures with: device sync, peak memory (CUDA allocator
 or the process's peak RSS), out-of-memory detection, timing of repeated calls, and the published SD3
 transformer configs the benchmarks build at full size with random weights.
 
@@ -14,7 +14,7 @@ import torch
 
 MIB = 2 ** 20
 
-# Exact SD3Transformer2DModel configs of the published models (SD3_FACTS.md); `tiny` is precompute/tiny.py's.
+# Exact SD3Transformer2DModel configs of the published models; `tiny` is precompute/tiny.py's.
 _SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
             joint_attention_dim=4096, pooled_projection_dim=2048)
 TRANSFORMER_CONFIGS = {

@@ -234,9 +234,9 @@ class _TarHeaders:
         self.fileobj, self.offset, self.pax_headers = stream, 0, {}
 
 
-def _tar_members(stream: _HashedStream) -> Iterator[tuple]:
+def _tar_members(stream: _HashedStream, stop=None) -> Iterator[tuple]:
     """(name, data, header offset) of each regular file in a tar stream, in file order; ends like
-    `tarfile` in `r|` mode."""
+    `tarfile` in `r|` mode, or before reading the data of a member for which `stop(name, offset)` holds."""
     headers = _TarHeaders(stream)
     while True:
         at = stream.tell()
@@ -250,6 +250,8 @@ def _tar_members(stream: _HashedStream) -> Iterator[tuple]:
             return
         if info.sparse is not None:
             raise tarfile.ReadError(f"{info.name}: sparse members are not supported")
+        if stop is not None and stop(info.name, at):
+            return
         size = headers.offset - stream.tell()  # data and padding up to the next header
         data = stream.read_buffer(size) if size > 0 else memoryview(b"")
         if len(data) < size:
@@ -322,14 +324,12 @@ def read_samples_at(url: str, wanted: List[tuple], stats: Optional[dict] = None)
     try:
         if is_url(url):
             with _open(url) as raw:
-                members = _tar_members(_HashedStream(raw, None, stats=stats))
-                _collect(members, dict(wanted), found, last=wanted[-1][0] if wanted else -1)
+                _collect(_HashedStream(raw, None, stats=stats), dict(wanted), found, last=wanted[-1][0] if wanted else -1)
         else:
             with open(url, "rb") as f:
                 for offset, key in wanted:
                     f.seek(offset)
-                    _collect(_tar_members(_HashedStream(f, None, pos=offset, stats=stats)), {offset: key}, found,
-                             last=offset)
+                    _collect(_HashedStream(f, None, pos=offset, stats=stats), {offset: key}, found, last=offset)
     except FileNotFoundError:
         raise DataError(f"{url} is missing; the shard set is damaged: run `python -m shards verify`") from None
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -345,21 +345,22 @@ def read_samples_at(url: str, wanted: List[tuple], stats: Optional[dict] = None)
     return out
 
 
-def _collect(members, wanted: Dict[int, str], found: Dict[int, dict], last: int) -> None:
-    """Gather the members of the samples that begin at the `wanted` offsets, stopping after `last`'s."""
+def _collect(stream: _HashedStream, wanted: Dict[int, str], found: Dict[int, dict], last: int) -> None:
+    """Gather the members of the samples that begin at the `wanted` offsets; stop at the header after the
+    last one's members, without reading that member's data."""
     current = None
-    for member, data, at in members:
+
+    def past_the_last(name: str, at: int) -> bool:
+        return at > last and (current is None or name.partition(".")[0] != current["__key__"])
+
+    for member, data, at in _tar_members(stream, past_the_last):
         key, _, ext = member.partition(".")
         if current is not None and key != current["__key__"]:
             current = None
-            if at > last:
-                return
         if current is None and at in wanted:
             current = found[at] = {"__key__": key, "__offset__": at}
         if current is not None:
             current[ext] = data
-        elif at > last:
-            return
 
 
 def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:

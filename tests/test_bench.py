@@ -1,4 +1,4 @@
-"""Benchmark harness (issue 6) on the CPU with tiny models: FLOP formulas against torch's FLOP counter, the
+"""Benchmark harness on the CPU with tiny models: FLOP formulas against torch's FLOP counter, the
 train-step and precompute rows, and the `python -m train.bench` orchestrator. Real sizes only on the meta device."""
 import json
 import math
@@ -60,13 +60,13 @@ def test_real_configs_match_published_sizes_and_flops():
     """On the meta device nothing is allocated, so the full-size models can be counted here."""
     from diffusers import SD3Transformer2DModel
 
-    sizes = {"sd3-medium": 2.08e9, "sd3.5-medium": 2.47e9, "sd3.5-large": 8.14e9}  # SD3_FACTS, buffers included
+    sizes = {"sd3-medium": 2.08e9, "sd3.5-medium": 2.47e9, "sd3.5-large": 8.14e9}  # the published parameter counts, buffers included
     for name, size in sizes.items():
         with torch.device("meta"):
             m = SD3Transformer2DModel(**bench.MODELS[name])
         n = sum(t.numel() for t in list(m.parameters()) + list(m.buffers()))
         assert abs(n / size - 1) < 0.005, name
-    assert abs(bench.forward_flops(bench.MODELS["sd3-medium"], 1024, 1024, 154) / 8.4e12 - 1) < 0.01  # SD3_FACTS
+    assert abs(bench.forward_flops(bench.MODELS["sd3-medium"], 1024, 1024, 154) / 8.4e12 - 1) < 0.01  # the reference count for SD3 Medium at 1024², 154 tokens
     config = bench.MODELS["sd3.5-medium"]  # dual attention and qk_norm at full size, 1024²
     with torch.device("meta"):
         m = SD3Transformer2DModel(**config)

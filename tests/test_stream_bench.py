@@ -1,4 +1,4 @@
-"""The shard stream benchmark (issue 6, row 3) and the reader pieces it made faster."""
+"""The shard stream benchmark (the stream row of `make bench`) and the reader pieces it made faster."""
 import hashlib
 import io
 import json

@@ -66,6 +66,8 @@ def test_two_processes_sigkill_then_resume_bit_identical_and_resume_with_one(tin
     r = train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "one", *common,
                                              f"resume={straight / 'checkpoints' / 'step-000006'}")))
     assert r["steps"] == 8
+    read = r["data_read"][0]
+    assert read["resume_samples"] >= 0 and read["bytes"] > 0 and read["rchar"] >= read["bytes"]
     assert not _same_lora(straight, tmp_path / "one")  # one process trains on half the data per step
 
 
@@ -201,3 +203,17 @@ def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
     outputs.keep_metrics_until(str(path), 5)
     assert [json.loads(x)["step"] for x in open(path)] == list(range(1, 6))
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
+
+
+def test_a_tracker_that_cannot_log_is_refused_with_its_key():
+    import importlib.util
+
+    from shards.errors import UsageError
+    from train.step import make_accelerator
+
+    with pytest.raises(UsageError, match="'train.trackers'.*nosuch"):
+        make_accelerator("cpu", "no", 1, ["nosuch"])
+    if importlib.util.find_spec("wandb") is None:  # a known tracker whose package is missing
+        with pytest.raises(UsageError, match="'train.trackers'.*not installed"):
+            make_accelerator("cpu", "no", 1, ["wandb"])
+    assert make_accelerator("cpu", "no", 1, ["tensorboard"], "/tmp").log_with

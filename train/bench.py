@@ -1,4 +1,4 @@
-"""Benchmarks of issue 6: `python -m train.bench [--quick] [--rows train,precompute,stream,merge] [--out bench/]`.
+"""The benchmarks of `make bench`: `python -m train.bench [--quick] [--rows train,precompute,stream,merge] [--out bench/]`.
 
 Runs the rows that fit this machine (the train and precompute rows on real model sizes need a CUDA GPU;
 `--quick` runs tiny-model versions of them anywhere), prints one table and writes
@@ -296,7 +296,7 @@ def train_row(model: str, resolution: int, batch: int, quantize: str = "none", c
 
 
 def train_matrix(models=GPU_MODELS, resolutions=(512, 1024), batches=(1, 4)) -> List[dict]:
-    """The GPU rows of issue 6: each model × resolution × batch × base (bf16, nf4) × checkpointing off/on."""
+    """The GPU train rows: each model × resolution × batch × base (bf16, nf4) × checkpointing off/on."""
     return [dict(model=m, quantize=q, resolution=r, batch=b, checkpointing=c)
             for m in models for q in ("none", "nf4") for r in resolutions for b in batches for c in (False, True)]
 

@@ -118,16 +118,16 @@ def load(path: str, accel, cfg, lora_target, shared: Dict, per_rank: Dict) -> di
     saved = torch.load(os.path.join(path, "shared.pt"), map_location="cpu", weights_only=False)
     for name, part in shared.items():
         part.load_state_dict(saved[name])
-    rank_states = [torch.load(os.path.join(path, f"rank-{r}.pt"), weights_only=False) for r in ranks] \
-        if len(ranks) != accel.num_processes else None
-    if rank_states is None:
+    if len(ranks) == accel.num_processes:
         mine = torch.load(os.path.join(path, f"rank-{accel.process_index}.pt"), weights_only=False)
         for name, part in per_rank.items():
             part.load_state_dict(mine[name])
         return state
-    print(f"train: resuming {path}, saved by {len(ranks)} process(es), with {accel.num_processes}: each process "
-          "takes its share of the data the others had left; noise draws differ from an uninterrupted run",
-          file=sys.stderr)
+    rank_states = [torch.load(os.path.join(path, f"rank-{r}.pt"), weights_only=False) for r in ranks]
+    if accel.is_main_process:
+        print(f"train: resuming {path}, saved by {len(ranks)} process(es), with {accel.num_processes}: each "
+              "process takes its share of the data the others had left; noise draws differ from an uninterrupted "
+              "run", file=sys.stderr)
     for name, part in per_rank.items():
         if hasattr(part, "repartition"):
             part.repartition([s[name] for s in rank_states])

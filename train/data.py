@@ -106,9 +106,14 @@ class SampleStream:
         excluded = {id(s.excluded): len(s.excluded) for s in shards}  # one set per source set
         usable = sum(s.samples for s in shards) - sum(excluded.values())
         if usable < world:
-            raise DataError(f"the shard set holds {usable} samples, fewer than the {world} processes reading it")
+            raise DataError(f"shard set {self.where} holds {usable} samples, fewer than the {world} processes "
+                            "reading it; train with fewer processes or a larger set")
         self.stats = {"bytes": 0, "samples": 0, "resume_bytes": 0, "resume_samples": 0}
         self._start_epoch(0)
+
+    @property
+    def where(self) -> str:
+        return self.shards[0].url.rsplit("/", 1)[0] if self.shards else "(empty)"
 
     def _start_epoch(self, epoch: int, plan: Optional[List[Piece]] = None) -> None:
         self.epoch = epoch
@@ -130,7 +135,7 @@ class SampleStream:
                 if self.pool:
                     return self.pool.pop()
                 if not self.read_in_epoch:
-                    raise DataError(f"shard set {self.shards[0].url.rsplit('/', 1)[0]} holds no samples "
+                    raise DataError(f"shard set {self.where} holds no samples "
                                     f"for process {self.rank} of {self.world}")
                 self._start_epoch(self.epoch + 1)
             s = self._read()
@@ -196,21 +201,20 @@ class SampleStream:
 
     def fetch(self, locs: Sequence[Sequence]) -> List[dict]:
         """Samples by their recorded (shard, index, offset, key), in the order given."""
-        before = self.stats.get("bytes", 0)
+        read = {"bytes": 0}  # counted apart from the stream's own reading: what the resume itself costs
         by_shard = defaultdict(list)
         for j, _, offset, key in locs:
             by_shard[j].append((offset, key))
         found = {}
         for j, wanted in by_shard.items():
-            for offset, s in read_samples_at(self.shards[j].url, wanted, self.stats).items():
+            for offset, s in read_samples_at(self.shards[j].url, wanted, read).items():
                 found[(j, offset)] = s
         out = []
         for j, k, offset, _ in locs:
             s = dict(found[(j, offset)])
             s["loc"] = (j, k, offset)
             out.append(s)
-        self.stats["resume_bytes"] += self.stats["bytes"] - before
-        self.stats["bytes"] = before  # counted apart: what the resume itself costs
+        self.stats["resume_bytes"] += read["bytes"]
         self.stats["resume_samples"] += len(out)
         return out
 

@@ -6,7 +6,6 @@ import time
 from typing import List, Optional
 
 import torch
-from tqdm import tqdm
 
 from shards.atomic import atomic_open
 from shards.config import to_dict

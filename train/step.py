@@ -5,6 +5,8 @@ several processes), mixed precision (autocast in the prepared model's forward; f
 scaler), gradient accumulation (only the last micro-batch of a step all-reduces) and the trackers.
 """
 import os
+import re
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -26,12 +28,18 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
     cpu = device == "cpu" or not torch.cuda.is_available()
     if not cpu and device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         torch.cuda.set_device(torch.device(device))
+    trackers = list(trackers or [])
     try:
-        accel = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                            log_with=list(trackers) if trackers else None, project_dir=project_dir)
-    except (ImportError, ValueError) as e:
-        raise UsageError(f"train.trackers {list(trackers or [])} / train.mixed_precision {mixed_precision}: "
-                         f"{str(e).splitlines()[0]} (install the tracker's package, e.g. pip install tensorboard)") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no supported trackers are currently installed")
+            accel = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                                log_with=trackers or None, project_dir=project_dir)
+    except ValueError as e:
+        key = "train.trackers" if trackers and "logging" in str(e) else "train.mixed_precision"
+        raise UsageError(f"config key '{key}': {str(e).splitlines()[0]}") from None
+    if trackers and not accel.log_with:  # accelerate drops trackers whose package is missing, with a warning
+        raise UsageError(f"config key 'train.trackers': {trackers} is not installed "
+                         "(install the tracker's package, e.g. pip install tensorboard)")
     if mixed_precision == "fp16" and accel.scaler is None:
         # Accelerate gives the CPU neither fp16 autocast nor a scaler; torch has both. Without the scaler
         # small fp16 gradients would underflow to zero silently.
@@ -87,7 +95,11 @@ class LoraStep:
             if applied:
                 self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.schedule.step()  # the schedule follows steps taken or skipped
+        with warnings.catch_warnings():
+            # The scaler swaps the optimizer's step method while it steps, which torch's scheduler takes for
+            # a step called out of order; the order here is right.
+            warnings.filterwarnings("ignore", message=re.escape("Seems like `optimizer.step()` has been overridden"))
+            self.schedule.step()  # the schedule follows steps taken or skipped
         if applied and self.ema:
             self.ema.update()
         return {"loss": loss, "grad_norm": grad_norm.detach().float(), "sigmas": torch.cat(sigmas),

@@ -1,4 +1,4 @@
-"""Shard streaming benchmark (issue 6, row 3): samples/s of the trainer's data pipeline on
+"""Shard streaming benchmark (the stream row of `make bench`): samples/s of the trainer's data pipeline on
 1024²-sized SD3 samples, against a raw read of the same tar bytes.
 
 The shard set is written with the project's own `ShardSetWriter` (random values in the real shapes

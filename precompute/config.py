@@ -8,9 +8,12 @@ from shards.modelpath import check_model_path
 
 T5_PRECISIONS = ("nf4", "int8", "bf16", "fp16", "fp32", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# Image files we see but do not read; listed in rejected.jsonl so nothing disappears silently.
-OTHER_IMAGE_EXTS = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".svg", ".ico", ".psd", ".raw")
+# Every extension PIL decodes as a picture (GIF: first frame; TIFF: first page; case is ignored).
+IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+# Image files we see but do not read (PIL cannot, or gets no single right picture from them: layers,
+# icons, raw sensor data); each is listed in rejected.jsonl, as is every file of an unknown type.
+OTHER_IMAGE_EXTS = (".heic", ".heif", ".jxl", ".svg", ".ico", ".psd", ".raw", ".dng", ".cr2", ".nef", ".arw",
+                    ".exr", ".hdr")
 
 
 @dataclass

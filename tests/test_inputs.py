@@ -112,14 +112,14 @@ def test_each_bad_input_lands_in_rejected_with_the_rest_intact(tiny_model, sampl
     (d / "empty.txt").write_text(" \n")
     shutil.copy(d / "camera.png", d / "empty.png")
     (d / "lonely.txt").write_text("no image")
-    (d / "old.gif").write_bytes(b"GIF89a")
+    (d / "layers.psd").write_bytes(b"8BPS")
     out = str(tmp_path / "o")
     m = _run(tiny_model, str(d), out, **{"buckets.min_size": 0})
     reasons = {r["source"]: r["reason"] for r in read_rejected(out)}
     expected = {"zero.png": "unreadable image", "trunc.jpg": "unreadable image", "fake.png": "unreadable image",
                 "nocap.png": "missing caption",
                 "empty.png": "empty caption", "lonely.txt": "caption without an image",
-                "old.gif": "unsupported image format"}
+                "layers.psd": "unsupported image format"}
     assert set(reasons) == set(expected)
     for source, start in expected.items():
         assert reasons[source].startswith(start), (source, reasons[source])

@@ -28,7 +28,12 @@ def main(argv):
         for p in problems:
             print(p, file=sys.stderr)
         raise DataError(f"{a.path}: {len(problems)} problem(s) found")
-    print(f"{a.path}: OK")
+    from .reader import read_manifest
+    from .verify import unchecked
+
+    older = unchecked(read_manifest(a.path))
+    print(f"{a.path}: OK" + (f" (written before the manifest hashed them: {' and '.join(older)} not checked)"
+                             if older else ""))
 
 
 run_cli("shards", main)

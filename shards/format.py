@@ -1,4 +1,7 @@
 """Shard set format v1: names and fields shared by writer, reader and verifier (see DESIGN.md)."""
+import hashlib
+import json
+
 import torch
 
 FORMAT_NAME = "shardtune-shards"
@@ -8,6 +11,8 @@ EXTRAS = "extras.safetensors"
 REJECTED = "rejected.jsonl"
 RUN_STATE = "run.json"  # what an unfinished run was started with: config, model and plan fingerprints
 SHARD_PATTERN = "shard-{:06d}.tar"
+SIDECAR_PATTERN = "shard-{:06d}.json"  # a shard's record: what makes it complete, and what resume compares
+MANIFEST_HASH = "manifest_sha256"
 
 # Tensors every sample carries, and the optional flipped pair.
 SAMPLE_TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
@@ -41,3 +46,11 @@ def producer() -> str:
         return f"shardtune {version('shardtune')}"
     except Exception:
         return "shardtune (not installed)"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The manifest's hash of its own content: sha256 of its canonical JSON without the `manifest_sha256`
+    field (keys sorted, no whitespace, ASCII escapes), so it does not depend on how the file was indented."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()

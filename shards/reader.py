@@ -68,7 +68,21 @@ def read_manifest(path_or_url: str) -> dict:
     if manifest.get("format_version") != F.FORMAT_VERSION:
         raise DataError(f"{where} has format version {manifest.get('format_version')}, "
                         f"this shardtune reads version {F.FORMAT_VERSION}; recompute the set")
+    # Manifests written before the self-hash existed have none and are read as they are.
+    if F.MANIFEST_HASH in manifest and manifest[F.MANIFEST_HASH] != F.manifest_digest(manifest):
+        raise DataError(f"{where} was edited after it was written (its {F.MANIFEST_HASH} does not match its "
+                        "content); rerun precompute to rebuild the set, or run `python -m shards verify` on it")
     return manifest
+
+
+def set_files(manifest: dict) -> Dict[str, dict]:
+    """{name: {"sha256", and "bytes" where known}} of the set's files other than the manifest and its shards.
+    A manifest from before `files` existed still has the extras' sha256 in its `extras` record."""
+    files = {k: dict(v) for k, v in manifest.get("files", {}).items()}
+    extras_sha = manifest.get("extras", {}).get("sha256")
+    if F.EXTRAS not in files and extras_sha:
+        files[F.EXTRAS] = {"sha256": extras_sha}
+    return files
 
 
 def shard_urls(path_or_url: str, manifest: dict = None) -> List[str]:
@@ -89,6 +103,13 @@ def check_shard_files(path: str, manifest: dict) -> None:
                             f"the shard set is damaged; run `python -m shards verify {path}`")
     if not os.path.exists(os.path.join(path, F.EXTRAS)):
         raise DataError(f"{os.path.join(path, F.EXTRAS)} is missing; the shard set is damaged")
+    for name, rec in set_files(manifest).items():
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            raise DataError(f"{f} is missing; the shard set is damaged: run `python -m shards verify {path}`")
+        if "bytes" in rec and os.path.getsize(f) != rec["bytes"]:
+            raise DataError(f"{f} has {os.path.getsize(f)} bytes, the manifest says {rec['bytes']}: "
+                            f"the shard set is damaged; run `python -m shards verify {path}`")
 
 
 def load_tensors(data) -> Dict[str, torch.Tensor]:
@@ -383,10 +404,17 @@ def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:
                 yield sample
 
 
-def read_extras(path_or_url: str) -> Dict[str, torch.Tensor]:
-    """Empty-prompt and validation-prompt embeddings; prompts' text is in the manifest."""
+def read_extras(path_or_url: str, manifest: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+    """Empty-prompt and validation-prompt embeddings; prompts' text is in the manifest. The file is checked
+    against the manifest's sha256 (read from the set when `manifest` is not given): it is small, and a
+    changed byte would otherwise reach every caption-dropout step and validation image unnoticed."""
+    manifest = manifest if manifest is not None else read_manifest(path_or_url)
     where = _join(path_or_url, F.EXTRAS)
     data = _read_bytes(where)
+    expected = set_files(manifest).get(F.EXTRAS, {}).get("sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise DataError(f"{where}: its sha256 differs from the manifest (corrupt or replaced); the shard set "
+                        "is damaged: run `python -m shards verify` and precompute the set again")
     try:
         return st_load(data)
     except Exception as e:

@@ -1,11 +1,12 @@
 """`python -m shards verify|inspect DIR`: check a shard set end to end, or summarise it."""
+import hashlib
 import os
 from typing import List
 
 from . import format as F
 from .fingerprint import file_sha256
 from .errors import DataError
-from .reader import _decoded, is_url, _join, read_extras, read_manifest, read_rejected
+from .reader import _decoded, _read_bytes, is_url, _join, read_extras, read_manifest, read_rejected, set_files
 
 
 def expected_shapes(manifest: dict):
@@ -55,14 +56,47 @@ def verify(path: str, deep: bool = True) -> List[str]:
         total += n
     if deep and not problems and total - len(excluded) != manifest["counts"]["written"]:
         problems.append(f"{total} samples in shards, manifest counts {manifest['counts']['written']}")
+    files = set_files(manifest)
+    for name, rec in sorted(files.items()):
+        problems += _file_problems(path, name, rec)
+    if any(p.startswith(F.EXTRAS + ":") for p in problems):
+        return problems  # its tensors would only repeat what is wrong with it
     try:
-        extras = read_extras(path)
+        extras = read_extras(path, manifest)
     except DataError as e:
         return problems + [str(e)]
     for name in F.EXTRAS_TENSORS:
         if name not in extras:
             problems.append(f"{F.EXTRAS} lacks {name}")
     return problems
+
+
+def _file_problems(path: str, name: str, rec: dict) -> List[str]:
+    url = _join(path, name)
+    if not is_url(path):
+        if not os.path.exists(url):
+            return [f"{name}: missing"]
+        if "bytes" in rec and os.path.getsize(url) != rec["bytes"]:
+            return [f"{name}: {os.path.getsize(url)} bytes, manifest says {rec['bytes']}"]
+        digest = file_sha256(url)
+    else:
+        try:
+            digest = hashlib.sha256(_read_bytes(url)).hexdigest()
+        except DataError as e:
+            return [str(e)]
+    if digest != rec["sha256"]:
+        return [f"{name}: sha256 differs from the manifest (corrupt or replaced)"]
+    return []
+
+
+def unchecked(manifest: dict) -> List[str]:
+    """What `verify` cannot check in a set written before the manifest hashed every file and itself."""
+    missing = []
+    if F.MANIFEST_HASH not in manifest:
+        missing.append(f"{F.MANIFEST} itself")
+    if "files" not in manifest:
+        missing.append(f"{F.REJECTED} and the shard records")
+    return missing
 
 
 def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest: dict, keys: set) -> List[str]:

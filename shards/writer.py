@@ -135,6 +135,29 @@ def _extras_record(out_dir: str) -> dict:
     return {"name": F.EXTRAS, "sha256": file_sha256(path), **meta}
 
 
+def _file_record(path: str) -> dict:
+    return {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def set_files(out_dir: str, records: list) -> Dict[str, dict]:
+    """Size and sha256 of every file of the set besides the manifest and the shards it lists with theirs:
+    extras, rejects, each shard's record, run.json, and shards that hold no sample (only rejects).
+    Named one by one rather than listed from the folder, so a lock file or anything else a user keeps
+    there is not taken for part of the set."""
+    names = [F.EXTRAS, F.REJECTED, F.RUN_STATE]
+    names += [os.path.basename(sidecar_path(out_dir, r["index"])) for r in records]
+    names += [r["name"] for r in records if not r["samples"]]
+    return {n: _file_record(os.path.join(out_dir, n)) for n in sorted(names) if os.path.exists(os.path.join(out_dir, n))}
+
+
+def write_manifest(out_dir: str, manifest: dict) -> dict:
+    """Write manifest.json with `manifest_sha256` over the rest of it (see shards.format.manifest_digest)."""
+    manifest = {k: v for k, v in manifest.items() if k != F.MANIFEST_HASH}
+    manifest[F.MANIFEST_HASH] = F.manifest_digest(manifest)
+    write_json(os.path.join(out_dir, F.MANIFEST), manifest)
+    return manifest
+
+
 def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[dict]:
     """Write rejected.jsonl and manifest.json if all `n_shards` shards are complete; else None.
 
@@ -172,12 +195,12 @@ def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[
         "truncated_captions": {"clip": truncated["clip"], "t5": truncated["t5"]},
         "excluded": excluded,
         "extras": _extras_record(out_dir),
+        "files": set_files(out_dir, records),
     }
     absent = [f for f in F.MANIFEST_FIELDS if f not in manifest]
     if absent:
         raise ValueError(f"manifest lacks fields {absent}")
-    write_json(os.path.join(out_dir, F.MANIFEST), manifest)
-    return manifest
+    return write_manifest(out_dir, manifest)
 
 
 def check_writable(out_dir: str, overwrite: bool) -> None:

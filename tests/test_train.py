@@ -128,13 +128,14 @@ def test_trains_without_text_encoders_and_never_imports_them(model_without_text_
 
 def test_refuses_a_shard_set_for_another_model(tiny_model, shard_set_fp32, tmp_path, capsys):
     from shards.config import run_cli
+    from shards.writer import write_manifest
     from train.__main__ import main
 
     wrong = tmp_path / "wrong"
     shutil.copytree(shard_set_fp32, wrong)
     m = json.load(open(wrong / "manifest.json"))
     m["embeddings"]["prompt_embeds_dim"] = 4096
-    json.dump(m, open(wrong / "manifest.json", "w"))
+    write_manifest(str(wrong), m)  # re-sealed: a hand-edited manifest is refused before any model check
     with pytest.raises(SystemExit) as e:
         run_cli("train", main, train_args(tiny_model, str(wrong), str(tmp_path / "out"), "train.max_steps=1"))
     err = capsys.readouterr().err

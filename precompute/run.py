@@ -27,6 +27,7 @@ from shards.writer import ShardWriter, assemble, clear_set, read_sidecar, sideca
 from .buckets import make_buckets, nearest_bucket, resize_and_crop
 from .config import IMAGE_EXTS, PrecomputeConfig
 from .data import Item, decode_rgb, list_inputs, load_rgb, sample_key, why_unreadable
+from . import tars
 from .tars import expand, is_webdataset, stream_items, tar_signature
 from .encoders import TextEncoders, VaeEncoder, resolve_dtype
 
@@ -234,7 +235,11 @@ class _Batches(torch.utils.data.IterableDataset):
     """Decoded, cropped batches of each pending shard, then an end marker for it.
 
     Each worker takes whole shards, so a shard's batches arrive in order, and they are cut from the
-    shard's start the same way on every run (never across a shard boundary)."""
+    shard's start the same way on every run (never across a shard boundary).
+
+    A streamed input tar that fails part-way is read again from its start, after a "restart" marker
+    that tells the consumer to drop what it has of that shard; after the last try a "failed" marker
+    takes the place of the end marker, so the shard is never recorded as complete."""
 
     def __init__(self, plan, todo, buckets, cfg):
         self.plan, self.todo, self.buckets, self.cfg = plan, todo, buckets, cfg
@@ -243,16 +248,26 @@ class _Batches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         mine = self.todo if info is None else self.todo[info.id::info.num_workers]
         for i in mine:
-            batch, n = [], 0
-            for item in self.plan.items(i, self.cfg):
-                batch.append({"shard": i, **_prepare(item, self.buckets, self.cfg)})
-                n += 1
-                if len(batch) == self.cfg.batch_size:
+            for attempt in range(1, tars.STREAM_ATTEMPTS + 1):
+                batch, n = [], 0
+                try:
+                    for item in self.plan.items(i, self.cfg):
+                        batch.append({"shard": i, **_prepare(item, self.buckets, self.cfg)})
+                        n += 1
+                        if len(batch) == self.cfg.batch_size:
+                            yield batch
+                            batch = []
+                except tars.StreamError as e:
+                    if attempt == tars.STREAM_ATTEMPTS:
+                        yield [{"shard": i, "failed": f"{e} ({attempt} tries)"}]
+                        break
+                    yield [{"shard": i, "restart": True}]
+                    time.sleep(tars.RETRY_DELAY_S * 2 ** (attempt - 1))
+                    continue
+                if batch:
                     yield batch
-                    batch = []
-            if batch:
-                yield batch
-            yield [{"shard": i, "end": True, "count": n}]
+                yield [{"shard": i, "end": True, "count": n}]
+                break
 
 
 def _distributed(cfg: PrecomputeConfig):
@@ -293,7 +308,7 @@ def run(cfg: PrecomputeConfig) -> dict:
         plan = TarPlan(expand(cfg.data.path))
         n_inputs = plan.n
     else:
-        inputs = list_inputs(cfg.data)
+        inputs = list_inputs(cfg.data, skip=[cfg.out.dir])
         if not inputs:
             raise DataError(f"data.path {cfg.data.path} holds no images (looked for {', '.join(IMAGE_EXTS)})")
         plan, n_inputs = Plan(inputs, cfg.out.samples_per_shard), len(inputs)
@@ -323,6 +338,9 @@ def run(cfg: PrecomputeConfig) -> dict:
         progress["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     manifest = assemble(cfg.out.dir, plan.n, {**facts, "stats": progress, "config": to_dict(cfg)}, cfg.out.dtype)
     if manifest is None:
+        here = [i for i in range(plan.n) if read_sidecar(cfg.out.dir, i) is not None]
+        progress["shards_complete"] = len(here)
+        progress["other_parts_here"] = any(i % parts != part for i in here)
         return progress
     if manifest["counts"]["written"] == 0:
         os.remove(os.path.join(cfg.out.dir, F.MANIFEST))  # a set with nothing in it is no set
@@ -356,12 +374,24 @@ def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, v
     truncated: Dict[int, Dict[str, int]] = {}
     images, t0 = 0, time.time()
     bar = tqdm(total=total, desc="precompute", unit="img", dynamic_ncols=True)
+    failed: Dict[int, str] = {}
+    in_shard: Dict[int, int] = {}
     try:
         for batch in loader:
             if batch[0].get("end"):
                 i = batch[0]["shard"]
                 w = writers.pop(i, None) or ShardWriter(cfg.out.dir, i, cfg.out.dtype)  # an empty input tar
                 w.finish({"inputs": plan.signature(i), "truncated": truncated.pop(i, {"clip": 0, "t5": 0})})
+                continue
+            if batch[0].get("restart") or batch[0].get("failed"):
+                i = batch[0]["shard"]  # what was read of this shard is dropped; it starts again or stays undone
+                if i in writers:
+                    writers.pop(i).abort()
+                seen_in_shard.pop(i, None)
+                truncated.pop(i, None)
+                images -= in_shard.pop(i, 0)
+                if batch[0].get("failed"):
+                    failed[i] = batch[0]["failed"]
                 continue
             ready = []
             for r in batch:
@@ -378,6 +408,7 @@ def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, v
             if ready:
                 _encode_batch(cfg, ready, text, vae, writers, truncated)
             images += len(batch)
+            in_shard[batch[0]["shard"]] = in_shard.get(batch[0]["shard"], 0) + len(batch)
             bar.update(len(batch))
     except BaseException:
         for w in writers.values():
@@ -385,6 +416,11 @@ def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, v
         raise
     finally:
         bar.close()
+    if failed:
+        i = min(failed)
+        others = f" (and {len(failed) - 1} other input tar(s))" if len(failed) > 1 else ""
+        raise DataError(f"input tar {plan.urls[i]}{others} could not be read: {failed[i]}; its shard {i} was not "
+                        "written: run the same command again to redo only the unfinished shards")
     return {"images": images, "seconds": time.time() - t0}
 
 
@@ -407,8 +443,14 @@ def _encode_batch(cfg, ready: List[dict], text: TextEncoders, vae: VaeEncoder, w
 
 def summary(result: dict, out_dir: str) -> str:
     if not result.get("format"):
-        return (f"part {result['part']} of {result['parts']} done ({result['shards_done_here']} shard(s) written here, "
-                f"{result['seconds']} s); the set in {out_dir} completes when every part has run")
+        head = (f"part {result['part']} of {result['parts']} done ({result['shards_done_here']} shard(s) written here, "
+                f"{result['seconds']} s); {result.get('shards_complete', '?')} of {result['shards']} shards are in {out_dir}")
+        if result.get("other_parts_here"):
+            return head + "; the set completes when the other parts finish writing into this folder"
+        # Nothing here shows whether the other parts share this folder or write their own.
+        return (head + ". If the other parts write into this same out.dir, the set completes when the last one "
+                f"finishes; if each part has its own out.dir, join them once all have run: "
+                f"python -m shards combine SET_DIR {out_dir} OTHER_PART_DIR...")
     c = result["counts"]
     lines = [f"shard set: {out_dir}  ({c['written']} samples in {len(result['shards'])} shard(s), "
              f"{c['rejected']} rejected of {c['seen']} seen, {result['stats']['seconds']} s)"]

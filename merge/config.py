@@ -7,7 +7,7 @@ from typing import Any, List
 from shards.config import check, one_of
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-LINKS = ("hardlink", "copy")
+LINKS = ("auto", "copy", "reflink", "hardlink")
 FORMATS = ("auto", "diffusers", "single_file")
 INCLUDES = ("vae", "text_encoders")
 
@@ -81,7 +81,11 @@ class MergeOptions:
 class OutConfig:
     dir: str = ""
     dtype: str = "auto"  # auto keeps each base tensor's dtype
-    link: str = "hardlink"  # how unchanged components get into the release
+    # How unchanged components get into a diffusers release. auto: copy-on-write reflinks where the filesystem
+    # has them, else copies, with hard links only for large weight files; copy: full copies; reflink: reflinks or
+    # an error; hardlink: hard links (copies across filesystems), which share the base's files: an edit in place
+    # changes the base too.
+    link: str = "auto"
     overwrite: bool = False
     # diffusers' own default unit: 5 GB in decimal bytes.
     max_shard_bytes: int = 5_000_000_000

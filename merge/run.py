@@ -5,10 +5,11 @@ the original SD3 layout (out.format=single_file, optionally bundling the VAE and
 base gives a single file again, with everything it bundles carried over unchanged.
 """
 import os
+import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -16,11 +17,12 @@ from shards.config import load_config
 from shards.errors import UsageError
 from shards.modelpath import resolve_model
 
-from .card import write_card
+from .base_check import other_base_warnings
+from .card import lora_header, write_card
 from .config import MergeConfig, is_single_file
 from .fold import WEIGHTS_NAME, FoldResult, fold_transformer
 from .lora import Updates, find_lora_file, read_loras
-from .release import check_out_dir, copy_tree, staged
+from .release import check_out_dir, clean_leftovers, copy_tree, placed_summary, staged
 from .single_file import copy_jobs, file_name, transformer_jobs, vae_jobs, write_single_file
 from .sources import TRANSFORMERS_WEIGHTS, OriginalSource, OtherKeys, Source, folder_source
 from .verify import VerifyReport, probe_or_skip, verify_tensors
@@ -34,6 +36,7 @@ TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.transformer.",
 @dataclass
 class MergeResult(FoldResult):
     verify: Optional[VerifyReport] = None
+    placed: Dict[str, int] = field(default_factory=dict)  # unchanged component files, by how they got there
 
 
 def resolve_model_path(path: str) -> str:
@@ -65,18 +68,27 @@ def _text_encoder_sources(model: str, stack: ExitStack) -> List[Source]:
     return sources
 
 
-def _merge_into(cfg: MergeConfig, tmp: str, updates: Updates, stack: ExitStack, progress: bool):
-    """Write the release into tmp; returns (result, base transformer Source, release Source, base config dir)."""
+def warn_if_other_base(lora_files: Sequence[str], base: Source, model_path: str) -> None:
+    for line in other_base_warnings(lora_files, [lora_header(f) for f in lora_files], base, model_path):
+        print(line, file=sys.stderr)
+
+
+def _merge_into(cfg: MergeConfig, tmp: str, updates: Updates, lora_files: Sequence[str], stack: ExitStack,
+                progress: bool):
+    """Write the release into tmp; returns (result, base transformer Source, release Source, base config dir,
+    how the unchanged component files got there)."""
     fmt = cfg.release_format()
     if is_single_file(cfg.model.path):
         base = stack.enter_context(OriginalSource(cfg.model.path))
+        warn_if_other_base(lora_files, base, cfg.model.path)
         carried = stack.enter_context(OtherKeys(cfg.model.path))
         out_file = os.path.join(tmp, single_file_name(cfg))
         result = write_single_file(transformer_jobs(base, updates, cfg.out.dtype) + copy_jobs(carried), out_file, progress)
-        return result, base, lambda: OriginalSource(out_file, "release"), None
+        return result, base, lambda: OriginalSource(out_file, "release"), None, {}
     model = resolve_model_path(cfg.model.path)
     transformer_dir = os.path.join(model, "transformer")
     base = stack.enter_context(folder_source(transformer_dir, "base transformer"))
+    warn_if_other_base(lora_files, base, cfg.model.path)
     if fmt == "single_file":
         jobs = transformer_jobs(base, updates, cfg.out.dtype)
         if "vae" in cfg.out.include:
@@ -86,11 +98,11 @@ def _merge_into(cfg: MergeConfig, tmp: str, updates: Updates, stack: ExitStack, 
                 jobs += copy_jobs(source)
         out_file = os.path.join(tmp, single_file_name(cfg))
         return write_single_file(jobs, out_file, progress), base, lambda: OriginalSource(out_file, "release"), \
-            transformer_dir
-    copy_tree(model, tmp, cfg.out.link, skip=_is_base_weights)
+            transformer_dir, {}
+    placed = copy_tree(model, tmp, cfg.out.link, skip=_is_base_weights)
     out_dir = os.path.join(tmp, "transformer")
     result = fold_transformer(base, updates, out_dir, cfg.out.dtype, cfg.out.max_shard_bytes, progress)
-    return result, base, lambda: folder_source(out_dir, "release transformer"), transformer_dir
+    return result, base, lambda: folder_source(out_dir, "release transformer"), transformer_dir, placed
 
 
 @contextmanager
@@ -111,18 +123,20 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> MergeResult:
     if is_single_file(cfg.model.path) and not os.path.isfile(cfg.model.path):
         raise UsageError(f"model.path '{cfg.model.path}' does not exist (a single-file base must be a local file)")
     local_model = [cfg.model.path] if os.path.exists(cfg.model.path) else []
+    clean_leftovers(cfg.out.dir)  # first: a merge killed while publishing may have an earlier release to put back
     check_out_dir(cfg.out.dir, cfg.out.overwrite, inputs=local_model + lora_files)
     updates = read_loras(lora_files, cfg.lora.scales())
     with staged(cfg.out.dir) as tmp, ExitStack() as stack:
         with one_thread():
-            result, base, release, transformer_dir = _merge_into(cfg, tmp, updates, stack, progress)
+            result, base, release, transformer_dir, placed = _merge_into(cfg, tmp, updates, lora_files, stack,
+                                                                         progress)
         report = None
         if cfg.merge.verify:  # before publishing: a release that fails is never put in place
             with release() as out:
                 report = verify_tensors(base, out, updates, cfg.out.dtype, progress)
                 report = probe_or_skip(report, transformer_dir, base, out, updates, cfg.merge.probe_max_params)
         write_card(tmp, cfg, lora_files, result.files)
-    return MergeResult(result.modules, result.tensors, result.files, report)
+    return MergeResult(result.modules, result.tensors, result.files, report, placed)
 
 
 def main(argv: List[str]) -> None:
@@ -137,7 +151,9 @@ def main(argv: List[str]) -> None:
         where = (f"{os.path.join(cfg.out.dir, result.files[0])} ({result.tensors} tensors: the transformer{extra}, "
                  f"in the original SD3 layout, out.dtype {cfg.out.dtype})")
     else:
-        where = f"{cfg.out.dir} ({result.tensors} tensors in {len(result.files)} file(s), out.dtype {cfg.out.dtype})"
+        placed = placed_summary(result.placed)
+        where = (f"{cfg.out.dir} ({result.tensors} tensors in {len(result.files)} file(s), out.dtype {cfg.out.dtype}; "
+                 f"other components: {placed or 'none'} (out.link {cfg.out.link}))")
     loras = ", ".join(f"{os.path.basename(os.path.normpath(p))} x {s:g}" for p, s in zip(cfg.lora.paths(), cfg.lora.scales()))
     print(f"merge: folded {result.modules} LoRA modules ({loras}) into the transformer; "
           f"wrote {where} and README.md in {time.monotonic() - start:.1f} s")

@@ -42,3 +42,49 @@ def folder_fingerprint(path: str) -> str:
             h.update(os.path.relpath(full, path).encode() + b"\0")
             _file_fingerprint(full, h)
     return h.hexdigest()
+
+
+# Tensors of every SD3 / SD3.5 transformer that training never quantizes (nf4 / int8 replace only the linear
+# weights inside transformer_blocks) and that a LoRA never targets, by diffusers name. norm_out.linear is stored
+# with its halves swapped in the original single-file layout, so a layout mix-up would show here too.
+BASE_FINGERPRINT_TENSORS = (
+    "context_embedder.bias",
+    "norm_out.linear.bias",
+    "pos_embed.proj.bias",
+    "pos_embed.proj.weight",
+    "proj_out.bias",
+    "proj_out.weight",
+    "time_text_embed.text_embedder.linear_1.bias",
+    "time_text_embed.text_embedder.linear_2.bias",
+    "time_text_embed.timestep_embedder.linear_1.bias",
+    "time_text_embed.timestep_embedder.linear_1.weight",
+    "time_text_embed.timestep_embedder.linear_2.bias",
+)
+
+
+def transformer_fingerprint(get, dtype: str) -> dict:
+    """Which base transformer this is, by content, comparable across layouts and storage dtypes.
+
+    `get(diffusers name)` returns the tensor (or None where the model lacks it); `dtype` ("bf16", "fp16", "fp32")
+    is the precision training held the base in. Each tensor of BASE_FINGERPRINT_TENSORS is cast to that dtype
+    (the cast training's loader made, replayed, so the base files themselves give the training's value), then
+    rounded to bf16 (so a bf16 copy of a wider base gives it too), and hashed with its name and shape. A base
+    converted to fp16 from a wider one, or to bf16 for an fp16 training, rounds differently and reads as another.
+    """
+    import torch
+
+    from .format import TORCH_DTYPES
+
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (one of {', '.join(TORCH_DTYPES)})")
+    h = hashlib.sha256()
+    for name in BASE_FINGERPRINT_TENSORS:
+        t = get(name)
+        h.update(name.encode() + b"\0")
+        if t is None:
+            h.update(b"absent\0")
+            continue
+        values = t.detach().to("cpu", TORCH_DTYPES[dtype]).to(torch.bfloat16).float().contiguous()
+        h.update(str(list(values.shape)).encode() + b"\0")
+        h.update(values.numpy().tobytes())
+    return {"sha256": h.hexdigest(), "dtype": dtype}

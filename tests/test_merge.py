@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -196,25 +197,16 @@ def test_sharded_base_and_sharded_output(base_model, lora_dir, tmp_path):
 
 # (e) deterministic bytes, whether overwritten in place, hard-linked or copied.
 def test_rerun_gives_identical_bytes(base_model, lora_dir, tmp_path):
-    out = merge(base_model, lora_dir, tmp_path / "out", "out.max_shard_bytes=100000")
+    out = merge(base_model, lora_dir, tmp_path / "out", "out.max_shard_bytes=100000", "out.link=hardlink")
     first = tree_digest(out)
-    merge(base_model, lora_dir, out, "out.max_shard_bytes=100000", "out.overwrite=true")
+    merge(base_model, lora_dir, out, "out.max_shard_bytes=100000", "out.overwrite=true", "out.link=hardlink")
     assert tree_digest(out) == first
     copied = merge(base_model, lora_dir, tmp_path / "copied", "out.max_shard_bytes=100000", "out.link=copy")
     assert tree_digest(copied) == first
-    assert sorted(os.listdir(tmp_path)) == ["copied", "out"]  # no .tmp or .old left behind
+    assert sorted(os.listdir(tmp_path)) == ["copied", "out"]  # no staging folder left behind
     base_vae = os.stat(os.path.join(base_model, "vae", "diffusion_pytorch_model.safetensors")).st_ino
     assert os.stat(os.path.join(out, "vae", "diffusion_pytorch_model.safetensors")).st_ino == base_vae
     assert os.stat(os.path.join(copied, "vae", "diffusion_pytorch_model.safetensors")).st_ino != base_vae
-
-
-def test_leftovers_of_a_killed_run_are_replaced(base_model, lora_dir, tmp_path):
-    stale = tmp_path / "out.tmp"
-    (stale / "transformer").mkdir(parents=True)
-    (stale / "transformer" / "part-00000.safetensors").write_bytes(b"half written")
-    out = merge(base_model, lora_dir, tmp_path / "out")
-    assert os.listdir(tmp_path) == ["out"]
-    assert tree_digest(out) == tree_digest(merge(base_model, lora_dir, tmp_path / "fresh"))
 
 
 def test_out_dtype_bf16(base_model, lora_dir, tmp_path):
@@ -372,10 +364,11 @@ def test_out_dir_that_cannot_be_created_is_a_usage_error(base_model, lora_dir, t
     out = where.format(tmp=tmp_path)
     code, line = _run([f"model.path={base_model}", f"lora.path={lora_dir}", f"out.dir={out}"], capsys)
     assert code == 2 and f"out.dir '{out}'" in line, line
-    assert sorted(os.listdir(tmp_path)) == ["a-file"] and not os.path.exists(out + ".tmp")
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
 
 
-# A write that fails mid-way (here: past a file size limit, as a full or broken disk would) is one line, no .tmp.
+# A write that fails mid-way (here: past a file size limit, as a full or broken disk would) is one line, and its
+# staging folder is gone.
 @pytest.mark.parametrize("link", ["hardlink", "copy"])  # fails in safetensors' writer / in the component copy
 def test_write_failure_mid_way_is_one_line_and_leaves_nothing(base_model, lora_dir, tmp_path, link):
     limited = ("import resource, runpy, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
@@ -386,7 +379,8 @@ def test_write_failure_mid_way_is_one_line_and_leaves_nothing(base_model, lora_d
                         f"out.dir={out}", f"out.link={link}"], cwd=REPO, capture_output=True, text=True)
     line = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-    assert line.startswith("merge: error: ") and "File too large" in line and f"{out}.tmp/" in line, line
+    assert line.startswith("merge: error: ") and "File too large" in line, line
+    assert re.search(re.escape(str(out)) + r"\.\d+\.[0-9a-f]{8}\.shardtune-tmp/release/", line), line
     assert os.listdir(tmp_path) == []
 
 
@@ -412,7 +406,7 @@ def test_out_dir_overlapping_the_base_is_refused(base_model, lora_dir, capsys):
 def test_shipped_configs_load():
     for name in ("tiny", "sd3-medium"):
         cfg = load_config(MergeConfig, ["--config", str(REPO / "configs" / name / "merge.yaml")])
-        assert cfg.lora.scale == 1.0 and cfg.out.dtype == "auto" and cfg.out.link == "hardlink"
+        assert cfg.lora.scale == 1.0 and cfg.out.dtype == "auto" and cfg.out.link == "auto"
         assert not cfg.out.overwrite
     assert cfg.model.path == "stabilityai/stable-diffusion-3-medium-diffusers"
 

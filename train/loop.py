@@ -18,7 +18,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import BatchStream, TrainStream
 from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME
-from .model import check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
+from .model import base_fingerprint, check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
 from .objective import Objective, prepare_lora, resolve_dtypes
 from .outputs import Metrics, RunState, close_trackers, finish, init_trackers, keep_metrics_until
 from .step import LoraStep, make_accelerator
@@ -125,6 +125,7 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
     extras = read_extras(sets[0])  # empty-prompt and validation embeddings: the first set's
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
     transformer = load_transformer(root, weight_dtype, device, cfg.model.quantize)
+    base = base_fingerprint(transformer, weight_dtype)  # before the LoRA is added
     check_shard_set(manifest, transformer.config)
     warn_if_other_vae(manifest, root)
     params = prepare_lora(transformer, cfg.lora, cfg.model)
@@ -135,7 +136,8 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
                                      world, cfg.data.weights(), manifests), pin=device.type == "cuda")
     state = RunState()
     return SimpleNamespace(
-        cfg=cfg, accel=accel, device=device, manifest=manifest, transformer=transformer, stepper=stepper,
+        cfg=cfg, accel=accel, device=device, manifest=manifest, transformer=transformer, base_fingerprint=base,
+        stepper=stepper,
         objective=objective, stream=stream, state=state, weight_dtype=weight_dtype,
         set_bytes=sum(s["bytes"] for m in manifests for s in m["shards"]),
         validate=Validator(cfg, manifest, extras, root, sched, device, weight_dtype, transformer.config),

@@ -19,6 +19,16 @@ def load_transformer(root: str, dtype: torch.dtype, device: torch.device, quanti
     return freeze_and_place(t, dtype, device, quantize)
 
 
+def base_fingerprint(transformer, dtype: torch.dtype) -> dict:
+    """The base transformer's content fingerprint (shards.fingerprint) as training holds it, taken before any LoRA
+    is added; the LoRA file records it so that merge can tell when it folds the LoRA into another base."""
+    from shards.fingerprint import transformer_fingerprint
+    from shards.format import TORCH_DTYPES
+
+    name = next(k for k, v in TORCH_DTYPES.items() if v == dtype)
+    return transformer_fingerprint(dict(transformer.named_parameters()).get, name)
+
+
 def freeze_and_place(t, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
     """Freeze the base, quantize its blocks if asked, move it to `device` (also used by train.bench)."""
     t.requires_grad_(False)

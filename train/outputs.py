@@ -136,7 +136,8 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
     """Write the LoRA (and its EMA), the loss curves; the run's result for the summary."""
     state, manifest = run.state, run.manifest
     info = {
-        "base_model": cfg.model.path, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
+        "base_model": cfg.model.path, "base_fingerprint": run.base_fingerprint,  # merge compares it with its base
+        "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
         "targets": cfg.lora.target_names(), "blocks": cfg.lora.blocks, "steps": cfg.train.max_steps,
         "shard_sets": [{"path": p, "manifest_sha256": manifest_hash(p)} for p in cfg.data.sets()],
         "shard_set_model": manifest["model"]["path"],

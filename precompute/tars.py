@@ -129,13 +129,23 @@ class _Url:
         except urllib.error.HTTPError as e:
             raise StreamError(f"the server answered HTTP {e.code} {e.reason}") from None
         except urllib.error.URLError as e:
-            raise StreamError(f"cannot reach the server: {_errno_text(e.reason) if isinstance(e.reason, BaseException) else e.reason}") from None
+            why = _errno_text(e.reason) if isinstance(e.reason, BaseException) else e.reason
+            raise StreamError(f"cannot reach the server: {why}") from None
         except (OSError, http.client.HTTPException, ValueError) as e:
             raise StreamError(f"cannot open the URL: {_errno_text(e)}") from None
+        length = self.r.headers.get("Content-Length")
+        self.expected = int(length) if length and length.isdigit() else None
+        self.got = 0
 
     def read(self, n: int = -1) -> bytes:
         try:
-            return self.r.read(n)
+            data = self.r.read(n)
+            self.got += len(data)
+            # read(n) returns b"" on a connection closed early instead of raising; a download cut at a
+            # member boundary would otherwise pass for a shorter tar.
+            if not data and n != 0 and self.expected is not None and self.got < self.expected:
+                raise StreamError(f"the download ended early ({self.got} of {self.expected} bytes)")
+            return data
         except http.client.IncompleteRead as e:
             raise StreamError(f"the download ended early ({len(e.partial)} bytes of a block, "
                               f"{e.expected} more expected)") from None

@@ -245,7 +245,7 @@ def test_nothing_usable_is_an_error_with_the_reasons(tiny_model, tmp_path, capsy
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.gif").write_bytes(b"GIF89a")
+    (data / "a.psd").write_bytes(b"8BPS")
     (data / "orphan.txt").write_text("a caption with no image")
     (data / "b.png").write_bytes(b"")
     (data / "b.txt").write_text("zero bytes")
@@ -257,7 +257,7 @@ def test_nothing_usable_is_an_error_with_the_reasons(tiny_model, tmp_path, capsy
     assert e.value.code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("precompute: error: no usable images")
     rejected = {r["source"]: r["reason"] for r in read_rejected(str(out))}
-    assert rejected["a.gif"].startswith("unsupported image format: .gif")
+    assert rejected["a.psd"].startswith("unsupported image format: .psd")
     assert rejected["orphan.txt"].startswith("caption without an image")
     assert rejected["b.png"].startswith("unreadable image")
     assert not os.path.exists(out / "manifest.json")

@@ -1,6 +1,7 @@
 """The merge stage's release features: several LoRAs, a single-file base, bundled text encoders loaded by
 StableDiffusion3Pipeline.from_single_file, merge.verify, the model card, and memory that does not grow with
 the model."""
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from merge.kohya import to_kohya
@@ -197,7 +199,7 @@ def test_verify_catches_a_wrong_release(base, loras, tmp_path):
 
 # The model card: base, each LoRA's training settings and trigger words from its file, and the training run's
 # samples; reruns give the same bytes.
-def test_model_card_from_a_training_run(tiny_model, sample_data, model_without_text_encoders, tmp_path):
+def test_model_card_from_a_training_run(tiny_model, sample_data, model_without_text_encoders, tmp_path, capsys):
     from conftest import precompute_cfg
     from precompute.run import run as precompute
     from shards.config import load_config
@@ -210,7 +212,12 @@ def test_model_card_from_a_training_run(tiny_model, sample_data, model_without_t
     train(load_config(TrainConfig, [f"model.path={model_without_text_encoders}", f"data.shards={shards}",
                                     f"out.dir={run_dir}", "train.max_steps=2", "lora.rank=4", "lora.alpha=8",
                                     "validation.steps=1", "train.lr=1e-3"]))
+    capsys.readouterr()
     out = merge(tiny_model, run_dir, tmp_path / "release", "lora.scale=0.8")
+    # Trained on the same transformer (the copy without text encoders): a base fingerprint, and no warning.
+    with safe_open(os.path.join(run_dir, "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["shardtune"])["base_fingerprint"]["dtype"] in ("fp32", "bf16", "fp16")
+    assert "warning" not in capsys.readouterr().err
     card = Path(out, "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card
     assert 'instance_prompt: "sks toy,"' in card and "`sks toy,`" in card

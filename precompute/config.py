@@ -29,7 +29,7 @@ class DataConfig:
     instance_prompt: Optional[str] = None
     caption_ext: str = ".txt"
     caption_column: str = "text"  # caption column of a metadata.jsonl / metadata.csv (with file_name)
-    caption_prefix: str = ""  # put before every caption with a space, e.g. a trigger word "sks,"
+    caption_prefix: str = ""  # put before every instance caption (not class images) with a space, e.g. "sks,"
     class_path: str = ""  # DreamBooth class (regularisation) images, all captioned with class_prompt
     class_prompt: Optional[str] = None
 

@@ -267,6 +267,9 @@ def test_every_file_under_the_data_folder_is_in_the_shards_or_rejected_once(tiny
         assert rejected[source].startswith(start), (source, rejected[source])
     caption = {s["meta"]["source"]: s["meta"]["caption"] for s in read_samples(str(out))}
     assert caption["caf\\xe9.png"] == "a latin-1 name" and caption["linked_dir/linked.png"] == "through a link"
+    # With data.instance_prompt the caption-less image is used, and the accounting is the same.
+    with_prompt = _items(_cfg(path=str(d), instance_prompt="a photo"))
+    assert sorted(with_prompt) == sorted(expected) and with_prompt["no_caption.png"] == ("a photo", None)
 
 
 def _flaky_command(tmp_path, tar_path, plan: str) -> str:

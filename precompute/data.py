@@ -5,8 +5,8 @@ Every reason is "category: detail", so summaries can count by category.
 Accounting: every entry found under a data folder ends up exactly once in the shards or in
 rejected.jsonl, except (a) a caption file whose stem matches an image there (used or not: with
 data.caption_source=instance and for class images it is not read), (b) the metadata.jsonl or
-metadata.csv at the top of the folder that captions are read from, and (c) out.dir when it lies
-inside the folder. A folder that is not entered (hidden, or one already walked through another
+metadata.csv at the top of the folder that captions are read from, and (c) out.dir and
+data.class_path when they lie inside data.path (class images are listed as class images). A folder that is not entered (hidden, or one already walked through another
 symlink) is one entry; its files are not listed one by one.
 """
 import csv
@@ -61,7 +61,10 @@ def list_inputs(cfg: DataConfig, skip: Sequence[str] = ()) -> List[Item]:
     """Every input, usable or not, in a fixed order: instance images, then class images, each sorted.
 
     `skip`: folders that are never inputs even when inside a data folder (the run's out.dir)."""
-    items = _scan(cfg.path, cfg, "", prompt=cfg.instance_prompt, always=cfg.caption_source == "instance", skip=skip)
+    # Class images kept inside the instance folder are class images only, never instance images too.
+    instance_skip = [*skip, cfg.class_path] if cfg.class_path else list(skip)
+    items = _scan(cfg.path, cfg, "", prompt=cfg.instance_prompt, always=cfg.caption_source == "instance",
+                  skip=instance_skip)
     if cfg.class_path:
         items += _scan(cfg.class_path, cfg, CLASS_PREFIX, prompt=cfg.class_prompt, always=True, prior=True, skip=skip)
     for it in items:

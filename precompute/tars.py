@@ -214,7 +214,11 @@ def stream_items(url: str, cfg: DataConfig) -> Iterator[Item]:
     Raises StreamError when a streamed tar fails, possibly after some samples: the caller must
     discard what it got from this tar."""
     local = os.path.exists(url)
-    f = _open(url)
+    try:
+        f = _open(url)
+    except OSError as e:  # a local file (streams raise StreamError)
+        yield Item(display_name(f"{os.path.basename(url)}/"), url, reject=f"unreadable tar: {_errno_text(e)}")
+        return
     try:
         with tarfile.open(fileobj=f, mode="r|*") as tar:
             key, members = None, {}

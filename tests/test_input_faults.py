@@ -172,13 +172,16 @@ def test_caption_text_is_decoded_one_way_for_folders_metadata_and_tars(tmp_path)
                    "in.tar/2.png": (None, "unreadable caption: the 'text' of 2.json is a list, not a string"),
                    "in.tar/3.png": (None, "unreadable caption: 3.json is not a JSON object"),
                    "in.tar/4.png": ("a dog", None)}
+    (tmp_path / "folder.tar").mkdir()
+    assert [(it.source, it.reject) for it in stream_items(str(tmp_path / "folder.tar"), _cfg(path=str(t)))] == \
+        [("folder.tar/", "unreadable tar: Is a directory")]
 
 
 def test_caption_prefix_is_not_put_on_class_images(tmp_path):
     png = _saved(Image.new("RGB", (8, 8), "red"), "PNG")
-    inst, cls = tmp_path / "inst", tmp_path / "cls"
-    inst.mkdir()
-    cls.mkdir()
+    inst = tmp_path / "inst"
+    cls = inst / "reg"  # inside the instance folder: listed once, as a class image
+    cls.mkdir(parents=True)
     (inst / "me.png").write_bytes(png)
     (cls / "dog.png").write_bytes(png)
     got = _items(_cfg(path=str(inst), caption_source="instance", instance_prompt="a photo of a dog",

@@ -276,7 +276,10 @@ def staged(out_dir: str) -> Iterator[str]:
         yield tmp
         publish(tmp, out_dir, staging)
     except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.exists(os.path.join(staging, STAGING_PREVIOUS)):
+            shutil.rmtree(staging, ignore_errors=True)
+        # else publishing failed and could not even put the earlier release back: it stays in the marked
+        # staging folder, and the next run's clean_leftovers moves it back to out_dir.
         if isinstance(e, OSError):
             # A copy or rename names both ends and either can be the one that failed.
             where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename or tmp

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import merge.release as release
 from merge.sources import OriginalSource, folder_source
+from shards.errors import DataError
 from shards.fingerprint import transformer_fingerprint
 from test_merge import LORA_FILE, _run, make_lora, merge, tree_digest
 
@@ -110,6 +111,28 @@ def test_a_merge_killed_while_publishing_puts_the_earlier_release_back(base, lor
     assert os.listdir(tmp_path) == ["out"] and tree_digest(out) == earlier
     merge(base, lora, out, "out.overwrite=true", "lora.scale=0.5")
     assert os.listdir(tmp_path) == ["out"] and tree_digest(out) != earlier
+
+
+def test_a_publish_that_cannot_put_the_earlier_release_back_leaves_it_for_the_next_run(base, lora, tmp_path,
+                                                                                       monkeypatch, capsys):
+    out = merge(base, lora, tmp_path / "out")
+    earlier = tree_digest(out)
+    replace = os.replace
+
+    def failing(src, dst):  # the new release cannot be renamed into place, nor the earlier one back
+        if str(src).endswith(("/release", "/" + release.STAGING_PREVIOUS)):
+            raise OSError(5, "Input/output error", src)
+        replace(src, dst)
+    monkeypatch.setattr(release.os, "replace", failing)
+    with pytest.raises(DataError, match="Input/output error"):
+        merge(base, lora, out, "out.overwrite=true", "lora.scale=0.5")
+    monkeypatch.setattr(release.os, "replace", replace)
+    [left] = [n for n in os.listdir(tmp_path) if not n.endswith(".shardtune.lock")]
+    assert STAGING.fullmatch(left) and os.path.isdir(tmp_path / left / release.STAGING_PREVIOUS)
+
+    code, line = _run([f"model.path={base}", f"lora.path={lora}", f"out.dir={out}"], capsys)
+    assert code == 2 and "already exists" in line, line
+    assert os.listdir(tmp_path) == ["out"] and tree_digest(out) == earlier
 
 
 def _component_files(out):

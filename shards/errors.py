@@ -7,3 +7,7 @@ class UsageError(Exception):
 
 class DataError(Exception):
     """The inputs or the run went wrong in a way the user must fix (exit 1)."""
+
+
+class Interrupted(Exception):
+    """Stopped by a signal after saving what lets the same command continue (exit 130, as for Ctrl-C)."""

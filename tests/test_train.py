@@ -197,7 +197,9 @@ def test_an_earlier_run_is_not_overwritten_silently(tiny_model, shard_set_fp32, 
     from shards.config import run_cli
     from train.__main__ import main
 
-    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    # A finished run whose checkpoints were deleted: its LoRA is worth keeping (a run stopped before its first
+    # checkpoint, with no LoRA, is started again instead).
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"earlier")
     (tmp_path / "notes.md").write_text("mine")
     args = train_args(tiny_model, shard_set_fp32, str(tmp_path), "train.max_steps=1", "validation.enabled=false")
     with pytest.raises(SystemExit) as e:

@@ -9,7 +9,11 @@ def main(argv):
     from .outputs import summary  # heavy imports only after the config is known to be good
 
     result = train(cfg)
-    if "lora" in result:  # the main process of a multi-process run writes and reports
+    if "up_to_date" in result:
+        if result["rank"] == 0:
+            print(f"train: up to date: {cfg.out.dir} holds the finished run ({result['steps']} steps, "
+                  f"{result['up_to_date']}); raise train.max_steps to train on, or set out.overwrite=true to redo it")
+    elif "lora" in result:  # the main process of a multi-process run writes and reports
         print(summary(result))
 
 

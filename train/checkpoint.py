@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shards.atomic import fsync_dir, write_json
-from shards.errors import UsageError
+from shards.errors import DataError, UsageError
+
+from .resume import changes
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"^step-(\d{6,})$")
@@ -36,6 +38,12 @@ def complete_checkpoints(out_dir: str):
         if m and os.path.exists(os.path.join(root, name, MARKER)):
             found.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(found)
+
+
+def step_of(path: str) -> int:
+    """The step a checkpoint folder holds (from the marker it was completed with)."""
+    with open(os.path.join(path, MARKER)) as f:
+        return int(f.read().strip())
 
 
 class GlobalRng:
@@ -60,6 +68,19 @@ def save(out_dir: str, step: int, accel, lora: Dict[str, torch.Tensor], shared: 
     `shared` and `per_rank` map names to parts with `state_dict()`: the main process writes the shared
     parts (`shared.pt`), the LoRA and `state.json`; every process writes its own parts (`rank-R.pt`: its
     noise generator, data stream position, RNG states)."""
+    try:
+        return _save(out_dir, step, accel, lora, shared, per_rank, state, keep)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        tmp = os.path.join(checkpoint_root(out_dir), f"step-{step:06d}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        done = complete_checkpoints(out_dir)
+        last = f"the last complete one is {done[-1][1]}" if done else "no earlier checkpoint exists"
+        raise DataError(f"writing the checkpoint {tmp} failed ({reason}); {last}: free some space and run the "
+                        "same command again") from None
+
+
+def _save(out_dir: str, step: int, accel, lora, shared: Dict, per_rank: Dict, state: dict, keep: int) -> str:
     root = checkpoint_root(out_dir)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
@@ -108,8 +129,7 @@ def load(path: str, accel, cfg, lora_target, shared: Dict, per_rank: Dict) -> di
     that existed and start afresh for new ones."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
-    _check_same_lora(state["config"]["lora"], cfg, path)
-    _warn_if_stream_changed(state["config"], cfg, path)
+    state["changed"] = changes(state["config"], cfg, path)  # refuses what the saved state cannot follow
     ranks = sorted(int(m.group(1)) for m in (re.match(r"^rank-(\d+)\.pt$", n) for n in os.listdir(path)) if m)
     if not os.path.exists(os.path.join(path, "shared.pt")) or len(ranks) != state.get("processes"):
         raise UsageError(f"resume: {path} was written by an older shardtune (no stream position); "
@@ -134,32 +154,3 @@ def load(path: str, accel, cfg, lora_target, shared: Dict, per_rank: Dict) -> di
         elif accel.process_index < len(rank_states):
             part.load_state_dict(rank_states[accel.process_index][name])
     return state
-
-
-def _check_same_lora(saved: dict, cfg, path: str) -> None:
-    now = {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "targets": cfg.lora.target_names(),
-           "blocks": cfg.lora.blocks}
-    before = {"rank": saved["rank"], "alpha": saved["alpha"],
-              "targets": list(saved["targets"]) if isinstance(saved["targets"], list) else None,
-              "blocks": saved["blocks"]}
-    if isinstance(saved["targets"], str):
-        from .config import TARGET_PRESETS
-        before["targets"] = list(TARGET_PRESETS[saved["targets"]])
-    diff = [f"lora.{k} {before[k]} -> {now[k]}" for k in now if before[k] != now[k]]
-    if diff:
-        raise UsageError(f"resume: {path} was trained with other LoRA settings ({'; '.join(diff)}); "
-                         "use the same settings, resume=none, or another out.dir")
-
-
-def _warn_if_stream_changed(saved: dict, cfg, path: str) -> None:
-    """Settings that change the data stream or the draws: allowed, but the resumed run then differs
-    from one that was never interrupted."""
-    now = {"train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
-           "train.seed": cfg.train.seed, "data.shards": cfg.data.shards, "data.shuffle_buffer": cfg.data.shuffle_buffer}
-    before = {"train.batch_size": saved["train"]["batch_size"], "train.grad_accum": saved["train"]["grad_accum"],
-              "train.seed": saved["train"]["seed"], "data.shards": saved["data"]["shards"],
-              "data.shuffle_buffer": saved["data"]["shuffle_buffer"]}
-    changed = [f"{k} {before[k]} -> {now[k]}" for k in now if before[k] != now[k]]
-    if changed:
-        print(f"train: warning: resuming {path} with changed {'; '.join(changed)}: the data order and draws "
-              "differ from an uninterrupted run", file=sys.stderr)

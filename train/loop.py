@@ -1,6 +1,8 @@
 """Stage 2: stream a shard set into a LoRA on the frozen SD3 transformer."""
+import contextlib
 import os
 import shutil
+import sys
 import time
 from types import SimpleNamespace
 from typing import Optional
@@ -10,11 +12,12 @@ from tqdm import tqdm
 
 from shards import read_extras, read_manifest
 from shards.config import resolve_device, to_dict
-from shards.errors import DataError, UsageError
+from shards.errors import DataError, Interrupted, UsageError
+from shards.lock import out_dir_lock
 from shards.modelpath import resolve_model
 from shards.reader import check_shard_files
 
-from . import checkpoint
+from . import checkpoint, resume
 from .config import TrainConfig
 from .data import BatchStream, TrainStream
 from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME
@@ -22,6 +25,7 @@ from .model import base_fingerprint, check_shard_set, load_transformer, schedule
 from .objective import Objective, prepare_lora, resolve_dtypes
 from .outputs import Metrics, RunState, close_trackers, finish, init_trackers, keep_metrics_until
 from .step import LoraStep, make_accelerator
+from .stop import StopRequest
 from .validation import Validator
 
 # What the trainer reads from a pipeline folder: never a text encoder.
@@ -33,14 +37,30 @@ RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, "metrics.jsonl", "loss.png", "loss_
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     accel = run_accelerator(cfg)
+    # One writer per out.dir: the main process holds the lock for the whole run (the others write only
+    # their own files inside its checkpoints).
+    with out_dir_lock(cfg.out.dir, "train") if accel.is_main_process else contextlib.nullcontext():
+        return _train(cfg, accel, t_start)
+
+
+def _train(cfg: TrainConfig, accel, t_start: float) -> dict:
     resume_from = _resume_point(cfg, accel)
+    lora = os.path.join(cfg.out.dir, WEIGHT_NAME)
+    if resume_from and checkpoint.step_of(resume_from) == cfg.train.max_steps and os.path.exists(lora):
+        return {"up_to_date": lora, "steps": cfg.train.max_steps, "rank": accel.process_index}
     run = build_run(cfg, accel)
     try:
         if resume_from:
             saved = checkpoint.load(resume_from, accel, cfg, run.stepper, run.shared, run.per_rank)
             run.state.load_state_dict(saved["run"])
+            lr_before = run.stepper.opt.param_groups[0]["lr"]
+            run.stepper.apply_settings(cfg.train)  # the optimizer state carries the saved run's settings
+            run.state.config_changes += resume.recorded(saved["changed"], run.state.step)
             if accel.is_main_process:
                 keep_metrics_until(os.path.join(cfg.out.dir, "metrics.jsonl"), run.state.step)
+                for line in resume.report(saved["changed"], run.state.step, resume_from, lr_before,
+                                          run.stepper.opt.param_groups[0]["lr"]):
+                    tqdm.write(line, file=sys.stderr)
                 tqdm.write(f"train: resuming from {resume_from}")
         run.stream.start()
         _train_steps(run, t_start)
@@ -65,31 +85,43 @@ def _train_steps(run, t_start: float) -> None:
     bar = tqdm(range(state.step + 1, t.max_steps + 1), desc="train", unit="step", dynamic_ncols=True,
                initial=state.step, total=t.max_steps, disable=not accel.is_main_process)
     try:
-        for step in bar:
-            t0 = time.time()
-            out = run.stepper.step(run.stream)
-            state.step_seconds += time.time() - t0
-            state.steps_timed += 1
-            state.samples += out["samples"] * accel.num_processes
-            state.step = step
-            if not out["applied"]:
-                _skipped(run, out, step, metrics)
-                continue
-            state.bad_in_a_row = 0
-            metrics.add(step, out, run.stepper.opt.param_groups[0]["lr"])
-            validate = cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps
-            save = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.max_steps
-            if step % t.log_every == 0 or validate or save:
-                metrics.flush(bar)
-            if validate and accel.is_main_process:
-                run.validate(run.transformer, step)
-            if save:
-                save_checkpoint(run, step)
+        with StopRequest(accel) as stop:
+            for step in bar:
+                _one_step(run, step, metrics, bar)
+                if step != t.max_steps and stop.should_stop(step % t.log_every == 0):
+                    metrics.flush(bar)
+                    saved = save_checkpoint(run, step)
+                    raise Interrupted(f"stopped at step {step} of {t.max_steps}; the checkpoint is {saved}: "
+                                      "run the same command to resume from there")
         metrics.flush(bar)
     finally:
         bar.close()
         metrics.close()
         close_trackers(accel)
+
+
+def _one_step(run, step: int, metrics: Metrics, bar) -> None:
+    cfg, state, t = run.cfg, run.state, run.cfg.train
+    lr = run.stepper.opt.param_groups[0]["lr"]  # the rate this step uses (the step moves it to the next one's)
+    t0 = time.time()
+    out = run.stepper.step(run.stream)
+    state.step_seconds += time.time() - t0
+    state.steps_timed += 1
+    state.samples += out["samples"] * run.accel.num_processes
+    state.step = step
+    if not out["applied"]:
+        _skipped(run, out, step, metrics)
+        return
+    state.bad_in_a_row = 0
+    metrics.add(step, out, lr)
+    validate = cfg.validation.every and step % cfg.validation.every == 0 and step != t.max_steps
+    save = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.max_steps
+    if step % t.log_every == 0 or validate or save:
+        metrics.flush(bar)
+    if validate and run.accel.is_main_process:
+        run.validate(run.transformer, step)
+    if save:
+        save_checkpoint(run, step)
 
 
 def run_accelerator(cfg: TrainConfig):
@@ -157,6 +189,12 @@ def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
                    f"{run.accel.scaler.get_scale():g}")
         return
     t = run.cfg.train
+    bad_inputs = out["non_finite_inputs"]
+    if bad_inputs:  # the data, not the training, is at fault: no setting of the run would help
+        sets = ", ".join(run.cfg.data.sets())
+        raise DataError(f"step {step}: the shard data holds non-finite values: sample {bad_inputs[0]}"
+                        + (f" and {len(bad_inputs) - 1} more" if len(bad_inputs) > 1 else "")
+                        + f"; check the set with `python -m shards verify` ({sets}) and rebuild it with precompute")
     run.state.bad_in_a_row += 1
     tqdm.write(f"train: step {step}: non-finite loss or gradient norm {float(out['grad_norm'])}; step skipped")
     if run.state.bad_in_a_row >= t.max_bad_steps:
@@ -164,7 +202,7 @@ def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
         saved = save_checkpoint(run, step)
         advice = "lower train.lr" if run.weight_dtype == torch.float32 else "lower train.lr or use model.precision=fp32"
         raise DataError(f"loss or gradients were non-finite for {t.max_bad_steps} steps in a row "
-                        f"(last at step {step}); {advice}; the state is saved in {saved}")
+                        f"(last at step {step}) though the data was finite; {advice}; the state is saved in {saved}")
 
 
 def _check_ranks_agree_and_gather_reads(run) -> list:
@@ -192,7 +230,13 @@ def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
             _make_dir(d)
             return found
     ours = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(d, n))]
-    if ours and not cfg.out.overwrite:
+    # Every finished run leaves a final checkpoint and its LoRA; with neither, the run stopped before its
+    # first checkpoint and nothing in out.dir can be continued, so the same command starts it again.
+    unfinished = ours and WEIGHT_NAME not in ours and not checkpoint.complete_checkpoints(d)
+    if ours and unfinished and not cfg.out.overwrite and cfg.resume == "auto":
+        tqdm.write(f"train: out.dir {d} holds a run stopped before its first checkpoint ({', '.join(ours)}); "
+                   "starting it again from step 0")
+    elif ours and not cfg.out.overwrite:
         raise UsageError(f"out.dir {d} holds an earlier run ({', '.join(ours)}) with no checkpoint to resume; "
                          "choose another out.dir or set out.overwrite=true")
     for n in ours:

@@ -13,7 +13,7 @@ import torch
 
 from shards.errors import UsageError
 
-from .optim import Ema, make_optimizer, make_schedule
+from .optim import Ema, lr_factor, make_optimizer, make_schedule
 
 
 def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_accum: int = 1,
@@ -48,6 +48,17 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
     return accel
 
 
+def non_finite_inputs(batches: List[Dict]) -> List[str]:
+    """'KEY (tensor name)' for every sample of the batches holding NaN or infinity (the batches are on the host)."""
+    bad = []
+    for batch in batches:
+        for name, t in batch.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                rows = (~torch.isfinite(t.float())).flatten(1).any(1).tolist()
+                bad += [f"{batch['keys'][i]} ({name})" for i, row in enumerate(rows) if row]
+    return bad
+
+
 class LoraStep:
     """The trainable LoRA on a frozen transformer, its optimizer, LR schedule and EMA; `step` runs one
     optimizer step over `grad_accum` micro-batches. `state_dict` holds what a checkpoint must restore."""
@@ -72,9 +83,10 @@ class LoraStep:
         Host syncs: one, `applied` (whether the loss and gradients were finite, i.e. whether to take the
         step); with fp16 the gradient scaler makes its own (it reads whether gradients overflowed)."""
         accel = self.accel
-        losses, sigmas, per_sample, keys = [], [], [], []
+        losses, sigmas, per_sample, keys, batches = [], [], [], [], []
         for _ in range(self.grad_accum):
             batch = next_batch()
+            batches.append(batch)
             with accel.accumulate(self.model):  # no all-reduce until the step's last micro-batch
                 loss, sigma, each = self.objective(self.model, batch)
                 accel.backward(loss)  # divided by grad_accum; scaled under fp16
@@ -104,7 +116,9 @@ class LoraStep:
             self.ema.update()
         return {"loss": loss, "grad_norm": grad_norm.detach().float(), "sigmas": torch.cat(sigmas),
                 "losses": torch.cat(per_sample), "keys": keys, "applied": applied, "overflow": overflow,
-                "samples": len(keys)}
+                "samples": len(keys),
+                # Only for a step not taken: damaged data needs another fix than a lower learning rate.
+                "non_finite_inputs": [] if applied or overflow else non_finite_inputs(batches)}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
@@ -120,6 +134,23 @@ class LoraStep:
             self.ema.shadow = [p.detach().float().clone() for p in self.ema.params]
         if self.accel.scaler is not None and state.get("scaler"):
             self.accel.scaler.load_state_dict(state["scaler"])
+
+    def apply_settings(self, t) -> None:
+        """This config's optimizer and schedule settings on restored state (which holds the saved run's)."""
+        groups = self.opt.optimizer.param_groups
+        for g in groups:
+            g["initial_lr"] = t.lr
+            if "weight_decay" in g:
+                g["weight_decay"] = t.weight_decay
+            if "betas" in g:
+                g["betas"] = (t.adam_beta1, t.adam_beta2)
+            if isinstance(g.get("eps"), float):  # Adafactor's eps is a pair of its own, not train.adam_eps
+                g["eps"] = t.adam_eps
+        self.schedule.base_lrs = [t.lr] * len(groups)
+        lr = t.lr * lr_factor(self.schedule.last_epoch, t.lr_schedule, t.warmup_steps, t.max_steps)
+        for g in groups:
+            g["lr"] = lr
+        self.schedule._last_lr = [lr] * len(groups)
 
     def lora_state(self) -> Dict[str, torch.Tensor]:
         return {n: p.detach().cpu().float().contiguous() for n, p in self.named_lora_params()}

@@ -1,0 +1,179 @@
+"""Stage 2 under faults: one writer per out.dir, Ctrl-C and kills before a checkpoint, resumes with changed
+settings, damaged data, a full disk while checkpointing."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors import safe_open
+
+from conftest import REPO
+from test_train import train_args
+
+ENV = {**os.environ, "PYTHONPATH": REPO}
+
+
+def _command(model, shards, out, *extra):
+    return [sys.executable, "-m", "train", *train_args(model, shards, str(out), "validation.enabled=false",
+                                                        "train.log_every=1", *extra)]
+
+
+def _wait_for(predicate, proc, what: str, limit: float = 120):
+    deadline = time.time() + limit
+    while not predicate():
+        assert proc.poll() is None, f"training ended before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"no {what} within {limit} s"
+        time.sleep(0.05)
+
+
+def _logged_steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny_model, shard_set_fp32, tmp_path):
+    out = tmp_path / "run"
+    cmd = _command(tiny_model, shard_set_fp32, out, "train.max_steps=400", "checkpoint.every=0")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0, proc,
+              "a logged step")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    line = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("train: stopped at step")][0]
+    step = int(line.split("stopped at step ")[1].split()[0])
+    assert 1 <= step < 400 and f"step-{step:06d}" in line and "run the same command" in line
+    assert (out / "checkpoints" / f"step-{step:06d}" / "COMPLETE").exists()
+    # Shortened to the stop step plus a few, the same command resumes where the stop saved.
+    cmd = _command(tiny_model, shard_set_fp32, out, f"train.max_steps={step + 3}", "checkpoint.every=0")
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"resuming from {out / 'checkpoints' / f'step-{step:06d}'}" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert _logged_steps(out) == list(range(1, step + 4))
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(tiny_model, shard_set_fp32, tmp_path):
+    out = tmp_path / "run"
+    cmd = _command(tiny_model, shard_set_fp32, out, "train.max_steps=6", "checkpoint.every=0")
+    slow = cmd + ["train.max_steps=100000"]  # the same run, long enough to be killed mid-way
+    proc = subprocess.Popen(slow, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0, proc,
+              "a logged step")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints").exists() and (out / ".shardtune.lock").exists()  # a dead holder's lock file
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stopped before its first checkpoint" in r.stdout and "starting it again from step 0" in r.stdout
+    assert _logged_steps(out) == list(range(1, 7))
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "train: up to date" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_second_train_into_the_same_out_dir_is_refused(tiny_model, shard_set_fp32, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shards.lock import out_dir_lock\n"
+                               f"with out_dir_lock({str(out)!r}, 'train'):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = subprocess.run(_command(tiny_model, shard_set_fp32, out, "train.max_steps=2"), cwd=REPO, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
+        assert f"out.dir {out} is in use by train (pid {holder.pid} on " in err[0]
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _train(*argv):
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.loop import train
+
+    return train(load_config(TrainConfig, list(argv)))
+
+
+def _lora_info(path) -> dict:
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["shardtune"])
+
+
+def test_resume_decides_per_key_and_the_lora_records_what_ran(tiny_model, shard_set_fp32, tmp_path, capsys):
+    from shards.errors import UsageError
+    from train.config import TrainConfig
+    from train.optim import lr_factor
+    from train.resume import flat, rule
+
+    from omegaconf import OmegaConf
+
+    keys = flat(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    assert len(keys) > 50 and all(rule(k) for k in keys)  # every key of the schema has a rule
+    out = str(tmp_path / "run")
+    base = train_args(tiny_model, shard_set_fp32, out, "validation.enabled=false", "checkpoint.every=2",
+                      "train.lr_schedule=cosine")
+    _train(*base, "train.max_steps=4")
+    capsys.readouterr()
+    r = _train(*base, "train.max_steps=8", "train.lr=1e-3", "train.adam_beta2=0.99",
+               f"resume={out}/checkpoints/step-000002")
+    err = capsys.readouterr().err
+    assert "train.lr 0.0001 -> 0.001" in err and "train.adam_beta2 0.999 -> 0.99" in err and "from step 3 on" in err
+    assert "the learning rate of step 3 is" in err  # cosine over 8 steps at lr 1e-3, not over 4 at 1e-4
+    third = json.loads(open(r["metrics"]).read().splitlines()[2])
+    assert third["step"] == 3 and abs(third["lr"] - 1e-3 * lr_factor(2, "cosine", 0, 8)) < 1e-12
+    changes = _lora_info(r["lora"])["config_changes"]
+    assert changes[0]["step"] == 2
+    assert {"key": "train.lr", "from": 1e-4, "to": 1e-3} in changes[0]["changes"]
+    with pytest.raises(UsageError, match=r"train.optimizer adamw -> adafactor"):
+        _train(*base, "train.max_steps=10", "train.optimizer=adafactor")
+
+
+def test_non_finite_shard_data_is_named_not_blamed_on_the_learning_rate(tiny_model, shard_set_fp32, tmp_path, capsys):
+    import torch
+
+    from shards import read_extras, read_manifest, read_samples
+    from shards.config import run_cli
+    from shards.writer import ShardSetWriter
+    from train.__main__ import main
+
+    m = read_manifest(shard_set_fp32)
+    damaged = tmp_path / "damaged"
+    w = ShardSetWriter(str(damaged), dtype="fp32")
+    for i, s in enumerate(read_samples(shard_set_fp32)):
+        tensors = {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
+        if i == 0:
+            tensors["latent_mean"] = torch.full_like(tensors["latent_mean"], float("nan"))
+            bad_key = s["key"]
+        w.add(s["key"], tensors, s["meta"])
+    w.write_extras(read_extras(shard_set_fp32), {"validation_prompts": m["extras"].get("validation_prompts", [])})
+    w.close({k: m[k] for k in ("model", "vae", "latent_channels", "embeddings", "max_sequence_length", "precisions",
+                               "config")})
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", main, train_args(tiny_model, str(damaged), str(tmp_path / "run"), "train.max_steps=40",
+                                          "validation.enabled=false", "data.flip=0"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and f"sample {bad_key} (latent_mean)" in err and "shards verify" in err
+    assert "train.lr" not in err
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(
+        tiny_model, shard_set_fp32, tmp_path, capsys, monkeypatch):
+    from shards.config import run_cli
+    from train import checkpoint
+    from train.__main__ import main
+
+    def full(*a, **k):  # what torch.save raises when the disk fills under it
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", main, train_args(tiny_model, shard_set_fp32, str(out), "train.max_steps=3",
+                                          "checkpoint.every=2", "validation.enabled=false"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and err[-1].startswith("train: error: writing the checkpoint ")
+    assert "step-000002" in err[-1] and "free some space" in err[-1]
+    assert os.listdir(out / "checkpoints") == []

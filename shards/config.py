@@ -14,7 +14,7 @@ from typing import Callable, List, Sequence, Type, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from .errors import DataError, UsageError
+from .errors import DataError, Interrupted, UsageError
 
 T = TypeVar("T")
 
@@ -174,6 +174,9 @@ def run_cli(prog: str, main: Callable[[List[str]], None], argv=None, schema=None
             "check the path and its permissions"
         print(f"{prog}: error: cannot access{where}: {e.strerror or e}; {advice}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)

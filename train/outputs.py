@@ -21,14 +21,16 @@ class RunState:
     def __init__(self):
         self.step, self.history, self.bad_in_a_row = 0, [], 0
         self.samples, self.step_seconds, self.steps_timed = 0, 0.0, 0
+        self.config_changes = []  # keys changed at each resume, with the step they took effect after
 
     def state_dict(self) -> dict:
         return {"step": self.step, "history": self.history, "bad_in_a_row": self.bad_in_a_row,
-                "samples": self.samples, "step_seconds": self.step_seconds, "steps_timed": self.steps_timed}
+                "samples": self.samples, "step_seconds": self.step_seconds, "steps_timed": self.steps_timed,
+                "config_changes": self.config_changes}
 
     def load_state_dict(self, state: dict) -> None:
-        for k in self.state_dict():
-            setattr(self, k, state[k])
+        for k, default in self.state_dict().items():
+            setattr(self, k, state.get(k, default))
 
 
 def metric_lines(path: str) -> List[dict]:
@@ -146,6 +148,8 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
         "instance_prompt": _data_config(manifest).get("instance_prompt"),
         "caption_prefix": _data_config(manifest).get("caption_prefix") or None,
         "config": to_dict(cfg),
+        # The config above is the last one; a resume that changed keys is recorded with its step.
+        "config_changes": state.config_changes,
     }
     lora_path = save_lora(cfg.out.dir, run.transformer, info)
     if run.stepper.ema:

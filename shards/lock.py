@@ -91,7 +91,10 @@ def exclusive(path: str, stage: str, what: str) -> Iterator[dict]:
     """Hold the lock at `path` for the body; `what` names the guarded folder in the refusal."""
     info = _holder_info(stage)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"cannot create {what} (its lock file {path}: {e.strerror})") from None
         got = _flock_or_none(fd)
         if got is None:
             os.close(fd)
@@ -147,13 +150,13 @@ def out_dir_lock(out_dir: str, stage: str, name: str = LOCK_NAME):
 
 def sibling_lock(out_dir: str, stage: str):
     """The lock for a stage that replaces `out_dir` as a whole (it cannot live inside): a hidden file beside it."""
-    out_dir = os.path.normpath(os.path.abspath(out_dir))
-    parent = os.path.dirname(out_dir)
+    full = os.path.normpath(os.path.abspath(out_dir))
+    parent = os.path.dirname(full)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"config key 'out.dir': cannot create {parent} ({e.strerror})") from None
-    return exclusive(os.path.join(parent, f".{os.path.basename(out_dir)}{LOCK_NAME}"), stage, f"out.dir {out_dir}")
+        raise UsageError(f"cannot create out.dir '{out_dir}': {e.filename}: {e.strerror}") from None
+    return exclusive(os.path.join(parent, f".{os.path.basename(full)}{LOCK_NAME}"), stage, f"out.dir '{out_dir}'")
 
 
 def live_holders(folder: str, prefix: str) -> List[dict]:

@@ -87,3 +87,27 @@ def test_torchrun_processes_take_their_own_part(tiny_model, sample_data, tmp_pat
                                                                       "out.samples_per_shard": 3}))
     assert (r["part"], r["parts"], r["shards_done_here"]) == (1, 2, 1)  # shards 0..2: part 1 takes shard 1
     assert os.path.exists(tmp_path / "shard-000001.json") and not os.path.exists(tmp_path / "shard-000000.json")
+
+
+def test_sets_from_other_model_components_are_refused_naming_both(shard_set_fp32, capsys):
+    import copy
+    import json
+
+    from shards.errors import DataError
+    from train.loop import combined_manifest
+
+    first = json.load(open(f"{shard_set_fp32}/manifest.json"))
+    assert "text_encoder_3" in first["model"]["components"]
+    without_t5 = copy.deepcopy(first)  # as text.t5_precision=none records it: same shapes, no T5 embeddings
+    del without_t5["model"]["components"]["text_encoder_3"], without_t5["model"]["components"]["tokenizer_3"]
+    other_vae = copy.deepcopy(first)
+    other_vae["model"]["path"] = "another/model"
+    other_vae["model"]["components"]["vae"] = "0" * 64
+    for m, needle in [(without_t5, r"text_encoder_3 \(\w{12} vs absent\)"), (other_vae, r"vae \(\w{12} vs 000000000000\)")]:
+        with pytest.raises(DataError, match=needle) as e:
+            combined_manifest([shard_set_fp32, "b"], [first, m])
+        assert f"shard sets {shard_set_fp32} (model {first['model']['path']}) and b (model {m['model']['path']})" in str(e.value)
+    other_precision = copy.deepcopy(first)
+    other_precision["precisions"]["clip"] = "bfloat16"
+    combined_manifest([shard_set_fp32, "b"], [first, other_precision])
+    assert "encoded at other precisions (clip float32 vs bfloat16)" in capsys.readouterr().err

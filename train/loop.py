@@ -261,6 +261,21 @@ def combined_manifest(paths, manifests) -> dict:
             if m[key] != first[key]:
                 raise DataError(f"shard sets {paths[0]} and {path} differ in {key} ({first[key]} vs {m[key]}); "
                                 "sets trained together must come from the same model and text settings")
+        # Same shapes can still hold other embeddings: another text encoder's weights, or none in place of T5.
+        a, b = first["model"].get("components", {}), m["model"].get("components", {})
+        if a and b and a != b:
+            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            what = ", ".join(f"{k} ({'absent' if k not in a else a[k][:12]} vs {'absent' if k not in b else b[k][:12]})"
+                             for k in differ)
+            raise DataError(f"shard sets {paths[0]} (model {first['model'].get('path')}) and {path} (model "
+                            f"{m['model'].get('path')}) were made with other model components: {what}; sets trained "
+                            "together must come from the same text encoders and VAE (text.t5_precision=none leaves "
+                            "T5 out): rebuild one with the other's model and text settings")
+        precisions = {k: (first.get("precisions", {}).get(k), m.get("precisions", {}).get(k)) for k in ("clip", "t5")}
+        if any(x != y for x, y in precisions.values()):
+            tqdm.write(f"train: warning: shard sets {paths[0]} and {path} were encoded at other precisions "
+                       f"({', '.join(f'{k} {x} vs {y}' for k, (x, y) in precisions.items() if x != y)}); their "
+                       "embeddings differ slightly", file=sys.stderr)
     buckets = {}
     for m in manifests:
         for b, n in m["buckets"].items():

@@ -15,6 +15,7 @@ import torch
 
 from shards.config import load_config
 from shards.errors import UsageError
+from shards.lock import sibling_lock
 from shards.modelpath import resolve_model
 
 from .base_check import other_base_warnings
@@ -119,6 +120,12 @@ def one_thread():
 
 
 def run_merge(cfg: MergeConfig, progress: bool = True) -> MergeResult:
+    # One merge per out.dir at a time; the lock sits beside out.dir, which is replaced whole on publishing.
+    with sibling_lock(cfg.out.dir, "merge"):
+        return _run_merge(cfg, progress)
+
+
+def _run_merge(cfg: MergeConfig, progress: bool) -> MergeResult:
     lora_files = [find_lora_file(p) for p in cfg.lora.paths()]
     if is_single_file(cfg.model.path) and not os.path.isfile(cfg.model.path):
         raise UsageError(f"model.path '{cfg.model.path}' does not exist (a single-file base must be a local file)")

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List
 
-from shards.config import check, one_of
+from shards.config import check, check_ranges, one_of
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LINKS = ("auto", "copy", "reflink", "hardlink")
@@ -72,10 +72,6 @@ class MergeOptions:
     # ... and, for transformers with at most this many parameters, compare merged and unmerged forward passes.
     probe_max_params: int = 500_000_000
 
-    def problems(self) -> List[str]:
-        return [] if self.probe_max_params >= 0 else \
-            [f"config key 'merge.probe_max_params': {self.probe_max_params} must be >= 0"]
-
 
 @dataclass
 class OutConfig:
@@ -110,9 +106,12 @@ class OutConfig:
             one_of(p, "out.include", item, INCLUDES)
         if self.include and self.format == "diffusers":
             p.append("config key 'out.include' needs out.format=single_file (the diffusers format holds every component)")
-        if self.max_shard_bytes <= 0:
-            p.append(f"config key 'out.max_shard_bytes': {self.max_shard_bytes} must be positive")
         return p
+
+
+# The values each numeric key can take (a test checks that every numeric key of the schema is here;
+# lora.scale, a number or a list of them, is checked by LoraConfig).
+RANGES = {"out.max_shard_bytes": "[1, inf)", "merge.probe_max_params": "[0, inf)"}
 
 
 @dataclass
@@ -124,7 +123,8 @@ class MergeConfig:
 
     def __post_init__(self):
         # Validated here rather than per section so one run reports every problem at once.
-        p = self.model.problems() + self.lora.problems() + self.out.problems() + self.merge.problems()
+        p = self.model.problems() + self.lora.problems() + self.out.problems()
+        check_ranges(self, RANGES, p)
         if is_single_file(self.model.path):
             if self.out.format == "diffusers":
                 p.append("config key 'out.format': a single-file base gives a single-file release (out.format="

@@ -3,7 +3,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from shards.config import check, one_of
+from shards.config import check, check_ranges, one_of
 from shards.modelpath import check_model_path
 
 T5_PRECISIONS = ("nf4", "int8", "bf16", "fp16", "fp32", "none")
@@ -78,6 +78,15 @@ class ValidationConfig:
     prompts: List[str] = field(default_factory=list)
 
 
+# The values each numeric key can take (a test checks that every numeric key of the schema is here).
+RANGES = {
+    "buckets.resolution": "[16, inf)", "buckets.step": "[16, inf)", "buckets.min_aspect": "(0, 1]",
+    "buckets.max_aspect": "[1, inf)", "buckets.min_size": "[0, inf)", "text.max_sequence_length": "[1, 512]",
+    "vae.max_pixels": "[1, inf)", "out.samples_per_shard": "[1, inf)", "batch_size": "[1, inf)",
+    "num_workers": "[0, inf)", "seed": "[0, 4294967295]", "part": "[0, inf)", "parts": "[1, inf)",
+}
+
+
 @dataclass
 class PrecomputeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,28 +126,15 @@ class PrecomputeConfig:
         elif b.resolution < b.step:
             p.append(f"config key 'buckets.resolution': {b.resolution} is smaller than buckets.step {b.step}")
         one_of(p, "buckets.crop", b.crop, ("center", "random"))
-        if b.min_size < 0:
-            p.append("config key 'buckets.min_size' must be >= 0")
-        if not 0 < b.min_aspect <= 1 <= b.max_aspect:
-            p.append("config keys 'buckets.min_aspect'/'buckets.max_aspect' must satisfy 0 < min_aspect <= 1 <= max_aspect")
         one_of(p, "text.t5_precision", self.text.t5_precision, T5_PRECISIONS)
         one_of(p, "text.clip_precision", self.text.clip_precision, PRECISIONS)
         one_of(p, "vae.precision", self.vae.precision, PRECISIONS)
-        if self.vae.max_pixels < 1:
-            p.append("config key 'vae.max_pixels' must be at least 1 (pixels per VAE call; one image always goes)")
-        if not 1 <= self.text.max_sequence_length <= 512:
-            p.append(f"config key 'text.max_sequence_length': {self.text.max_sequence_length} is outside 1..512")
         if not self.out.dir:
             p.append("config key 'out.dir' is required")
         elif self.data.path and os.path.abspath(self.out.dir) == os.path.abspath(self.data.path):
             p.append("config keys 'out.dir' and 'data.path' name the same folder; write the shard set elsewhere")
         one_of(p, "out.dtype", self.out.dtype, ("bf16", "fp16", "fp32"))
-        if self.out.samples_per_shard < 1:
-            p.append("config key 'out.samples_per_shard' must be at least 1")
-        if self.batch_size < 1:
-            p.append("config key 'batch_size' must be at least 1")
-        if self.num_workers < 0:
-            p.append("config key 'num_workers' must be >= 0")
-        if self.parts < 1 or not 0 <= self.part < self.parts:
+        check_ranges(self, RANGES, p)
+        if self.parts >= 1 and not 0 <= self.part < self.parts:
             p.append(f"config keys 'part'/'parts': need 0 <= part < parts, got part={self.part} parts={self.parts}")
         check(p)

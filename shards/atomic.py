@@ -32,10 +32,12 @@ def atomic_open(path: str, mode: str = "wb"):
         f.close()
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except BaseException:
+    except BaseException as e:
         f.close()
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:  # a failed write or fsync (a full disk) names no file
+            raise OSError(e.errno, e.strerror or str(e), path) from None
         raise
 
 

@@ -9,9 +9,10 @@ import math
 import os
 import sys
 import warnings
-from typing import Callable, List, Sequence, Type, TypeVar
+import typing
+from typing import Callable, Dict, List, Sequence, Type, TypeVar
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import DataError, Interrupted, UsageError
@@ -73,6 +74,9 @@ def load_config(schema: Type[T], argv: Sequence[str]) -> T:
             yaml = OmegaConf.load(config_path)
         except Exception as e:  # YAML syntax errors carry line numbers in the first line
             raise UsageError(f"cannot read config file {config_path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(yaml, DictConfig):
+            raise UsageError(f"config file {config_path} must hold sections of keys (e.g. 'train:' with "
+                             "'max_steps: 100' under it), not a list")
         try:
             merged = OmegaConf.merge(merged, yaml)
         except OmegaConfBaseException as e:
@@ -107,6 +111,57 @@ def positive(problems: List[str], key: str, value, allow_zero: bool = False) -> 
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         problems.append(f"config key '{key}' must be a finite number {'>= 0' if allow_zero else '> 0'}, not {value}")
+
+
+def _interval(text: str):
+    """'[1, inf)' -> (1.0, inf, True, False): bounds and whether each is included."""
+    lo, hi = (x.strip() for x in text[1:-1].split(","))
+    return float(lo), float(hi), text[0] == "[", text[-1] == "]"
+
+
+def _range_words(text: str) -> str:
+    lo, hi, lo_in, hi_in = _interval(text)
+    num = lambda x: f"{x:g}"  # noqa: E731
+    if math.isinf(hi) and math.isinf(lo):
+        return "a finite number"
+    if math.isinf(hi):
+        return f"{'at least' if lo_in else 'above'} {num(lo)}"
+    return f"in {text}"
+
+
+def check_ranges(cfg, ranges: Dict[str, str], problems: List[str]) -> None:
+    """Every numeric key against its interval ('[1, inf)', '(0, inf)', '[0, 1)', '(-inf, inf)': finite).
+
+    None (an optional key left unset) passes; a list is checked element by element."""
+    for key, text in ranges.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        lo, hi, lo_in, hi_in = _interval(text)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None:
+                continue
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
+                (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+            if not ok:
+                problems.append(f"config key '{key}' must be {_range_words(text)}, not {v}")
+
+
+def numeric_keys(schema) -> List[str]:
+    """Dotted names of every int / float key of a config dataclass (also optional ones and lists of numbers)."""
+    out = []
+    for f in dataclasses.fields(schema):
+        t = typing.get_type_hints(schema)[f.name]
+        if dataclasses.is_dataclass(t):
+            out += [f"{f.name}.{k}" for k in numeric_keys(t)]
+            continue
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        inner = args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
+        if typing.get_origin(inner) in (list, typing.List):
+            inner = typing.get_args(inner)[0]
+        if inner in (int, float):
+            out.append(f.name)
+    return out
 
 
 def resolve_device(key: str, name: str):
@@ -172,7 +227,8 @@ def run_cli(prog: str, main: Callable[[List[str]], None], argv=None, schema=None
         where = f" {e.filename}" if e.filename else ""
         advice = "free some space and run the same command again" if e.errno == errno.ENOSPC else \
             "check the path and its permissions"
-        print(f"{prog}: error: cannot access{where}: {e.strerror or e}; {advice}", file=sys.stderr)
+        verb = "cannot write" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS) else "cannot access"
+        print(f"{prog}: error: {verb}{where}: {e.strerror or e}; {advice}", file=sys.stderr)
         sys.exit(1)
     except Interrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)

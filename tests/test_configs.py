@@ -1,5 +1,6 @@
 """Every shipped YAML loads into its stage's schema (unknown keys and wrong types would fail here)."""
 import glob
+import math
 import os
 
 import pytest
@@ -94,3 +95,77 @@ def test_unknown_or_absent_device_is_a_usage_error():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA GPU"):
             resolve_device("train.device", "cuda")
+
+
+@pytest.mark.parametrize("stage", ["precompute", "train", "merge"])
+def test_every_numeric_key_has_a_range_and_values_outside_it_are_refused(stage, tiny_model, tmp_path):
+    import importlib
+
+    from shards.config import load_config, numeric_keys
+    from shards.errors import UsageError
+
+    schema = _schema(stage)
+    ranges = importlib.import_module(f"{stage}.config").RANGES
+    assert sorted(ranges) == sorted(numeric_keys(schema))  # a new numeric key needs its range here
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")
+    base = {"precompute": [f"data.path={tmp_path}", "out.dir=o"], "train": [f"data.shards={tmp_path}", "out.dir=o"],
+            "merge": [f"lora.path={lora}", "out.dir=o"]}[stage] + [f"model.path={tiny_model}"]
+    load_config(schema, base)  # the defaults are inside their ranges
+    for key, text in ranges.items():
+        lo, hi = (float(x) for x in text[1:-1].split(","))
+        outside = ([lo - 1] if lo > -math.inf else []) + ([hi + 1] if hi < math.inf else [])
+        outside += [lo] if text[0] == "(" and lo > -math.inf else []  # an open bound is itself outside
+        outside += [math.nan, math.inf]
+        for v in outside:
+            value = int(v) if math.isfinite(v) and v.is_integer() else str(v)
+            override = f"{key}=[{value}]" if key == "lora.blocks" else f"{key}={value}"
+            if key == "lora.blocks" and not math.isfinite(v):
+                continue  # a list of ints cannot hold one
+            try:
+                load_config(schema, base + [override])
+            except UsageError as e:
+                assert f"config key '{key}'" in str(e), (override, str(e))
+            else:
+                raise AssertionError(f"{override} was accepted")
+
+
+def test_data_shuffle_buffer_of_zero_is_refused(tiny_model, tmp_path):
+    from shards.config import load_config
+    from shards.errors import UsageError
+    from train.config import TrainConfig
+
+    with pytest.raises(UsageError, match=r"config key 'data.shuffle_buffer' must be at least 1, not 0"):
+        load_config(TrainConfig, [f"model.path={tiny_model}", f"data.shards={tmp_path}", "out.dir=o",
+                                  "data.shuffle_buffer=0"])
+
+
+@pytest.mark.parametrize("text", ["- train.max_steps: 3\n", "- - a\n  - b\n"])
+def test_a_yaml_file_that_is_not_sections_of_keys_is_one_line(text, tmp_path):
+    from shards.config import load_config
+    from shards.errors import UsageError
+    from train.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=rf"config file {path} must hold sections of keys"):
+        load_config(TrainConfig, ["--config", str(path)])
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from shards import atomic
+    from shards.config import run_cli
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    target = tmp_path / "state.json"
+    with pytest.raises(SystemExit) as e:
+        run_cli("train", lambda argv: atomic.write_json(str(target), {"a": 1}), [])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err == (f"train: error: cannot write {target}: No space left on device; "
+                                         "free some space and run the same command again")
+    assert os.listdir(tmp_path) == []  # no temp file left behind

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from shards.config import check, one_of, positive
+from shards.config import check, check_ranges, one_of
 from shards.modelpath import check_model_path
 from shards.reader import is_url
 
@@ -23,6 +23,22 @@ TARGET_PRESETS = {
                                               "ff_context.net.2", "norm1.linear", "norm1_context.linear"],
 }
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+SEEDS = "[0, 4294967295]"
+# The values each numeric key can take (a test checks that every numeric key of the schema is here).
+RANGES = {
+    "data.shuffle_buffer": "[1, inf)", "data.flip": "[0, 1]",
+    "train.max_steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.grad_accum": "[1, inf)",
+    "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)", "train.adam_beta1": "[0, 1)",
+    "train.adam_beta2": "[0, 1)", "train.adam_eps": "(0, inf)", "train.max_grad_norm": "(0, inf)",
+    "train.warmup_steps": "[0, inf)", "train.ema": "[0, 1)", "train.max_bad_steps": "[1, inf)", "train.seed": SEEDS,
+    "train.log_every": "[1, inf)",
+    "lora.rank": "[1, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)", "lora.blocks": "[0, inf)",
+    "loss.logit_mean": "(-inf, inf)", "loss.logit_std": "(0, inf)", "loss.mode_scale": "(-inf, inf)",
+    "loss.shift": "(0, inf)", "loss.caption_dropout": "[0, 1]", "loss.prior_weight": "[0, inf)",
+    "validation.every": "[0, inf)", "validation.steps": "[1, inf)", "validation.guidance": "[0, inf)",
+    "validation.height": "[0, inf)", "validation.width": "[0, inf)", "validation.seed": SEEDS,
+    "checkpoint.every": "[0, inf)", "checkpoint.keep": "[1, inf)",
+}
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -179,21 +195,8 @@ class TrainConfig:
         if not self.out.dir:
             p.append("config key 'out.dir' is required")
         t = self.train
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(t, key) < 1:
-                p.append(f"config key 'train.{key}' must be at least 1")
-        for key in ("lr", "adam_eps", "max_grad_norm"):
-            positive(p, f"train.{key}", getattr(t, key))
-        positive(p, "train.weight_decay", t.weight_decay, allow_zero=True)
-        for key in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(t, key) < 1:
-                p.append(f"config key 'train.{key}' must be in [0, 1), not {getattr(t, key)}")
+        check_ranges(self, RANGES, p)
         one_of(p, "train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp16", "no"))
-        if self.lora.rank < 1:
-            p.append("config key 'lora.rank' must be at least 1")
-        positive(p, "lora.alpha", self.lora.alpha)
-        if not 0 <= self.lora.dropout < 1:
-            p.append("config key 'lora.dropout' must be in [0, 1)")
         if isinstance(self.lora.targets, str):
             one_of(p, "lora.targets", self.lora.targets, tuple(TARGET_PRESETS))
         elif not self.lora.targets:
@@ -201,29 +204,9 @@ class TrainConfig:
         one_of(p, "model.quantize", self.model.quantize, ("none", "nf4", "int8"))
         one_of(p, "train.optimizer", t.optimizer, OPTIMIZERS)
         one_of(p, "train.lr_schedule", t.lr_schedule, SCHEDULES)
-        if t.warmup_steps < 0 or t.max_bad_steps < 1:
-            p.append("config keys 'train.warmup_steps' (>= 0) and 'train.max_bad_steps' (>= 1) are out of range")
-        if not 0 <= t.ema < 1:
-            p.append(f"config key 'train.ema' must be in [0, 1), not {t.ema}")
-        if not 0 <= self.data.flip <= 1:
-            p.append("config key 'data.flip' must be in [0, 1]")
-        positive(p, "loss.prior_weight", self.loss.prior_weight, allow_zero=True)
-        if self.checkpoint.every < 0 or self.checkpoint.keep < 1:
-            p.append("config keys 'checkpoint.every' (>= 0) and 'checkpoint.keep' (>= 1) are out of range")
         one_of(p, "loss.timestep_sampling", self.loss.timestep_sampling, TIMESTEP_SAMPLING)
         one_of(p, "loss.weighting", self.loss.weighting, LOSS_WEIGHTING)
-        if self.loss.shift is not None:
-            positive(p, "loss.shift", self.loss.shift)
-        positive(p, "loss.logit_std", self.loss.logit_std)
-        for key in ("logit_mean", "mode_scale"):
-            if not math.isfinite(getattr(self.loss, key)):
-                p.append(f"config key 'loss.{key}' must be a finite number")
-        if not 0 <= self.loss.caption_dropout <= 1:
-            p.append("config key 'loss.caption_dropout' must be in [0, 1]")
-        positive(p, "validation.guidance", self.validation.guidance, allow_zero=True)
         v = self.validation
-        if v.every < 0 or v.steps < 1:
-            p.append("config keys 'validation.every' (>= 0) and 'validation.steps' (>= 1) are out of range")
         if (v.height or v.width) and (v.height % 16 or v.width % 16 or v.height <= 0 or v.width <= 0):
             p.append("config keys 'validation.height'/'validation.width' must both be positive multiples of 16")
         check(p)

@@ -124,6 +124,8 @@ def test_resume_decides_per_key_and_the_lora_records_what_ran(tiny_model, shard_
     assert "the learning rate of step 3 is" in err  # cosine over 8 steps at lr 1e-3, not over 4 at 1e-4
     third = json.loads(open(r["metrics"]).read().splitlines()[2])
     assert third["step"] == 3 and abs(third["lr"] - 1e-3 * lr_factor(2, "cosine", 0, 8)) < 1e-12
+    # The summary's rates cover the whole run, steps before the resume included: samples per step = batch size.
+    assert r["steps"] == 8 and abs(r["samples_per_second"] * r["mean_step_seconds"] - 2) < 1e-9
     changes = _lora_info(r["lora"])["config_changes"]
     assert changes[0]["step"] == 2
     assert {"key": "train.lr", "from": 1e-4, "to": 1e-3} in changes[0]["changes"]

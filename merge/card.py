@@ -55,7 +55,12 @@ def training_facts(header: Dict[str, str]) -> Dict[str, object]:
                       "shard sets": ", ".join(os.path.basename(os.path.normpath(s["path"])) for s in
                                               run.get("shard_sets", [])) or None,
                       "instance prompt": run.get("instance_prompt"), "caption prefix": run.get("caption_prefix"),
-                      "validation prompts": "; ".join(run.get("validation_prompts") or []) or None})
+                      "validation prompts": "; ".join(run.get("validation_prompts") or []) or None,
+                      # The settings above are the last ones; a resume that changed some says from when.
+                      "changed on resume": "; ".join(
+                          f"after step {c['step']}: " + ", ".join(f"{x['key']} {x['from']} -> {x['to']}"
+                                                                for x in c["changes"])
+                          for c in run.get("config_changes") or []) or None})
     else:
         adapter = _json(header, METADATA_KEY)
         adapter = {k[len("transformer."):]: v for k, v in adapter.items() if k.startswith("transformer.")} or adapter

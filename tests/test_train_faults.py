@@ -129,6 +129,11 @@ def test_resume_decides_per_key_and_the_lora_records_what_ran(tiny_model, shard_
     changes = _lora_info(r["lora"])["config_changes"]
     assert changes[0]["step"] == 2
     assert {"key": "train.lr", "from": 1e-4, "to": 1e-3} in changes[0]["changes"]
+    from merge.card import lora_header, training_facts
+
+    facts = training_facts(lora_header(r["lora"]))  # what the release's model card shows
+    assert facts["learning rate"] == 1e-3 and "after step 2: " in facts["changed on resume"]
+    assert "train.lr 0.0001 -> 0.001" in facts["changed on resume"]
     with pytest.raises(UsageError, match=r"train.optimizer adamw -> adafactor"):
         _train(*base, "train.max_steps=10", "train.optimizer=adafactor")
 

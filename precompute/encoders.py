@@ -121,6 +121,49 @@ class VaeEncoder:
         return dist.mean.float(), dist.std.float()
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def numerics(device: torch.device, t5_precision: str) -> dict:
+    """What decides the encoders' float results besides the config and the weights.
+
+    Kernels are picked by device, library version and, on the CPU, by instruction set and thread count:
+    oneDNN's 1x1 convolution in the tiny VAE gives other roundings with 1 and 2 threads (up to 2.3e-6 in
+    fp32 latents, which moves bf16-stored values by one step, 2e-3). A shard is recorded with these
+    settings, and a resume that would compute with others is refused (see precompute.run).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    n = {"device": device.type, "torch": torch.__version__, "diffusers": ver("diffusers"),
+         "transformers": ver("transformers"), "matmul_precision": torch.get_float32_matmul_precision()}
+    if t5_precision in ("nf4", "int8"):
+        n["bitsandbytes"] = ver("bitsandbytes")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        n.update(device_name=torch.cuda.get_device_name(device), capability=f"{major}.{minor}", cuda=torch.version.cuda,
+                 cudnn=torch.backends.cudnn.version(), cudnn_tf32=torch.backends.cudnn.allow_tf32, cudnn_benchmark=torch.backends.cudnn.benchmark)
+    else:
+        n.update(device_name=_cpu_name(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                 threads=torch.get_num_threads())
+    return n
+
+
 def vae_batch(batch: int, max_pixels: int, height: int, width: int) -> int:
     """Images per VAE call: at most `batch`, at most `max_pixels` pixels, at least one image."""
     return max(1, min(batch, max_pixels // (height * width)))

@@ -11,7 +11,7 @@ import os
 import random
 import resource
 import time
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
@@ -29,7 +29,7 @@ from .config import IMAGE_EXTS, PrecomputeConfig
 from .data import Item, decode_rgb, list_inputs, load_rgb, sample_key, why_unreadable
 from . import tars
 from .tars import expand, is_webdataset, stream_items, tar_signature
-from .encoders import TextEncoders, VaeEncoder, resolve_dtype
+from .encoders import TextEncoders, VaeEncoder, numerics, resolve_dtype
 
 # What precompute reads from a pipeline folder: never the transformer weights.
 MODEL_FILES = ["model_index.json", "text_encoder*/*", "tokenizer*/*", "vae/*", "transformer/config.json",
@@ -164,8 +164,31 @@ def _describe_changes(old: dict, new: dict) -> str:
     return "; ".join(parts)
 
 
-def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[int], facts: dict) -> List[int]:
-    """Check out.dir against this run and return the shards of this part still to do."""
+def _numerics_clash(d: str, shards: List[int], old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    what = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+    if keys == ["threads"]:
+        advice = f"rerun with OMP_NUM_THREADS={old['threads']}"
+    else:
+        advice = "finish it with the device and library versions they were computed with"
+    return (f"out.dir {d}: shards {', '.join(map(str, shards[:5]))}{' ...' if len(shards) > 5 else ''} were computed "
+            f"with other numerics than this run ({what}), and float results differ between them, so the set would "
+            f"be neither run's; {advice}, or set out.overwrite=true to redo those {len(shards)} shard(s) this way")
+
+
+def other_numerics(records: Dict[int, dict], computed: dict) -> List[int]:
+    """Shards this same part (same part and parts) computed with other numerics than `computed` says.
+
+    Shards of other parts are the user's own split of the work, maybe over other machines: they are kept,
+    and the manifest lists which settings computed which shards. A record without numerics predates them."""
+    return [i for i, rec in sorted(records.items())
+            if "numerics" in rec and rec.get("part") == computed["part"] and rec["numerics"] != computed["numerics"]]
+
+
+def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[int], facts: dict,
+                    computed: Optional[dict] = None) -> List[int]:
+    """Check out.dir against this run and return the shards of this part still to do. `computed` holds
+    this run's numerics and part (see other_numerics)."""
     d = cfg.out.dir
     try:
         os.makedirs(d, exist_ok=True)
@@ -186,16 +209,15 @@ def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[i
     for name in os.listdir(d):  # a temp file of ours is from a killed run; another part's are not ours to touch
         if name.endswith(".tmp") and name.startswith(ours):
             os.remove(os.path.join(d, name))
-    # The manifest facts ride along so that any part, or `shards combine`, can complete the set.
-    write_json(state_path, {**state, "facts": {**facts, "config": to_dict(cfg)}})
-
-    todo, changed = [], []
+    todo, changed, kept = [], [], {}
     for i in mine:
         rec = read_sidecar(d, i)
         if rec is None:
             todo.append(i)
         elif not _same_inputs(rec, plan.shard(i), plan.signature(i)):
             changed.append(i)
+        else:
+            kept[i] = rec
     complete = os.path.exists(os.path.join(d, F.MANIFEST))
     if changed and not cfg.out.overwrite:
         example = plan.signature(changed[0])[0][0]
@@ -204,6 +226,15 @@ def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan: Plan, mine: List[i
     if complete and not changed and not cfg.out.overwrite:
         raise UsageError(f"out.dir {d} already holds a complete shard set; choose another out.dir "
                          "or set out.overwrite=true")
+    clash = other_numerics(kept, computed) if computed else []
+    if clash and not cfg.out.overwrite and not (todo or changed):
+        clash = []  # this run computes nothing, so it mixes nothing into the set
+    if clash and not cfg.out.overwrite:
+        raise UsageError(_numerics_clash(d, clash, kept[clash[0]]["numerics"], computed["numerics"]))
+    changed += clash
+    # Written only once this run is going ahead: run.json is one of the files the manifest hashes.
+    # The manifest facts ride along so that any part, or `shards combine`, can complete the set.
+    write_json(state_path, {**state, "facts": {**facts, "config": to_dict(cfg)}})
     if (todo or changed) and complete:
         os.remove(os.path.join(d, F.MANIFEST))
     return sorted(todo + changed)
@@ -316,7 +347,8 @@ def run(cfg: PrecomputeConfig) -> dict:
     state = {"config": content_config(cfg), "components": facts["model"]["components"], "inputs": n_inputs,
              "shards": plan.n}
     mine = [i for i in range(plan.n) if i % parts == part]
-    todo = prepare_out_dir(cfg, state, plan, mine, facts)
+    computed = {"numerics": numerics(device, cfg.text.t5_precision), "part": [part, parts]}
+    todo = prepare_out_dir(cfg, state, plan, mine, facts, computed)
     need_extras = not os.path.exists(os.path.join(cfg.out.dir, F.EXTRAS))
     stats, load_seconds = {"images": 0, "seconds": 0.0}, 0.0
     if todo or need_extras:
@@ -324,11 +356,11 @@ def run(cfg: PrecomputeConfig) -> dict:
         text = TextEncoders(root, cfg.text.t5_precision, resolve_dtype(cfg.text.clip_precision, device), device,
                             cfg.text.max_sequence_length)
         if need_extras:
-            _write_extras(cfg, text)
+            _write_extras(cfg, text, computed["numerics"])
         if todo:
             vae = VaeEncoder(root, resolve_dtype(cfg.vae.precision, device), device, cfg.vae.max_pixels)
             load_seconds = time.time() - t_load
-            stats = _process(cfg, plan, todo, text, vae)
+            stats = _process(cfg, plan, todo, text, vae, computed)
     progress = {"part": part, "parts": parts, "shards_done_here": len(todo), "shards": plan.n,
                 "seconds": round(time.time() - t0, 2), "seconds_loading_models": round(load_seconds, 2),
                 "seconds_encoding": round(stats["seconds"], 2), "images": stats["images"],
@@ -350,20 +382,22 @@ def run(cfg: PrecomputeConfig) -> dict:
     return manifest
 
 
-def _write_extras(cfg: PrecomputeConfig, text: TextEncoders) -> None:
+def _write_extras(cfg: PrecomputeConfig, text: TextEncoders, computed_with: dict) -> None:
     prompts = list(cfg.validation.prompts)
     empty_embeds, empty_pooled = text.encode([""])
     val_embeds, val_pooled = text.encode(prompts) if prompts else (empty_embeds[:0], empty_pooled[:0])
     write_extras(cfg.out.dir, {"empty_prompt_embeds": empty_embeds[0], "empty_pooled_prompt_embeds": empty_pooled[0],
                                "validation_prompt_embeds": val_embeds, "validation_pooled_prompt_embeds": val_pooled},
-                 cfg.out.dtype, {"validation_prompts": prompts})
+                 cfg.out.dtype, {"validation_prompts": prompts, "numerics": computed_with})
 
 
 def _as_is(batch):
     return batch
 
 
-def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, vae: VaeEncoder) -> dict:
+def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, vae: VaeEncoder,
+             computed: Optional[dict] = None) -> dict:
+    """Encode the `todo` shards; each shard's record carries `computed` (numerics and part)."""
     buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
     loader = torch.utils.data.DataLoader(_Batches(plan, todo, buckets, cfg), batch_size=None,
                                          num_workers=min(cfg.num_workers, len(todo)), collate_fn=_as_is)
@@ -381,7 +415,8 @@ def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, v
             if batch[0].get("end"):
                 i = batch[0]["shard"]
                 w = writers.pop(i, None) or ShardWriter(cfg.out.dir, i, cfg.out.dtype)  # an empty input tar
-                w.finish({"inputs": plan.signature(i), "truncated": truncated.pop(i, {"clip": 0, "t5": 0})})
+                w.finish({**(computed or {}), "inputs": plan.signature(i),
+                          "truncated": truncated.pop(i, {"clip": 0, "t5": 0})})
                 continue
             if batch[0].get("restart") or batch[0].get("failed"):
                 i = batch[0]["shard"]  # what was read of this shard is dropped; it starts again or stays undone

@@ -119,6 +119,37 @@ def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest:
     return problems
 
 
+def describe_numerics(n: dict) -> str:
+    if n is None:
+        return "not recorded"
+    where = f"{n.get('device')} {n.get('device_name', '')}".strip()
+    if "threads" in n:
+        where += f" ({n.get('cpu_capability')}, {n['threads']} thread{'s' if n['threads'] != 1 else ''})"
+    elif "capability" in n:
+        where += f" (sm {n['capability']}, CUDA {n.get('cuda')}, cuDNN {n.get('cudnn')})"
+    libs = ", ".join(f"{k} {n[k]}" for k in ("torch", "diffusers", "transformers", "bitsandbytes") if k in n)
+    return f"{where}; {libs}"
+
+
+def _numerics_lines(m: dict) -> List[str]:
+    """Which device, libraries and threads computed which shards: parts may have run on other machines."""
+    groups = m.get("numerics", [])
+    if not groups:
+        return []
+    if len(groups) == 1:
+        lines = [f"numerics    {describe_numerics(groups[0]['settings'])} (all shards)"]
+    else:
+        lines = [f"numerics    {len(groups)} different settings (float results differ slightly between them):"]
+        for g in groups:
+            ids = g["shards"]
+            lines.append(f"              shards {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''} "
+                         f"({len(ids)}): {describe_numerics(g['settings'])}")
+    extras = m.get("extras", {}).get("numerics")
+    if extras is not None and (len(groups) > 1 or extras != groups[0]["settings"]):
+        lines.append(f"              {F.EXTRAS}: {describe_numerics(extras)}")
+    return lines
+
+
 def inspect(path: str) -> str:
     m = read_manifest(path)
     emb = m["embeddings"]
@@ -136,6 +167,11 @@ def inspect(path: str) -> str:
         "buckets     " + ", ".join(f"{b}: {n}" for b, n in m["buckets"].items()),
         f"validation  {len(m['extras'].get('validation_prompts', []))} prompts",
     ]
+    older = unchecked(m)
+    lines.append("integrity   " + (f"sha256 of {len(m['shards'])} shard(s), {len(m.get('files', {}))} other file(s) "
+                                 f"and the manifest" if not older else
+                                 f"written before the manifest hashed them: {' and '.join(older)} not covered"))
+    lines += _numerics_lines(m)
     st = m.get("stats")
     if st:
         lines.append(f"made in     {st['seconds']} s ({st.get('images_per_second', 0)} images/s encoding, "

@@ -120,18 +120,27 @@ def read_sidecar(out_dir: str, index: int) -> Optional[dict]:
     return record
 
 
+EXTRAS_METADATA = "shardtune"  # the extras file's one metadata entry: JSON of the fields given to write_extras
+
+
 def write_extras(out_dir: str, tensors: Dict[str, torch.Tensor], dtype: str, metadata: Optional[dict] = None) -> None:
     missing = [t for t in F.EXTRAS_TENSORS if t not in tensors]
     if missing:
         raise ValueError(f"extras lack tensors {missing}")
-    md = {k: json.dumps(v) for k, v in (metadata or {}).items()}
-    write_bytes(os.path.join(out_dir, F.EXTRAS), encode_sample(tensors, torch_dtype(dtype), md or None))
+    # One metadata entry: safetensors writes several in a per-process random order, and the same
+    # extras must give the same bytes (and sha256) in every run.
+    md = {EXTRAS_METADATA: json.dumps(metadata, sort_keys=True)} if metadata else None
+    write_bytes(os.path.join(out_dir, F.EXTRAS), encode_sample(tensors, torch_dtype(dtype), md))
 
 
 def _extras_record(out_dir: str) -> dict:
     path = os.path.join(out_dir, F.EXTRAS)
     with safe_open(path, "pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "format"}
+        raw = f.metadata() or {}
+    if EXTRAS_METADATA in raw:
+        meta = json.loads(raw[EXTRAS_METADATA])
+    else:  # written with one entry per field
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
     return {"name": F.EXTRAS, "sha256": file_sha256(path), **meta}
 
 
@@ -156,6 +165,19 @@ def write_manifest(out_dir: str, manifest: dict) -> dict:
     manifest[F.MANIFEST_HASH] = F.manifest_digest(manifest)
     write_json(os.path.join(out_dir, F.MANIFEST), manifest)
     return manifest
+
+
+def _numerics_groups(records: list) -> list:
+    """[{"settings": what computed them (None: not recorded), "shards": [index, ...]}, ...] in shard order;
+    empty when no shard recorded its numerics (sets not made by precompute)."""
+    groups = []
+    for r in records:
+        settings = r.get("numerics")
+        group = next((g for g in groups if g["settings"] == settings), None)
+        if group is None:
+            groups.append(group := {"settings": settings, "shards": []})
+        group["shards"].append(r["index"])
+    return groups if any(g["settings"] is not None for g in groups) else []
 
 
 def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[dict]:
@@ -197,6 +219,9 @@ def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[
         "extras": _extras_record(out_dir),
         "files": set_files(out_dir, records),
     }
+    groups = _numerics_groups(records)
+    if groups:
+        manifest["numerics"] = groups
     absent = [f for f in F.MANIFEST_FIELDS if f not in manifest]
     if absent:
         raise ValueError(f"manifest lacks fields {absent}")

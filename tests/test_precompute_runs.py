@@ -213,6 +213,14 @@ def test_combine_does_not_replace_a_set_silently(tiny_model, sample_data, tmp_pa
     r = run_module("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"), "--overwrite")
     assert r.returncode == 0, r.stderr
     assert len(read_manifest(other)["shards"]) == 3 and run_module("shards", "verify", other).returncode == 0
+    # The combined manifest hashes the combined set's own files, as a single run's does.
+    files = read_manifest(other)["files"]
+    assert set(files) == {"extras.safetensors", "rejected.jsonl", "run.json"} | {f"shard-00000{i}.json" for i in range(3)}
+    with open(os.path.join(other, "run.json"), "a") as f:
+        f.write(" ")
+    r = run_module("shards", "verify", "--quick", other)
+    size = files["run.json"]["bytes"]
+    assert r.returncode == 1 and r.stderr.startswith(f"run.json: {size + 1} bytes, manifest says {size}\n")
 
 
 def test_vae_max_pixels_bounds_each_vae_call(tiny_model, sample_data, tmp_path, monkeypatch):
@@ -239,3 +247,70 @@ def test_vae_max_pixels_bounds_each_vae_call(tiny_model, sample_data, tmp_path, 
             assert torch.allclose(a[k][name].float(), b[k][name].float(), rtol=1e-2, atol=1e-3), (k, name)
     with pytest.raises(Exception, match="vae.max_pixels"):
         _run(tiny_model, sample_data, tmp_path / "whole", batch_size=4, **{"vae.max_pixels": 64 * 64})
+
+
+def _precompute(model, data, out, threads, *over):
+    """precompute in its own process with OMP_NUM_THREADS=threads (torch's CPU thread count)."""
+    argv = [f"model.path={model}", f"data.path={data}", f"out.dir={out}", "buckets.resolution=128", "buckets.step=32",
+            "buckets.min_size=64", "validation.prompts=[a photo of a cat,a red apple]", "text.t5_precision=none",
+            "num_workers=0", "out.samples_per_shard=3", *over]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run([sys.executable, "-m", "precompute", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp_path):
+    """The CPU thread count changes float results (measured on the tiny model: latents up to 2.3e-6 apart in
+    fp32, one bf16 step, 2e-3, after storage), so a resume with another count would make a set that is
+    neither run's: it is refused in one line that says what to set."""
+    out = tmp_path / "set"
+    r = _precompute(tiny_model, sample_data, out, 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = read_manifest(str(out))
+    assert [g["settings"]["threads"] for g in first["numerics"]] == [1] and first["numerics"][0]["shards"] == [0, 1, 2]
+    assert first["extras"]["numerics"] == first["numerics"][0]["settings"]
+    for name in ("shard-000002.tar", "shard-000002.json", "manifest.json"):  # as a run killed in its last shard leaves it
+        os.remove(out / name)
+    state = (out / "run.json").read_bytes()
+    r = _precompute(tiny_model, sample_data, out, 2)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "shards 0, 1 were computed with other numerics than this run (threads 1 -> 2)" in r.stderr
+    assert "rerun with OMP_NUM_THREADS=1, or set out.overwrite=true" in r.stderr
+    assert (out / "run.json").read_bytes() == state and not (out / "shard-000002.json").exists()
+    r = _precompute(tiny_model, sample_data, out, 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_manifest(str(out))["shards"] == first["shards"]  # the same bytes as the uninterrupted run
+    kept = os.stat(out / "shard-000000.tar").st_ino
+    # A refused rerun of the finished set leaves it as it was (run.json is one of the hashed files).
+    with pytest.raises(Exception, match="already holds a complete shard set"):
+        _run(tiny_model, sample_data, str(out), **{"out.samples_per_shard": 3, "num_workers": 1})
+    assert run_module_ok("shards", "verify", "--quick", str(out))
+    r = _precompute(tiny_model, sample_data, out, 2, "out.overwrite=true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    redone = read_manifest(str(out))
+    assert [(g["settings"]["threads"], g["shards"]) for g in redone["numerics"]] == [(2, [0, 1, 2])]
+    assert os.stat(out / "shard-000000.tar").st_ino != kept
+
+
+def test_parts_on_other_settings_are_kept_and_reported(tiny_model, sample_data, tmp_path):
+    """Parts are the user's own split of the work, possibly over machines that compute differently: each
+    part's shards are kept, and the manifest and `shards inspect` say which settings computed which."""
+    from conftest import run_module
+
+    out = tmp_path / "set"
+    for part, threads in ((0, 1), (1, 2)):
+        r = _precompute(tiny_model, sample_data, out, threads, f"part={part}", "parts=2")
+        assert r.returncode == 0, r.stderr[-2000:]
+    m = read_manifest(str(out))
+    assert [(g["settings"]["threads"], g["shards"]) for g in m["numerics"]] == [(1, [0, 2]), (2, [1])]
+    r = run_module("shards", "inspect", str(out))
+    assert r.returncode == 0 and "numerics    2 different settings" in r.stdout
+    assert "shards 0, 2 (2): cpu" in r.stdout and "1 thread)" in r.stdout and "2 threads)" in r.stdout
+
+
+def run_module_ok(*args) -> bool:
+    from conftest import run_module
+
+    r = run_module(*args)
+    assert r.returncode == 0, r.stderr
+    return True

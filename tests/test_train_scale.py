@@ -217,3 +217,25 @@ def test_a_tracker_that_cannot_log_is_refused_with_its_key():
         with pytest.raises(UsageError, match="'train.trackers'.*not installed"):
             make_accelerator("cpu", "no", 1, ["wandb"])
     assert make_accelerator("cpu", "no", 1, ["tensorboard"], "/tmp").log_with
+
+
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(tiny_model, shard_set_fp32, tmp_path):
+    """A terminal's Ctrl-C reaches torchrun and its workers; torchrun then sends them SIGTERM. Both must stop
+    after the same step and write one complete checkpoint."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "train",
+           *_args(tiny_model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0", "train.log_every=1")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends the whole foreground group
+    _, err = proc.communicate(timeout=120)
+    stopped = [line for line in err.splitlines() if "stopped at step" in line]
+    assert stopped, err[-3000:]
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    ckpt = out / "checkpoints" / f"step-{step:06d}"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "rank-0.pt").exists() and (ckpt / "rank-1.pt").exists()
+    assert json.load(open(ckpt / "state.json"))["step"] == step

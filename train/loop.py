@@ -88,7 +88,7 @@ def _train_steps(run, t_start: float) -> None:
         with StopRequest(accel) as stop:
             for step in bar:
                 _one_step(run, step, metrics, bar)
-                if step != t.max_steps and stop.should_stop(step % t.log_every == 0):
+                if step != t.max_steps and stop.should_stop():
                     metrics.flush(bar)
                     saved = save_checkpoint(run, step)
                     raise Interrupted(f"stopped at step {step} of {t.max_steps}; the checkpoint is {saved}: "

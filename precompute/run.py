@@ -5,6 +5,7 @@ holds the same inputs. That makes a run restartable (complete shards are kept, t
 partitionable (`part=i parts=N` takes shards i, i+N, ...; the parts together equal one run), and
 stale-proof (each shard records its inputs' sizes and times; run.json records config and model).
 """
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from shards.atomic import write_json
 from shards.config import resolve_device, to_dict
 from shards.errors import DataError, UsageError
 from shards.fingerprint import file_sha256, folder_fingerprint
+from shards.lock import live_holders, out_dir_lock
 from shards.modelpath import resolve_model
 from shards.writer import ShardWriter, assemble, clear_set, read_sidecar, sidecar_path, shard_name, write_extras
 
@@ -334,6 +336,32 @@ def run(cfg: PrecomputeConfig) -> dict:
     """Do this part's shards; returns the manifest when the set is complete, else a progress dict."""
     t0 = time.time()
     part, parts, device = _distributed(cfg)
+    with part_lock(cfg.out.dir, part, parts, cfg.out.overwrite):
+        return _run_part(cfg, part, parts, device, t0)
+
+
+PART_LOCK = ".shardtune-precompute-part-"
+
+
+@contextlib.contextmanager
+def part_lock(out_dir: str, part: int, parts: int, overwrite: bool):
+    """Parts share out.dir (each owns its shards), so each part locks only itself. Checked once this part
+    holds its lock: parts of another split would write the same shards, and an overwrite may clear the
+    shards another part is writing."""
+    mine = f"{PART_LOCK}{part}-of-{parts}.lock"
+    with out_dir_lock(out_dir, f"precompute part {part} of {parts}", mine):
+        others = [h for h in live_holders(out_dir, PART_LOCK) if os.path.basename(h["path"]) != mine]
+        clash = [h for h in others if not h["path"].endswith(f"-of-{parts}.lock")] or (others if overwrite else [])
+        if clash:
+            h = clash[0]
+            raise UsageError(f"out.dir {out_dir} is being written by {h.get('stage', 'another precompute')} (pid "
+                             f"{h.get('pid')} on {h.get('host')}); "
+                             + ("out.overwrite=true would clear its shards: wait for it to finish"
+                                if overwrite else f"parts of one set must all use parts={parts}"))
+        yield
+
+
+def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -> dict:
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
     if is_webdataset(cfg.data.path):
         plan = TarPlan(expand(cfg.data.path))

@@ -29,11 +29,14 @@ def main(argv):
             print(p, file=sys.stderr)
         raise DataError(f"{a.path}: {len(problems)} problem(s) found")
     from .reader import read_manifest
-    from .verify import unchecked
+    from .verify import absent_run_state, unchecked
 
-    older = unchecked(read_manifest(a.path))
-    print(f"{a.path}: OK" + (f" (written before the manifest hashed them: {' and '.join(older)} not checked)"
-                             if older else ""))
+    manifest = read_manifest(a.path)
+    older, absent = unchecked(manifest), absent_run_state(a.path, manifest)
+    notes = ([f"written before the manifest hashed them: {' and '.join(older)} not checked"] if older else []) + \
+        ([f"{len(absent)} precompute run-state file(s) not in this copy (needed only to resume or combine)"]
+         if absent else [])
+    print(f"{a.path}: OK" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 run_cli("shards", main)

@@ -14,6 +14,12 @@ SHARD_PATTERN = "shard-{:06d}.tar"
 SIDECAR_PATTERN = "shard-{:06d}.json"  # a shard's record: what makes it complete, and what resume compares
 MANIFEST_HASH = "manifest_sha256"
 
+
+def is_run_state(name: str) -> bool:
+    """run.json and the shard records: precompute's, for resuming and `shards combine`; a copy of the set made
+    only for training may leave them out."""
+    return name == RUN_STATE or (name.startswith("shard-") and name.endswith(".json"))
+
 # Tensors every sample carries, and the optional flipped pair.
 SAMPLE_TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 OPTIONAL_TENSORS = ("latent_mean_flip", "latent_std_flip")

@@ -75,7 +75,7 @@ def _file_problems(path: str, name: str, rec: dict) -> List[str]:
     url = _join(path, name)
     if not is_url(path):
         if not os.path.exists(url):
-            return [f"{name}: missing"]
+            return [] if F.is_run_state(name) else [f"{name}: missing"]
         if "bytes" in rec and os.path.getsize(url) != rec["bytes"]:
             return [f"{name}: {os.path.getsize(url)} bytes, manifest says {rec['bytes']}"]
         digest = file_sha256(url)
@@ -83,10 +83,17 @@ def _file_problems(path: str, name: str, rec: dict) -> List[str]:
         try:
             digest = hashlib.sha256(_read_bytes(url)).hexdigest()
         except DataError as e:
-            return [str(e)]
+            return [] if F.is_run_state(name) else [str(e)]
     if digest != rec["sha256"]:
         return [f"{name}: sha256 differs from the manifest (corrupt or replaced)"]
     return []
+
+
+def absent_run_state(path: str, manifest: dict) -> List[str]:
+    """Run-state files the manifest lists that this local copy of the set lacks (verify skips them)."""
+    if is_url(path):
+        return []
+    return [n for n in manifest.get("files", {}) if F.is_run_state(n) and not os.path.exists(os.path.join(path, n))]
 
 
 def unchecked(manifest: dict) -> List[str]:

@@ -86,14 +86,25 @@ def test_extras_are_checked_where_the_trainer_reads_them(set_dir):
             call()
 
 
-def test_preflight_finds_a_truncated_set_file(set_dir):
+def test_preflight_finds_truncated_extras(set_dir):
     manifest = read_manifest(set_dir)
-    size = manifest["files"][F.REJECTED]["bytes"]
-    with open(os.path.join(set_dir, F.REJECTED), "r+b") as f:
+    size = manifest["files"][F.EXTRAS]["bytes"]
+    with open(os.path.join(set_dir, F.EXTRAS), "r+b") as f:
         f.truncate(size - 2)
-    with pytest.raises(DataError, match=rf"rejected.jsonl has {size - 2} bytes, the manifest says {size}"):
+    with pytest.raises(DataError, match=rf"extras.safetensors has {size - 2} bytes, the manifest says {size}"):
         check_shard_files(set_dir, manifest)
-    assert verify(set_dir) == [f"rejected.jsonl: {size - 2} bytes, manifest says {size}"]
+    assert f"{F.EXTRAS}: {size - 2} bytes, manifest says {size}" in verify(set_dir)
+
+
+def test_a_copy_for_training_may_leave_out_the_run_state_but_not_set_files(set_dir):
+    for name in ("shard-000000.json", "shard-000001.json"):
+        os.remove(os.path.join(set_dir, name))
+    check_shard_files(set_dir, read_manifest(set_dir))
+    assert verify(set_dir) == []
+    r = run_module("shards", "verify", set_dir)
+    assert r.returncode == 0 and "2 precompute run-state file(s) not in this copy" in r.stdout
+    os.remove(os.path.join(set_dir, F.REJECTED))
+    assert verify(set_dir, deep=False) == [f"{F.REJECTED}: missing"]
 
 
 def test_a_manifest_from_before_the_hashes_still_reads_and_says_what_it_cannot_check(set_dir):

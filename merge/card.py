@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence
 
 from safetensors import SafetensorError, safe_open
 
+from shards.atomic import atomic_open
+
 from .config import MergeConfig, is_single_file
 from .lora import METADATA_KEY
 
@@ -143,6 +145,7 @@ def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files:
                   "`SD3Transformer2DModel.from_single_file` / `StableDiffusion3Pipeline.from_single_file` "
                   "(with `config=` a diffusers SD3 folder of the same model)."]
     path = os.path.join(out_dir, CARD_NAME)
-    with open(path, "w") as f:
+    # A new file renamed into place, never a write through an existing one: that could be a link to the base's.
+    with atomic_open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path

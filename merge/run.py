@@ -19,7 +19,7 @@ from shards.lock import sibling_lock
 from shards.modelpath import resolve_model
 
 from .base_check import other_base_warnings
-from .card import lora_header, write_card
+from .card import CARD_NAME, lora_header, write_card
 from .config import MergeConfig, is_single_file
 from .fold import WEIGHTS_NAME, FoldResult, fold_transformer
 from .lora import Updates, find_lora_file, read_loras
@@ -48,8 +48,9 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def _is_base_weights(rel: str) -> bool:
-    return rel.startswith(os.path.join("transformer", os.path.splitext(WEIGHTS_NAME)[0]))
+def _not_carried(rel: str) -> bool:
+    """The base's transformer weights (the fold writes new ones) and its model card (the release gets its own)."""
+    return rel == CARD_NAME or rel.startswith(os.path.join("transformer", os.path.splitext(WEIGHTS_NAME)[0]))
 
 
 def single_file_name(cfg: MergeConfig) -> str:
@@ -100,7 +101,7 @@ def _merge_into(cfg: MergeConfig, tmp: str, updates: Updates, lora_files: Sequen
         out_file = os.path.join(tmp, single_file_name(cfg))
         return write_single_file(jobs, out_file, progress), base, lambda: OriginalSource(out_file, "release"), \
             transformer_dir, {}
-    placed = copy_tree(model, tmp, cfg.out.link, skip=_is_base_weights)
+    placed = copy_tree(model, tmp, cfg.out.link, skip=_not_carried)
     out_dir = os.path.join(tmp, "transformer")
     result = fold_transformer(base, updates, out_dir, cfg.out.dtype, cfg.out.max_shard_bytes, progress)
     return result, base, lambda: folder_source(out_dir, "release transformer"), transformer_dir, placed

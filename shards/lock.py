@@ -124,8 +124,17 @@ def _pid_file_lock(path: str, info: dict, what: str):
         except FileExistsError:
             holder = read_holder(path)
             if holder_is_gone(holder):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                # Renamed away before removal: of two runs that both saw the stale file, only the one whose
+                # rename succeeds goes on, so neither removes the lock the other has just made.
+                aside = f"{path}.stale.{os.getpid()}"
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
+                if read_holder(aside) != holder:  # another run's fresh lock got renamed: put it back
+                    os.rename(aside, path)
+                    raise _refuse(what, path, read_holder(path), stale_hint=True) from None
+                os.unlink(aside)
                 continue
             raise _refuse(what, path, holder, stale_hint=True) from None
         try:
@@ -150,7 +159,7 @@ def out_dir_lock(out_dir: str, stage: str, name: str = LOCK_NAME):
 
 def sibling_lock(out_dir: str, stage: str):
     """The lock for a stage that replaces `out_dir` as a whole (it cannot live inside): a hidden file beside it."""
-    full = os.path.normpath(os.path.abspath(out_dir))
+    full = os.path.realpath(out_dir)  # one lock however the folder is reached (symlinks, relative paths)
     parent = os.path.dirname(full)
     try:
         os.makedirs(parent, exist_ok=True)

@@ -281,3 +281,19 @@ def test_a_lora_from_another_base_gives_one_warning(base, lora, tmp_path, tmp_pa
             assert "some/other-sd3" in lines[0] and f"model.path {model}" in lines[0], lines[0]
         else:
             assert lines == [], err
+
+
+def test_a_hard_linked_release_never_writes_through_to_the_base(base, lora, tmp_path, capsys):
+    """The release's own model card replaces the base's; written through a hard link it would edit the base."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    (model / "README.md").write_text("the base model's own card\n")
+    out = tmp_path / "out"
+    code, _, err = _run_main([f"model.path={model}", f"lora.path={lora}", f"out.dir={out}", "out.link=hardlink"],
+                             capsys)
+    assert code == 0, err
+    assert (model / "README.md").read_text() == "the base model's own card\n"
+    assert os.stat(out / "README.md").st_ino != os.stat(model / "README.md").st_ino
+    assert "merge" in (out / "README.md").read_text().lower()

@@ -136,6 +136,28 @@ def test_resume_decides_per_key_and_the_lora_records_what_ran(tiny_model, shard_
     assert "train.lr 0.0001 -> 0.001" in facts["changed on resume"]
     with pytest.raises(UsageError, match=r"train.optimizer adamw -> adafactor"):
         _train(*base, "train.max_steps=10", "train.optimizer=adafactor")
+    finished = [*base, "train.max_steps=8", "train.lr=1e-3", "train.adam_beta2=0.99"]
+    assert "up_to_date" in _train(*finished)
+    with pytest.raises(UsageError, match=r"holds a finished run made with other settings \(train.lr 0.001 -> 0.01\)"):
+        _train(*finished, "train.lr=1e-2")
+    with pytest.raises(UsageError, match=r"step-000008 is at step 8, past train.max_steps 6"):
+        _train(*base, "train.max_steps=6")  # it would re-save step 6 with step 8's state
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-000006", "step-000008"]
+
+
+def test_files_not_marked_as_a_runs_own_are_never_restarted_over(tmp_path):
+    from shards.config import load_config
+    from shards.errors import UsageError
+    from train.config import TrainConfig
+    from train.loop import prepare_out_dir
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "my_photo.png").write_bytes(b"mine")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    cfg = load_config(TrainConfig, [f"model.path={tmp_path}", f"data.shards={tmp_path}", f"out.dir={tmp_path}"])
+    with pytest.raises(UsageError, match="holds an earlier run"):
+        prepare_out_dir(cfg)
+    assert (tmp_path / "samples" / "my_photo.png").read_bytes() == b"mine"
 
 
 def test_non_finite_shard_data_is_named_not_blamed_on_the_learning_rate(tiny_model, shard_set_fp32, tmp_path, capsys):

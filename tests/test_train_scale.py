@@ -220,8 +220,8 @@ def test_a_tracker_that_cannot_log_is_refused_with_its_key():
 
 
 def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(tiny_model, shard_set_fp32, tmp_path):
-    """A terminal's Ctrl-C reaches torchrun and its workers; torchrun then sends them SIGTERM. Both must stop
-    after the same step and write one complete checkpoint."""
+    """A terminal's Ctrl-C reaches torchrun, which forwards it to its workers (they run in their own session).
+    Both must stop after the same step and write one complete checkpoint."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "train",
            *_args(tiny_model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0", "train.log_every=1")]

@@ -40,6 +40,12 @@ def complete_checkpoints(out_dir: str):
     return sorted(found)
 
 
+def complete_at(out_dir: str, step: int) -> Optional[str]:
+    """The complete checkpoint of `step`, if one was written."""
+    path = os.path.join(checkpoint_root(out_dir), f"step-{step:06d}")
+    return path if os.path.exists(os.path.join(path, MARKER)) else None
+
+
 def step_of(path: str) -> int:
     """The step a checkpoint folder holds (from the marker it was completed with)."""
     with open(os.path.join(path, MARKER)) as f:

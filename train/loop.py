@@ -1,5 +1,6 @@
 """Stage 2: stream a shard set into a LoRA on the frozen SD3 transformer."""
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from shards import read_extras, read_manifest
+from shards.atomic import write_json
 from shards.config import resolve_device, to_dict
 from shards.errors import DataError, Interrupted, UsageError
 from shards.lock import out_dir_lock
@@ -30,8 +32,10 @@ from .validation import Validator
 
 # What the trainer reads from a pipeline folder: never a text encoder.
 MODEL_FILES = ["model_index.json", "transformer/*", "scheduler/*", "vae/*"]
+# Written when a run starts afresh: the files beside it are that run's (see prepare_out_dir).
+RUN_MARKER = ".shardtune-train-run.json"
 RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, "metrics.jsonl", "loss.png", "loss_by_sigma.png", "samples",
-               "checkpoints", "trackers")
+               "checkpoints", "trackers", RUN_MARKER)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -45,9 +49,10 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, accel, t_start: float) -> dict:
     resume_from = _resume_point(cfg, accel)
-    lora = os.path.join(cfg.out.dir, WEIGHT_NAME)
-    if resume_from and checkpoint.step_of(resume_from) == cfg.train.max_steps and os.path.exists(lora):
-        return {"up_to_date": lora, "steps": cfg.train.max_steps, "rank": accel.process_index}
+    if resume_from:
+        done = _finished(cfg, resume_from)
+        if done:
+            return {"up_to_date": done, "steps": cfg.train.max_steps, "rank": accel.process_index}
     run = build_run(cfg, accel)
     try:
         if resume_from:
@@ -75,6 +80,25 @@ def _train(cfg: TrainConfig, accel, t_start: float) -> dict:
         run.stream.close()  # stops the prefetch thread, so the interpreter can exit cleanly on any error
 
 
+def _finished(cfg: TrainConfig, resume_from: str) -> Optional[str]:
+    """The LoRA of a finished run this command would only repeat; refuses what resuming cannot honour."""
+    step = checkpoint.step_of(resume_from)
+    if step > cfg.train.max_steps:  # resuming would re-save an earlier step with this later state
+        raise UsageError(f"resume: {resume_from} is at step {step}, past train.max_steps {cfg.train.max_steps}; "
+                         f"raise train.max_steps, resume from an earlier checkpoint (resume=PATH), or choose "
+                         "another out.dir")
+    lora = os.path.join(cfg.out.dir, WEIGHT_NAME)
+    if step < cfg.train.max_steps or not os.path.exists(lora):
+        return None
+    with open(os.path.join(resume_from, "state.json")) as f:
+        found = [c for c in resume.changes(json.load(f)["config"], cfg, resume_from) if c[3] != "quiet"]
+    if found:
+        raise UsageError(f"out.dir {cfg.out.dir} holds a finished run made with other settings "
+                         f"({'; '.join(f'{k} {a} -> {b}' for k, a, b, _ in found[:4])}); set out.overwrite=true "
+                         "to train again with these, raise train.max_steps to continue it, or choose another out.dir")
+    return lora
+
+
 def _train_steps(run, t_start: float) -> None:
     """The steps from the run's current one to max_steps, with logging, validation and checkpoints."""
     cfg, accel, state, t = run.cfg, run.accel, run.state, run.cfg.train
@@ -90,7 +114,7 @@ def _train_steps(run, t_start: float) -> None:
                 _one_step(run, step, metrics, bar)
                 if step != t.max_steps and stop.should_stop():
                     metrics.flush(bar)
-                    saved = save_checkpoint(run, step)
+                    saved = checkpoint.complete_at(cfg.out.dir, step) or save_checkpoint(run, step)
                     raise Interrupted(f"stopped at step {step} of {t.max_steps}; the checkpoint is {saved}: "
                                       "run the same command to resume from there")
         metrics.flush(bar)
@@ -230,9 +254,10 @@ def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
             _make_dir(d)
             return found
     ours = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(d, n))]
-    # Every finished run leaves a final checkpoint and its LoRA; with neither, the run stopped before its
-    # first checkpoint and nothing in out.dir can be continued, so the same command starts it again.
-    unfinished = ours and WEIGHT_NAME not in ours and not checkpoint.complete_checkpoints(d)
+    # Every finished run leaves a final checkpoint and its LoRA; with neither, a run that marked out.dir as
+    # its own stopped before its first checkpoint, and nothing there can be continued: the same command
+    # starts it again. Without the marker the files may be anyone's, and are refused as before.
+    unfinished = ours and RUN_MARKER in ours and WEIGHT_NAME not in ours and not checkpoint.complete_checkpoints(d)
     if ours and unfinished and not cfg.out.overwrite and cfg.resume == "auto":
         tqdm.write(f"train: out.dir {d} holds a run stopped before its first checkpoint ({', '.join(ours)}); "
                    "starting it again from step 0")
@@ -243,6 +268,8 @@ def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
         path = os.path.join(d, n)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     _make_dir(d)
+    write_json(os.path.join(d, RUN_MARKER), {"stage": "train", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                             "max_steps": cfg.train.max_steps})
     return None
 
 

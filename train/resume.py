@@ -51,8 +51,12 @@ def changes(saved_config: dict, cfg, path: str) -> List[Tuple[str, object, objec
     """(key, saved value, new value, rule) for every changed key; raises for a key whose change is refused."""
     before, now = flat(saved_config), flat(to_dict(cfg))
     before["lora.targets"], now["lora.targets"] = _lora_targets(before.get("lora.targets")), cfg.lora.target_names()
+    # Keys this version no longer has (an older run's) are past; Adafactor has no Adam betas or epsilon.
+    unused = {k for k in before if k not in now}
+    if cfg.train.optimizer == "adafactor":
+        unused |= {"train.adam_beta1", "train.adam_beta2", "train.adam_eps"}
     out = [(k, before.get(k), now.get(k), rule(k)) for k in sorted(set(before) | set(now))
-           if before.get(k) != now.get(k)]
+           if before.get(k) != now.get(k) and k not in unused]
     refused = [f"{k} {a} -> {b}" for k, a, b, r in out if r == "refuse"]
     if refused:
         raise UsageError(f"resume: {path} was trained with other settings that its saved state cannot follow "

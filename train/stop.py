@@ -1,8 +1,8 @@
 """Stopping a run on Ctrl-C or SIGTERM (a scheduler's preemption) with a checkpoint instead of losing the steps.
 
 The first signal only asks: the loop finishes the step it is in, saves a checkpoint and exits. A second
-Ctrl-C quits at once. A SIGTERM after a Ctrl-C does not: torchrun answers the terminal's Ctrl-C by sending
-its workers SIGTERM, and they should still save. With several processes they must all stop after the same
+signal quits at once. Under torchrun the workers run in their own session: the terminal's Ctrl-C reaches
+torchrun, which forwards it to each worker once. With several processes they must all stop after the same
 step (the checkpoint is collective), so they agree after every step through a CPU (gloo) group: one small
 all-reduce between host threads, which never waits for the GPU.
 """
@@ -42,13 +42,11 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.asked is not None:
-            if signum == signal.SIGINT and self.asked == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
+            raise KeyboardInterrupt
         self.asked = signum
         if self.accel.is_main_process:
             tqdm.write(f"train: {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                       "(send it again to quit at once, without one)")
+                       "(a second signal quits at once, without one)")
 
     def should_stop(self) -> bool:
         """Whether every process stops after this step (any one that was asked stops them all)."""

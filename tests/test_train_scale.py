@@ -20,12 +20,34 @@ def _args(model, shards, out, *extra):
 
 
 def _torchrun(n, *args, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "-m", "train", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "train", *args]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant, found through /proc (children first seen, then killed)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        found.append(parent)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == parent:
+                    todo.append(int(entry))
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _same_lora(a, b) -> bool:
@@ -51,7 +73,7 @@ def test_two_processes_sigkill_then_resume_bit_identical_and_resume_with_one(tin
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: a kill of its group misses them
     proc.wait()
     assert not (killed / "pytorch_lora_weights.safetensors").exists()
     r = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *common))
@@ -104,7 +126,7 @@ if dist.get_rank() == 0:
     print("COUNTS", json.dumps(counts))
 """)
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(script)],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     counts = json.loads(r.stdout.split("COUNTS", 1)[1].strip().splitlines()[0])
@@ -223,7 +245,7 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(tiny_mode
     """A terminal's Ctrl-C reaches torchrun, which forwards it to its workers (they run in their own session).
     Both must stop after the same step and write one complete checkpoint."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train",
            *_args(tiny_model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0", "train.log_every=1")]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -250,13 +250,28 @@ def test_vae_max_pixels_bounds_each_vae_call(tiny_model, sample_data, tmp_path, 
 
 
 def _precompute(model, data, out, threads, *over):
-    """precompute in its own process with OMP_NUM_THREADS=threads (torch's CPU thread count)."""
+    """The precompute command with torch on `threads` CPU threads, in this process (a subprocess per run cost
+    most of these tests' time); the thread count is what the run's numerics record reads."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from precompute.__main__ import main
+    from shards.config import run_cli
+
     argv = [f"model.path={model}", f"data.path={data}", f"out.dir={out}", "buckets.resolution=128", "buckets.step=32",
             "buckets.min_size=64", "validation.prompts=[a photo of a cat,a red apple]", "text.t5_precision=none",
             "num_workers=0", "out.samples_per_shard=3", *over]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.run([sys.executable, "-m", "precompute", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    before, err, code = torch.get_num_threads(), io.StringIO(), 0
+    torch.set_num_threads(threads)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            run_cli("precompute", main, argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(before)
+    return SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp_path):

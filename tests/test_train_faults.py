@@ -33,42 +33,46 @@ def _logged_steps(out):
     return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tiny_model, shard_set_fp32, tmp_path):
-    out = tmp_path / "run"
-    cmd = _command(tiny_model, shard_set_fp32, out, "train.max_steps=400", "checkpoint.every=0")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0, proc,
-              "a logged step")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    line = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("train: stopped at step")][0]
-    step = int(line.split("stopped at step ")[1].split()[0])
-    assert 1 <= step < 400 and f"step-{step:06d}" in line and "run the same command" in line
-    assert (out / "checkpoints" / f"step-{step:06d}" / "COMPLETE").exists()
-    # Shortened to the stop step plus a few, the same command resumes where the stop saved.
-    cmd = _command(tiny_model, shard_set_fp32, out, f"train.max_steps={step + 3}", "checkpoint.every=0")
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and f"resuming from {out / 'checkpoints' / f'step-{step:06d}'}" in r.stdout + r.stderr, r.stderr[-2000:]
-    assert _logged_steps(out) == list(range(1, step + 4))
+def _started(out):
+    return (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
 
 
-def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(tiny_model, shard_set_fp32, tmp_path):
+def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from(tiny_model, shard_set_fp32, tmp_path,
+                                                                                  capsys):
+    """One run's life: SIGKILL before its first checkpoint, the same command starts it again; Ctrl-C saves a
+    checkpoint; the command resumes from it to the end; run again, it is up to date."""
+    from shards.config import run_cli
+    from train.__main__ import main
+
     out = tmp_path / "run"
-    cmd = _command(tiny_model, shard_set_fp32, out, "train.max_steps=6", "checkpoint.every=0")
-    slow = cmd + ["train.max_steps=100000"]  # the same run, long enough to be killed mid-way
-    proc = subprocess.Popen(slow, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0, proc,
-              "a logged step")
+    cmd = _command(tiny_model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _started(out), proc, "a logged step")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints").exists() and (out / ".shardtune.lock").exists()  # a dead holder's lock file
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "stopped before its first checkpoint" in r.stdout and "starting it again from step 0" in r.stdout
-    assert _logged_steps(out) == list(range(1, 7))
-    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "train: up to date" in r.stdout, r.stderr[-2000:]
+    marker = out / ".shardtune-train-run.json"
+    killed_run = os.stat(marker).st_ino
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: marker.exists() and os.stat(marker).st_ino != killed_run and _started(out), proc,
+              "a logged step of the restarted run")
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert "stopped before its first checkpoint" in stdout and "starting it again from step 0" in stdout
+    assert proc.returncode == 130, err[-2000:]
+    line = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("train: stopped at step")][0]
+    step = int(line.split("stopped at step ")[1].split()[0])
+    assert 1 <= step < 100000 and f"step-{step:06d}" in line and "run the same command" in line
+    assert (out / "checkpoints" / f"step-{step:06d}" / "COMPLETE").exists()
+    # Shortened to the stop step plus a few, the command resumes where the stop saved.
+    finish = _command(tiny_model, shard_set_fp32, out, f"train.max_steps={step + 3}", "checkpoint.every=0")
+    r = subprocess.run(finish, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"resuming from {out / 'checkpoints' / f'step-{step:06d}'}" in r.stdout + r.stderr, \
+        r.stderr[-2000:]
+    assert _logged_steps(out) == list(range(1, step + 4))  # the killed run's lines are gone, none twice
+    capsys.readouterr()
+    run_cli("train", main, finish[3:])
+    assert "train: up to date" in capsys.readouterr().out
 
 
 def test_a_second_train_into_the_same_out_dir_is_refused(tiny_model, shard_set_fp32, tmp_path):

@@ -52,10 +52,15 @@ def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from
     proc.wait()
     assert not (out / "checkpoints").exists() and (out / ".shardtune.lock").exists()  # a dead holder's lock file
     marker = out / ".shardtune-train-run.json"
-    killed_run = os.stat(marker).st_ino
+
+    def restarted():  # the new run has marked out.dir as its own and logged a step
+        try:
+            return json.loads(marker.read_text())["pid"] == proc.pid and _started(out)
+        except (OSError, ValueError):
+            return False
+
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: marker.exists() and os.stat(marker).st_ino != killed_run and _started(out), proc,
-              "a logged step of the restarted run")
+    _wait_for(restarted, proc, "a logged step of the restarted run")
     proc.send_signal(signal.SIGINT)
     stdout, err = proc.communicate(timeout=120)
     assert "stopped before its first checkpoint" in stdout and "starting it again from step 0" in stdout

@@ -268,7 +268,8 @@ def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
         path = os.path.join(d, n)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     _make_dir(d)
-    write_json(os.path.join(d, RUN_MARKER), {"stage": "train", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    write_json(os.path.join(d, RUN_MARKER), {"stage": "train", "pid": os.getpid(),
+                                             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                              "max_steps": cfg.train.max_steps})
     return None
 

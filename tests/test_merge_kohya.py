@@ -136,7 +136,7 @@ def test_command_line_convert(lora, tmp_path):
     ("unknown_module", 1, ["_attn_nowhere", "not an SD3 transformer module"]),
     ("garbage", 1, ["cannot read LoRA file"]),
 ])
-def test_bad_convert_input_is_one_line(lora, kohya, tmp_path, case, code, words):
+def test_bad_convert_input_is_one_line(lora, kohya, tmp_path, capsys, case, code, words):
     out = tmp_path / "out.safetensors"
     src = tmp_path / "in.safetensors"
     if case in ("not_lora", "unknown_module"):
@@ -153,9 +153,15 @@ def test_bad_convert_input_is_one_line(lora, kohya, tmp_path, case, code, words)
             "exists": [lora, out, "--to", "kohya"]}.get(case, [src, out, "--to", "diffusers"])
     if case == "exists":
         out.write_bytes(b"keep me")
-    r = _cli(args)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == code and len(lines) == 1 and lines[0].startswith("merge convert: error: "), r.stderr
+    from merge.convert import main as convert_main
+    from shards.config import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # in this process: test_command_line_convert proves the entry point
+        run_cli("merge convert", convert_main, [str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == code and len(lines) == 1 and lines[0].startswith("merge convert: error: "), err
     assert all(w in lines[0] for w in words), lines[0]
     if case == "exists":
         assert out.read_bytes() == b"keep me"

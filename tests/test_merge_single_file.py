@@ -153,7 +153,7 @@ def test_unknown_tensor_is_refused():
 
 
 # (3) end to end through the real entry point, and its errors.
-def test_command_line_single_file(base, lora, tmp_path):
+def test_command_line_single_file(base, lora, tmp_path, capsys):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "merge", f"model.path={base}", f"lora.path={lora}", f"out.dir={out}",
            "out.format=single_file", "out.name=release"]
@@ -161,11 +161,17 @@ def test_command_line_single_file(base, lora, tmp_path):
     assert p.returncode == 0, p.stderr
     assert sorted(os.listdir(out)) == ["README.md", "release.safetensors"] and os.path.join(str(out), "release.safetensors") in p.stdout
     assert sorted(os.listdir(tmp_path)) == ["out"]
-    # A rerun is refused without out.overwrite=true and replaces the earlier single-file release with it.
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert p.returncode == 2 and "out.overwrite=true" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = subprocess.run(cmd + ["out.overwrite=true"], cwd=REPO, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    # A rerun is refused without out.overwrite=true and replaces the earlier single-file release with it
+    # (in this process: the entry point's wiring is proven above).
+    from merge.run import main
+    from shards.config import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli("merge", main, cmd[3:])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "out.overwrite=true" in err and len(err.strip().splitlines()) == 1
+    run_cli("merge", main, cmd[3:] + ["out.overwrite=true"])
+    assert sorted(os.listdir(out)) == ["README.md", "release.safetensors"]
     # The diffusers format may replace a single-file release too (both are this stage's releases).
     assert merge(base, lora, out, "out.overwrite=true") and (out / "model_index.json").is_file()
 

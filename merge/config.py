@@ -51,7 +51,7 @@ class LoraConfig:
         p = []
         if not isinstance(self.path, (str, list, tuple)) or any(not isinstance(x, str) for x in
                                                                   ([] if isinstance(self.path, str) else self.path)):
-            return [f"config key 'lora.path' takes a file or folder, or a list of them: write lora.path=[a,b]"]
+            return ["config key 'lora.path' takes a file or folder, or a list of them: write lora.path=[a,b]"]
         paths = self.paths()
         if not paths or any(not x for x in paths):
             p.append("config key 'lora.path' is required" if not paths or paths == [""] else

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from typing import List
 
-import torch
 from tqdm import tqdm
 
 from shards.errors import DataError

@@ -66,17 +66,23 @@ def _write_info(fd: int, info: dict) -> None:
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
 
 
-def _flock_or_none(fd: int) -> Optional[bool]:
-    """True: locked; False: held by someone else; None: this filesystem has no flock."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in _NO_FLOCK:
-            return None
-        raise
+def _flock_or_none(fd: int, tries: int = 5) -> Optional[bool]:
+    """True: locked; False: held by someone else; None: this filesystem has no flock.
+
+    A few quick retries: another part's `live_holders` probe holds a shared lock for an instant, which must
+    not read as a holder."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < tries:
+                time.sleep(0.05)
+        except OSError as e:
+            if e.errno in _NO_FLOCK:
+                return None
+            raise
+    return False
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -17,7 +17,7 @@ ENV = {**os.environ, "PYTHONPATH": REPO}
 
 def _holder(code: str):
     """A real process that takes a lock (`code` is the with-statement's expression) and keeps it."""
-    p = subprocess.Popen([sys.executable, "-c", "import time\nfrom shards.lock import *\nfrom precompute.run import "
+    p = subprocess.Popen([sys.executable, "-c", "import time\nfrom shards.lock import *\nfrom precompute.outdir import "
                           f"part_lock\nwith {code}:\n    print('held', flush=True)\n    time.sleep(600)"],
                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -60,7 +60,7 @@ def test_without_flock_the_lock_file_is_the_lock_and_a_dead_holder_is_stale(tmp_
 
 
 def test_precompute_parts_share_a_folder_but_not_a_part_or_another_split(tmp_path):
-    from precompute.run import part_lock
+    from precompute.outdir import part_lock
 
     out = str(tmp_path / "set")
     p = _holder(f"part_lock({out!r}, 0, 2, False)")

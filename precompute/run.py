@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from shards import format as F
-from shards.config import resolve_device, to_dict
+from shards.config import flat_keys, resolve_device, to_dict
 from shards.errors import DataError
 from shards.fingerprint import folder_fingerprint
 from shards.modelpath import resolve_model
@@ -41,17 +41,7 @@ NOT_CONTENT = ("model.path", "model.revision", "data.path", "out.dir", "out.over
 
 
 def content_config(cfg: PrecomputeConfig) -> Dict:
-    flat = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(to_dict(cfg))
-    return {k: v for k, v in flat.items() if k not in NOT_CONTENT}
+    return {k: v for k, v in flat_keys(to_dict(cfg)).items() if k not in NOT_CONTENT}
 
 
 def model_facts(root: str, cfg: PrecomputeConfig, device: torch.device) -> dict:

@@ -106,6 +106,17 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_keys(config: dict, prefix: str = "") -> dict:
+    """{'section.key': value} of a nested config dict (what a dotted override names)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def positive(problems: List[str], key: str, value, allow_zero: bool = False) -> None:
     """A finite number above zero (or at least zero)."""
     ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)

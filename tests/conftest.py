@@ -82,3 +82,15 @@ def small_set(out, n: int, per_shard: int, buckets: int = 3, prefix: str = "s", 
     return w.close({"model": {"path": "m", "components": {}}, "vae": {"scaling_factor": 1.5, "shift_factor": 0.1,
                     "downsample_factor": 8}, "latent_channels": 4, "embeddings": {"prompt_embeds_dim": 6, "clip_tokens": 2,
                     "pooled_dim": 5}, "max_sequence_length": 3, "precisions": {"t5": "fp32"}, "config": {}})
+
+
+def write_tar(path, members) -> None:
+    """A plain tar of (member name, bytes) pairs, in that order (webdataset input tars for tests)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -5,7 +5,6 @@ import json
 import os
 import socket
 import struct
-import tarfile
 import threading
 import zlib
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import precompute_cfg
+from conftest import precompute_cfg, write_tar
 from shards import read_manifest, read_rejected, read_samples
 from shards.errors import DataError
 
@@ -117,14 +116,6 @@ def _items(cfg):
     return {it.source: (it.caption, it.reject) for it in list_inputs(cfg)}
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_caption_text_is_decoded_one_way_for_folders_metadata_and_tars(tmp_path):
     from precompute.tars import stream_items
 
@@ -163,7 +154,7 @@ def test_caption_text_is_decoded_one_way_for_folders_metadata_and_tars(tmp_path)
     assert got["a.png"] == ("one", None) and got["b.png"][1].startswith("missing caption: not listed in metadata.csv")
 
     t = tmp_path / "in.tar"
-    _tar(t, [("0.png", png), ("0.txt", b"\xef\xbb\xbfa cat"), ("1.png", png), ("1.txt", b"caf\xe9"),
+    write_tar(t, [("0.png", png), ("0.txt", b"\xef\xbb\xbfa cat"), ("1.png", png), ("1.txt", b"caf\xe9"),
              ("2.png", png), ("2.json", json.dumps({"text": ["x"]}).encode()), ("3.png", png), ("3.json", b"[1]"),
              ("4.png", png), ("4.json", b"\xef\xbb\xbf" + json.dumps({"text": "a dog"}).encode())])
     got = {it.source: (it.caption, it.reject) for it in stream_items(str(t), _cfg(path=str(t)))}
@@ -296,7 +287,7 @@ def _two_tars(tmp_path):
         for k in range(3):
             members += [(f"{t}{k}.png", _saved(Image.fromarray(rng.randint(0, 256, (40, 40, 3), dtype=np.uint8)), "PNG")),
                         (f"{t}{k}.txt", f"picture {t}{k}".encode())]
-        _tar(tmp_path / f"part-{t}.tar", members)
+        write_tar(tmp_path / f"part-{t}.tar", members)
         paths.append(tmp_path / f"part-{t}.tar")
     return paths
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from shards import read_manifest, read_rejected, read_samples
-from conftest import precompute_cfg
+from conftest import precompute_cfg, write_tar
 
 FAST = {"text.t5_precision": "none", "num_workers": 0}
 
@@ -167,26 +167,15 @@ def test_non_finite_encoder_output_is_rejected_per_sample(tiny_model, sample_dat
     assert all(torch.isfinite(s["latent_mean"]).all() for s in read_samples(out))
 
 
-def _make_tar(path, samples):
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tar:
-        for name, data in samples:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_webdataset_tars_local_brace_and_pipe(tiny_model, sample_data, tmp_path):
     def img(name):
         return open(os.path.join(sample_data, name), "rb").read()
 
     src = tmp_path / "wds"
     src.mkdir()
-    _make_tar(src / "data-000.tar", [("000000.png", img("astronaut.png")), ("000000.txt", b"an astronaut"),
+    write_tar(src / "data-000.tar", [("000000.png", img("astronaut.png")), ("000000.txt", b"an astronaut"),
                                      ("000001.jpg", img("rocket.jpg")), ("000001.json", json.dumps({"text": "a rocket"}).encode())])
-    _make_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat"),
+    write_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat"),
                                      ("000003.png", img("coffee.png"))])
     (src / "data-002.tar").write_bytes(b"this is not a tar file at all" * 40)
     out = str(tmp_path / "o")
@@ -213,7 +202,7 @@ def test_webdataset_tars_local_brace_and_pipe(tiny_model, sample_data, tmp_path)
     # Rerun: complete tars are kept; a changed tar is detected.
     with pytest.raises(Exception, match="already holds a complete shard set"):
         _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})
-    _make_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat, changed")])
+    write_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat, changed")])
     with pytest.raises(Exception, match="source files changed"):
         _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})
 

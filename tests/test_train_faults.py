@@ -115,11 +115,12 @@ def test_resume_decides_per_key_and_the_lora_records_what_ran(tiny_model, shard_
     from shards.errors import UsageError
     from train.config import TrainConfig
     from train.optim import lr_factor
-    from train.resume import flat, rule
+    from shards.config import flat_keys
+    from train.resume import rule
 
     from omegaconf import OmegaConf
 
-    keys = flat(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    keys = flat_keys(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
     assert len(keys) > 50 and all(rule(k) for k in keys)  # every key of the schema has a rule
     out = str(tmp_path / "run")
     base = train_args(tiny_model, shard_set_fp32, out, "validation.enabled=false", "checkpoint.every=2",

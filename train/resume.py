@@ -7,9 +7,9 @@
 
 Every key of the train schema has a rule (a test walks the schema), so a new key must be given one.
 """
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
-from shards.config import to_dict
+from shards.config import flat_keys, to_dict
 from shards.errors import UsageError
 
 REFUSE = ("lora.rank", "lora.alpha", "lora.targets", "lora.blocks", "train.optimizer")
@@ -22,16 +22,6 @@ QUIET = ("out.", "resume", "train.device", "train.log_every", "train.trackers", 
          "model.gradient_checkpointing", "model.compile", "validation.", "checkpoint.")
 # The keys that decide the learning rate of a step: a change is reported as the rate before and after.
 SCHEDULE = ("train.lr", "train.lr_schedule", "train.warmup_steps", "train.max_steps")
-
-
-def flat(config: dict, prefix: str = "") -> Dict[str, object]:
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def rule(key: str) -> str:
@@ -49,7 +39,7 @@ def _lora_targets(value):
 
 def changes(saved_config: dict, cfg, path: str) -> List[Tuple[str, object, object, str]]:
     """(key, saved value, new value, rule) for every changed key; raises for a key whose change is refused."""
-    before, now = flat(saved_config), flat(to_dict(cfg))
+    before, now = flat_keys(saved_config), flat_keys(to_dict(cfg))
     before["lora.targets"], now["lora.targets"] = _lora_targets(before.get("lora.targets")), cfg.lora.target_names()
     # Keys this version no longer has (an older run's) are past; Adafactor has no Adam betas or epsilon.
     unused = {k for k in before if k not in now}

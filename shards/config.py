@@ -131,12 +131,11 @@ def _interval(text: str):
 
 
 def _range_words(text: str) -> str:
-    lo, hi, lo_in, hi_in = _interval(text)
-    num = lambda x: f"{x:g}"  # noqa: E731
+    lo, hi, lo_in, _ = _interval(text)
     if math.isinf(hi) and math.isinf(lo):
         return "a finite number"
     if math.isinf(hi):
-        return f"{'at least' if lo_in else 'above'} {num(lo)}"
+        return f"{'at least' if lo_in else 'above'} {lo:g}"
     return f"in {text}"
 
 

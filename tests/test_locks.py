@@ -89,6 +89,13 @@ def test_a_second_merge_into_the_same_out_dir_is_refused(tmp_path):
         with pytest.raises(UsageError, match=rf"out.dir '{out}' is in use by merge \(pid {p.pid}"):
             with sibling_lock(out, "merge"):
                 pass
+        os.mkdir(out)
+        (tmp_path / "alias").symlink_to(out)  # the same out.dir by another name takes the same lock
+        with pytest.raises(UsageError, match="is in use by merge"):
+            with sibling_lock(str(tmp_path / "alias"), "merge"):
+                pass
+        (tmp_path / "alias").unlink()
+        os.rmdir(out)
         cfg = load_config(MergeConfig, [f"model.path={tmp_path}", f"lora.path={tmp_path}", f"out.dir={out}"])
         with pytest.raises(UsageError, match="is in use by merge"):  # the stage takes it before any work
             run_merge(cfg, progress=False)

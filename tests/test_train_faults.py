@@ -216,3 +216,24 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_check
     assert e.value.code == 1 and err[-1].startswith("train: error: writing the checkpoint ")
     assert "step-000002" in err[-1] and "free some space" in err[-1]
     assert os.listdir(out / "checkpoints") == []
+
+
+def test_a_second_signal_quits_at_once_and_old_saved_keys_are_not_changes(tmp_path):
+    import signal as sig
+    from types import SimpleNamespace
+
+    from shards.config import load_config, to_dict
+    from train.config import TrainConfig
+    from train.resume import changes
+    from train.stop import StopRequest
+
+    stop = StopRequest(SimpleNamespace(is_main_process=False, num_processes=1))
+    stop._handle(sig.SIGTERM, None)
+    assert stop.should_stop()
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(sig.SIGINT, None)
+    cfg = load_config(TrainConfig, [f"model.path={tmp_path}", f"data.shards={tmp_path}", f"out.dir={tmp_path}",
+                                    "train.optimizer=adafactor"])
+    saved = to_dict(cfg)
+    saved["train"] = {**saved["train"], "a_key_this_version_dropped": 3, "adam_beta1": 0.5}
+    assert changes(saved, cfg, "ckpt") == []  # a dropped key is past; Adafactor has no Adam betas

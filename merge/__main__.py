@@ -5,10 +5,15 @@ from shards.config import run_cli
 from .config import MergeConfig
 from .run import main
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["convert"]:  # python -m merge convert IN OUT --to kohya|diffusers
+
+def command(argv):
+    if argv[:1] == ["convert"]:  # python -m merge convert IN OUT --to kohya|diffusers
         from .convert import main as convert_main
 
-        run_cli("merge convert", convert_main, sys.argv[2:])
+        run_cli("merge convert", convert_main, argv[1:])
     else:
-        run_cli("merge", main, schema=MergeConfig)
+        run_cli("merge", main, argv, schema=MergeConfig)
+
+
+if __name__ == "__main__":
+    command(sys.argv[1:])

@@ -11,5 +11,11 @@ def main(argv):
     print(summary(manifest, cfg.out.dir))
 
 
+def command(argv):
+    run_cli("precompute", main, argv, schema=PrecomputeConfig)
+
+
 if __name__ == "__main__":
-    run_cli("precompute", main, schema=PrecomputeConfig)
+    import sys
+
+    command(sys.argv[1:])

@@ -39,4 +39,9 @@ def main(argv):
     print(f"{a.path}: OK" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
-run_cli("shards", main)
+def command(argv):
+    run_cli("shards", main, argv)
+
+
+if __name__ == "__main__":
+    command(sys.argv[1:])

@@ -16,6 +16,24 @@ def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 600):
                           text=True, timeout=timeout)
 
 
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args...` run in this process: the command's own parsing, output and exit status,
+    without the 2-12 s a new interpreter spends importing torch and diffusers. Tests whose point is a separate
+    process (a lock holder, a kill, a signal, what gets imported) use run_module."""
+    import contextlib
+    import importlib
+    import io
+
+    command = importlib.import_module(f"{module}.__main__").command
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            command(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     from precompute.tiny import build_tiny_model

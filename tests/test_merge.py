@@ -5,8 +5,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import cli
 from merge.config import MergeConfig
 from merge.lora import split_key
 from merge.run import main, run_merge
@@ -310,7 +309,7 @@ def test_usage_errors(base_model, lora_dir, tmp_path, capsys, args, words):
     assert not (tmp_path / "out").exists()
 
 
-# (f) through the real entry point, as a user runs it.
+# (f) through the entry point's command (in this process: the single-file test runs `python -m merge` itself).
 @pytest.mark.parametrize("case", ["missing-lora", "unknown-key", "module-not-in-base"])
 def test_command_line_errors(base_model, lora_dir, tmp_path, case):
     lora = lora_dir
@@ -321,8 +320,7 @@ def test_command_line_errors(base_model, lora_dir, tmp_path, case):
         extra = ["out.colour=red"]
     else:
         lora = _edited_lora(lora_dir, tmp_path, _extra_module)
-    p = subprocess.run([sys.executable, "-m", "merge", f"model.path={base_model}", f"lora.path={lora}",
-                        f"out.dir={tmp_path / 'out'}", *extra], cwd=REPO, capture_output=True, text=True)
+    p = cli("merge", f"model.path={base_model}", f"lora.path={lora}", f"out.dir={tmp_path / 'out'}", *extra)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     code, word = {"missing-lora": (2, "lora.path"), "unknown-key": (2, "out.colour"),
@@ -371,12 +369,17 @@ def test_out_dir_that_cannot_be_created_is_a_usage_error(base_model, lora_dir, t
 # staging folder is gone.
 @pytest.mark.parametrize("link", ["hardlink", "copy"])  # fails in safetensors' writer / in the component copy
 def test_write_failure_mid_way_is_one_line_and_leaves_nothing(base_model, lora_dir, tmp_path, link):
-    limited = ("import resource, runpy, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY)); "
-               "runpy.run_module('merge', run_name='__main__', alter_sys=True)")
+    import resource
+    import signal
+
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-c", limited, f"model.path={base_model}", f"lora.path={lora_dir}",
-                        f"out.dir={out}", f"out.link={link}"], cwd=REPO, capture_output=True, text=True)
+    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, limit[1]))  # for this process, only while it merges
+    try:
+        p = cli("merge", f"model.path={base_model}", f"lora.path={lora_dir}", f"out.dir={out}", f"out.link={link}")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
     line = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert line.startswith("merge: error: ") and "File too large" in line, line

@@ -1,19 +1,16 @@
 """kohya-format SD3 LoRAs: conversion both ways, merging them, loading the converted file in diffusers."""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import cli
 from merge.convert import convert
 from merge.sd3_keys import PREFIX, to_original
 from test_merge import R, TARGETS, WEIGHTS, latents, load_pipeline, make_lora, merge, merged_weights
 
-REPO = Path(__file__).resolve().parents[1]
 # Every block's context modulation (the last one is stored swapped) and the final one (swapped).
 ADALN = ["norm_out.linear", "norm1_context.linear"]
 
@@ -58,10 +55,8 @@ def test_round_trip_and_kohya_merge_equal_the_original_merge(base, lora, kohya, 
 
 
 def test_command_line_merges_a_kohya_file(base, lora, kohya, tmp_path):
-    run = lambda lp, out: subprocess.run([sys.executable, "-m", "merge", f"model.path={base}", f"lora.path={lp}",
-                                          f"out.dir={out}"], cwd=REPO, capture_output=True, text=True)
     for lp, out in ((lora, tmp_path / "d"), (kohya, tmp_path / "k")):
-        r = run(lp, out)
+        r = cli("merge", f"model.path={base}", f"lora.path={lp}", f"out.dir={out}")
         assert r.returncode == 0, r.stderr
     assert_same_weights(merged_weights(str(tmp_path / "k")), merged_weights(str(tmp_path / "d")))
 
@@ -111,9 +106,8 @@ def test_converted_back_file_loads_in_diffusers(base, lora, back):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def _cli(args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "merge", "convert", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True)
+def _cli(args):
+    return cli("merge", "convert", *map(str, args))
 
 
 def test_command_line_convert(lora, tmp_path):
@@ -193,6 +187,5 @@ def test_split_qkv_layout_merges_like_the_diffusers_file(base, lora, kohya, tmp_
                         merged_weights(merge(base, lora, tmp_path / "orig")))
     del split[next(k for k in split if k.endswith(".lora_up.1.weight"))]
     save_file(split, path)
-    r = subprocess.run([sys.executable, "-m", "merge", f"model.path={base}", f"lora.path={path}",
-                        f"out.dir={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True)
+    r = cli("merge", f"model.path={base}", f"lora.path={path}", f"out.dir={tmp_path / 'bad'}")
     assert r.returncode == 1 and "lacks split-qkv parts (no lora_up.1.weight)" in r.stderr.strip().splitlines()[-1]

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import cli
 from merge.kohya import to_kohya
 from merge.lora import read_lora, read_loras
 from merge.run import TEXT_ENCODERS
@@ -153,9 +154,8 @@ def test_pipeline_from_single_file_loads_the_whole_release(base, loras, tmp_path
 
 # merge.verify: reads the release back, checks each tensor and runs the forward probe; it catches a wrong release.
 def test_verify_on_the_command_line(base, loras, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "merge", f"model.path={base}", f"lora.path=[{loras[0]},{loras[2]}]",
-                        "lora.scale=[1,0.5]", f"out.dir={tmp_path / 'o'}", "merge.verify=true"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = cli("merge", f"model.path={base}", f"lora.path=[{loras[0]},{loras[2]}]", "lora.scale=[1,0.5]",
+            f"out.dir={tmp_path / 'o'}", "merge.verify=true")
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.splitlines()
     assert f"({os.path.basename(loras[0])} x 1, kohya.safetensors x 0.5)" in lines[0]

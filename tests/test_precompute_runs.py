@@ -57,9 +57,9 @@ def many_images(sample_data, tmp_path_factory):
 
 
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_model, many_images, tmp_path):
-    # The killed run and its rerun are separate processes, as when a user runs the command again; the
-    # uninterrupted one runs here. Float results depend on the CPU thread count, so all three use this
-    # process's.
+    # The killed run is a process of its own; the uninterrupted run and the rerun run here, the rerun with
+    # nothing of the killed run but what it left on disk. Float results depend on the CPU thread count, so the
+    # killed run uses this process's.
     def argv(out):
         return [f"model.path={tiny_model}", f"data.path={many_images}", f"out.dir={out}", "buckets.resolution=128",
                 "buckets.step=32", "buckets.min_size=64", "validation.prompts=[a photo of a cat,a red apple]",
@@ -67,15 +67,10 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_model, many_images,
 
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
-    def precompute(out):
-        return subprocess.run([sys.executable, "-m", "precompute", *argv(out)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
-
-    from precompute.__main__ import main
-    from shards.config import run_cli
+    from conftest import cli
 
     whole = str(tmp_path / "whole")
-    run_cli("precompute", main, argv(whole))
+    assert cli("precompute", *argv(whole)).returncode == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "precompute", *argv(out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,7 +84,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_model, many_images,
     done = sorted(n for n in os.listdir(out) if n.endswith(".json") and n.startswith("shard-"))
     assert 4 <= len(done) < 20
     kept = {n: os.stat(out / n).st_ino for n in done}
-    r = precompute(out)
+    r = cli("precompute", *argv(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert all(os.stat(out / n).st_ino == ino for n, ino in kept.items())  # finished shards were not redone
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
@@ -132,7 +127,7 @@ def test_changes_are_detected_and_only_affected_shards_redone(tiny_model, sample
 
 
 def test_parts_together_equal_one_run(tiny_model, sample_data, tmp_path):
-    from conftest import run_module
+    from conftest import cli
 
     data = tmp_path / "data"
     shutil.copytree(sample_data, data)
@@ -151,11 +146,11 @@ def test_parts_together_equal_one_run(tiny_model, sample_data, tmp_path):
     # Separate folders, combined afterwards.
     for part in (0, 1):
         _run(tiny_model, str(data), str(tmp_path / f"p{part}"), **{"out.samples_per_shard": 3, "part": part, "parts": 2})
-    r = run_module("shards", "combine", str(tmp_path / "combined"), str(tmp_path / "p0"), str(tmp_path / "p1"))
+    r = cli("shards", "combine", str(tmp_path / "combined"), str(tmp_path / "p0"), str(tmp_path / "p1"))
     assert r.returncode == 0, r.stderr
     _same_set(one, str(tmp_path / "combined"))
-    assert run_module("shards", "verify", str(tmp_path / "combined")).returncode == 0
-    r = run_module("shards", "combine", str(tmp_path / "half"), str(tmp_path / "p0"))
+    assert cli("shards", "verify", str(tmp_path / "combined")).returncode == 0
+    r = cli("shards", "combine", str(tmp_path / "half"), str(tmp_path / "p0"))
     assert r.returncode == 1 and "missing" in r.stderr
 
 
@@ -206,23 +201,23 @@ def test_an_edited_caption_is_a_change(tiny_model, sample_data, tmp_path):
 
 
 def test_combine_does_not_replace_a_set_silently(tiny_model, sample_data, tmp_path):
-    from conftest import run_module
+    from conftest import cli
 
     for part in (0, 1):
         _run(tiny_model, sample_data, str(tmp_path / f"p{part}"), **{"out.samples_per_shard": 3, "part": part, "parts": 2})
     other = str(tmp_path / "other")
     _run(tiny_model, sample_data, other, **{"out.samples_per_shard": 5})
-    r = run_module("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"))
+    r = cli("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"))
     assert r.returncode == 2 and "already holds a complete shard set" in r.stderr
-    r = run_module("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"), "--overwrite")
+    r = cli("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"), "--overwrite")
     assert r.returncode == 0, r.stderr
-    assert len(read_manifest(other)["shards"]) == 3 and run_module("shards", "verify", other).returncode == 0
+    assert len(read_manifest(other)["shards"]) == 3 and cli("shards", "verify", other).returncode == 0
     # The combined manifest hashes the combined set's own files, as a single run's does.
     files = read_manifest(other)["files"]
     assert set(files) == {"extras.safetensors", "rejected.jsonl", "run.json"} | {f"shard-00000{i}.json" for i in range(3)}
     with open(os.path.join(other, "run.json"), "a") as f:
         f.write(" ")
-    r = run_module("shards", "verify", "--quick", other)
+    r = cli("shards", "verify", "--quick", other)
     size = files["run.json"]["bytes"]
     assert r.returncode == 1 and r.stderr.startswith(f"run.json: {size + 1} bytes, manifest says {size}\n")
 
@@ -303,7 +298,7 @@ def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp
     # A refused rerun of the finished set leaves it as it was (run.json is one of the hashed files).
     with pytest.raises(Exception, match="already holds a complete shard set"):
         _run(tiny_model, sample_data, str(out), **{"out.samples_per_shard": 3, "num_workers": 1})
-    assert run_module_ok("shards", "verify", "--quick", str(out))
+    assert cli_ok("shards", "verify", "--quick", str(out))
     r = _precompute(tiny_model, sample_data, out, 2, "out.overwrite=true")
     assert r.returncode == 0, r.stderr[-2000:]
     redone = read_manifest(str(out))
@@ -314,7 +309,7 @@ def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp
 def test_parts_on_other_settings_are_kept_and_reported(tiny_model, sample_data, tmp_path):
     """Parts are the user's own split of the work, possibly over machines that compute differently: each
     part's shards are kept, and the manifest and `shards inspect` say which settings computed which."""
-    from conftest import run_module
+    from conftest import cli
 
     out = tmp_path / "set"
     for part, threads in ((0, 1), (1, 2)):
@@ -322,14 +317,14 @@ def test_parts_on_other_settings_are_kept_and_reported(tiny_model, sample_data, 
         assert r.returncode == 0, r.stderr[-2000:]
     m = read_manifest(str(out))
     assert [(g["settings"]["threads"], g["shards"]) for g in m["numerics"]] == [(1, [0, 2]), (2, [1])]
-    r = run_module("shards", "inspect", str(out))
+    r = cli("shards", "inspect", str(out))
     assert r.returncode == 0 and "numerics    2 different settings" in r.stdout
     assert "shards 0, 2 (2): cpu" in r.stdout and "1 thread)" in r.stdout and "2 threads)" in r.stdout
 
 
-def run_module_ok(*args) -> bool:
-    from conftest import run_module
+def cli_ok(*args) -> bool:
+    from conftest import cli
 
-    r = run_module(*args)
+    r = cli(*args)
     assert r.returncode == 0, r.stderr
     return True

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import run_module
+from conftest import cli
 from shards import format as F
 from shards import read_extras, read_manifest
 from shards.errors import DataError
@@ -59,7 +59,7 @@ def test_edited_vae_factor_is_refused_in_one_line(set_dir):
     json.dump(m, open(path, "w"), indent=2)
     with pytest.raises(DataError, match="manifest.json was edited after it was written"):
         read_manifest(set_dir)
-    r = run_module("shards", "verify", set_dir)
+    r = cli("shards", "verify", set_dir)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.count("\n") == 1 and "manifest.json was edited after it was written" in r.stderr
     # Indentation is not content: the same manifest written another way still reads.
@@ -72,7 +72,7 @@ def test_edited_vae_factor_is_refused_in_one_line(set_dir):
 def test_a_flipped_byte_in_any_set_file_is_named(set_dir, name):
     _flip(os.path.join(set_dir, name))
     assert verify(set_dir, deep=False) == [f"{name}: sha256 differs from the manifest (corrupt or replaced)"]
-    r = run_module("shards", "verify", "--quick", set_dir)
+    r = cli("shards", "verify", "--quick", set_dir)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.splitlines()[0] == f"{name}: sha256 differs from the manifest (corrupt or replaced)"
 
@@ -101,7 +101,7 @@ def test_a_copy_for_training_may_leave_out_the_run_state_but_not_set_files(set_d
         os.remove(os.path.join(set_dir, name))
     check_shard_files(set_dir, read_manifest(set_dir))
     assert verify(set_dir) == []
-    r = run_module("shards", "verify", set_dir)
+    r = cli("shards", "verify", set_dir)
     assert r.returncode == 0 and "2 precompute run-state file(s) not in this copy" in r.stdout
     os.remove(os.path.join(set_dir, F.REJECTED))
     assert verify(set_dir, deep=False) == [f"{F.REJECTED}: missing"]
@@ -114,7 +114,7 @@ def test_a_manifest_from_before_the_hashes_still_reads_and_says_what_it_cannot_c
     json.dump(m, open(path, "w"))
     assert read_manifest(set_dir)["counts"]["written"] == 6
     assert verify(set_dir) == []
-    r = run_module("shards", "verify", set_dir)
+    r = cli("shards", "verify", set_dir)
     assert r.returncode == 0 and "not checked" in r.stdout and "manifest.json itself" in r.stdout
     _flip(os.path.join(set_dir, F.EXTRAS))  # its sha256 was in the extras record all along
     assert verify(set_dir, deep=False) == [f"{F.EXTRAS}: sha256 differs from the manifest (corrupt or replaced)"]

@@ -112,15 +112,15 @@ def test_keys_must_be_unique_and_webdataset_safe(tmp_path):
 
 
 def test_cli_inspect_and_verify(shard_set_fp32, tmp_path):
-    from conftest import run_module
+    from conftest import cli, run_module
 
-    r = run_module("shards", "inspect", shard_set_fp32)
+    r = cli("shards", "inspect", shard_set_fp32)
     assert r.returncode == 0 and "8 written" in r.stdout and "128x128" in r.stdout
-    assert run_module("shards", "verify", shard_set_fp32).returncode == 0
+    assert cli("shards", "verify", shard_set_fp32).returncode == 0
     broken = tmp_path / "broken"
     shutil.copytree(shard_set_fp32, broken)
     os.remove(broken / "shard-000001.tar")
-    r = run_module("shards", "verify", str(broken))
+    r = run_module("shards", "verify", str(broken))  # the command itself, as a user runs it
     assert r.returncode == 1 and "shard-000001.tar: missing" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors import safe_open
 
-from conftest import REPO
+from conftest import REPO, cli
 from test_train import train_args
 
 ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -37,13 +37,10 @@ def _started(out):
     return (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
 
 
-def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from(tiny_model, shard_set_fp32, tmp_path,
-                                                                                  capsys):
+def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from(tiny_model, shard_set_fp32, tmp_path):
     """One run's life: SIGKILL before its first checkpoint, the same command starts it again; Ctrl-C saves a
-    checkpoint; the command resumes from it to the end; run again, it is up to date."""
-    from shards.config import run_cli
-    from train.__main__ import main
-
+    checkpoint; the command resumes from it to the end; run again, it is up to date. The killed and stopped runs
+    are processes of their own; the resumes after them run in this process, from what those left on disk."""
     out = tmp_path / "run"
     cmd = _command(tiny_model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0")
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -70,14 +67,12 @@ def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from
     assert 1 <= step < 100000 and f"step-{step:06d}" in line and "run the same command" in line
     assert (out / "checkpoints" / f"step-{step:06d}" / "COMPLETE").exists()
     # Shortened to the stop step plus a few, the command resumes where the stop saved.
-    finish = _command(tiny_model, shard_set_fp32, out, f"train.max_steps={step + 3}", "checkpoint.every=0")
-    r = subprocess.run(finish, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    finish = _command(tiny_model, shard_set_fp32, out, f"train.max_steps={step + 3}", "checkpoint.every=0")[3:]
+    r = cli("train", *finish)
     assert r.returncode == 0 and f"resuming from {out / 'checkpoints' / f'step-{step:06d}'}" in r.stdout + r.stderr, \
         r.stderr[-2000:]
     assert _logged_steps(out) == list(range(1, step + 4))  # the killed run's lines are gone, none twice
-    capsys.readouterr()
-    run_cli("train", main, finish[3:])
-    assert "train: up to date" in capsys.readouterr().out
+    assert "train: up to date" in cli("train", *finish).stdout
 
 
 def test_a_second_train_into_the_same_out_dir_is_refused(tiny_model, shard_set_fp32, tmp_path):
@@ -87,8 +82,7 @@ def test_a_second_train_into_the_same_out_dir_is_refused(tiny_model, shard_set_f
                                "    time.sleep(600)"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        r = subprocess.run(_command(tiny_model, shard_set_fp32, out, "train.max_steps=2"), cwd=REPO, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+        r = cli("train", *_command(tiny_model, shard_set_fp32, out, "train.max_steps=2")[3:])  # a lock is per process
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
         assert f"out.dir {out} is in use by train (pid {holder.pid} on " in err[0]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, cli
 
 
 def _args(model, shards, out, *extra):
@@ -32,14 +32,12 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, shard_set_fp32, tmp_pa
               "train.ema=0.9", "lora.dropout=0.1", "loss.caption_dropout=0.2", "validation.enabled=true",
               "validation.every=1", "validation.steps=3"]
     env = {**os.environ, "PYTHONPATH": REPO}
-
-    def command(out):  # each run its own process, as a user runs it again
-        return [sys.executable, "-m", "train", *_args(tiny_model, shard_set_fp32, out, *common)]
-
-    straight = tmp_path / "straight"  # uninterrupted, in this process; the killed run and its resume as a user would
+    # The uninterrupted run and the resume run in this process, the killed run in its own: the resume has
+    # nothing of the killed run but what it left on disk.
+    straight, out = tmp_path / "straight", tmp_path / "killed"
     _train(*_args(tiny_model, shard_set_fp32, straight, *common))
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "train", *_args(tiny_model, shard_set_fp32, out, *common)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "checkpoints" / "step-000008" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists():
@@ -48,7 +46,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, shard_set_fp32, tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
-    r = subprocess.run(command(out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # resume: auto
+    r = cli("train", *_args(tiny_model, shard_set_fp32, out, *common))  # resume: auto
     assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout, r.stderr[-2000:]
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
         a, b = load_file(straight / name), load_file(out / name)

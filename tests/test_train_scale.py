@@ -55,47 +55,17 @@ def _same_lora(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_sigkill_then_resume_bit_identical_and_resume_with_one(tiny_model, shard_set_fp32, tmp_path):
-    common = ["train.max_steps=8", "checkpoint.every=2", "train.grad_accum=2", "train.log_every=3"]
-    straight = tmp_path / "straight"
-    r = _torchrun(2, *_args(tiny_model, shard_set_fp32, straight, *common))
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [json.loads(line) for line in open(straight / "metrics.jsonl")]
-    assert [x["step"] for x in lines] == list(range(1, 9))
-    for line in lines:  # each step: two micro-batches per process (an epoch's last batch may be short)
-        assert all(2 <= len(keys) <= 4 for keys in line["keys"])
-    rank0, rank1 = lines[0]["keys"]  # in their first epoch the processes read disjoint shares
-    assert not set(rank0) & set(rank1)
-    killed = tmp_path / "killed"
-    proc = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *common), wait=False)
-    marker = killed / "checkpoints" / "step-000004" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.005)
-    _kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: a kill of its group misses them
-    proc.wait()
-    assert not (killed / "pytorch_lora_weights.safetensors").exists()
-    r = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *common))
-    assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout, r.stderr[-3000:]
-    assert _same_lora(straight, killed)
-    assert [json.loads(x)["step"] for x in open(killed / "metrics.jsonl")] == list(range(1, 9))
-    # The same checkpoint resumed by one process: it takes over both processes' share of the data.
-    from shards.config import load_config
-    from train.config import TrainConfig
-    from train.loop import train
-
-    r = train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "one", *common,
-                                             f"resume={straight / 'checkpoints' / 'step-000006'}")))
-    assert r["steps"] == 8
-    read = r["data_read"][0]
-    assert read["resume_samples"] >= 0 and read["bytes"] > 0 and read["rchar"] >= read["bytes"]
-    assert not _same_lora(straight, tmp_path / "one")  # one process trains on half the data per step
+COMMON = ["train.max_steps=8", "checkpoint.every=2", "train.grad_accum=2", "train.log_every=3"]
 
 
-def test_only_the_last_micro_batch_of_a_step_all_reduces(tiny_model, shard_set_fp32, tmp_path):
-    """A DDP comm hook counts the gradient all-reduces: with grad_accum=4 they equal those of grad_accum=1."""
-    script = tmp_path / "count.py"
+@pytest.fixture(scope="module")
+def two_processes(tiny_model, shard_set_fp32, tmp_path_factory):
+    """One torchrun launch of two processes (each launch costs ~17 s here, mostly imports) that first counts
+    the gradient all-reduces of three steps at grad_accum 1 and 4 through a DDP comm hook, then trains the
+    uninterrupted run the kill test compares with. Returns the counts and that run's out.dir."""
+    tmp = tmp_path_factory.mktemp("two")
+    straight = tmp / "straight"
+    script = tmp / "count.py"
     script.write_text(f"""
 import json, os, sys
 sys.path.insert(0, {REPO!r})
@@ -103,11 +73,11 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from shards.config import load_config
 from train.config import TrainConfig
-from train.loop import build_run, run_accelerator
+from train.loop import build_run, run_accelerator, train
 
 counts = {{}}
 for accum in (1, 4):
-    cfg = load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp_path / 'o')!r} + [f"train.grad_accum={{accum}}"])
+    cfg = load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'o')!r} + [f"train.grad_accum={{accum}}"])
     accel = run_accelerator(cfg)
     run = build_run(cfg, accel)
     calls = []
@@ -124,12 +94,54 @@ for accum in (1, 4):
     counts[accum] = len(calls)
 if dist.get_rank() == 0:
     print("COUNTS", json.dumps(counts))
+train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, straight, *COMMON)!r}))
 """)
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    counts = json.loads(r.stdout.split("COUNTS", 1)[1].strip().splitlines()[0])
+    return {"counts": json.loads(r.stdout.split("COUNTS", 1)[1].strip().splitlines()[0]), "straight": straight}
+
+
+def test_two_processes_sigkill_then_resume_bit_identical_and_resume_with_one(tiny_model, shard_set_fp32, tmp_path,
+                                                                           two_processes):
+    straight = two_processes["straight"]
+    lines = [json.loads(line) for line in open(straight / "metrics.jsonl")]
+    assert [x["step"] for x in lines] == list(range(1, 9))
+    for line in lines:  # each step: two micro-batches per process (an epoch's last batch may be short)
+        assert all(2 <= len(keys) <= 4 for keys in line["keys"])
+    rank0, rank1 = lines[0]["keys"]  # in their first epoch the processes read disjoint shares
+    assert not set(rank0) & set(rank1)
+    killed = tmp_path / "killed"
+    proc = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *COMMON), wait=False)
+    marker = killed / "checkpoints" / "step-000004" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.005)
+    _kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: a kill of its group misses them
+    proc.wait()
+    assert not (killed / "pytorch_lora_weights.safetensors").exists()
+    r = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *COMMON))
+    assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout, r.stderr[-3000:]
+    assert _same_lora(straight, killed)
+    assert [json.loads(x)["step"] for x in open(killed / "metrics.jsonl")] == list(range(1, 9))
+    # The same checkpoint resumed by one process: it takes over both processes' share of the data.
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.loop import train
+
+    r = train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "one", *COMMON,
+                                             f"resume={straight / 'checkpoints' / 'step-000006'}")))
+    assert r["steps"] == 8
+    read = r["data_read"][0]
+    assert read["resume_samples"] >= 0 and read["bytes"] > 0 and read["rchar"] >= read["bytes"]
+    assert not _same_lora(straight, tmp_path / "one")  # one process trains on half the data per step
+
+
+def test_only_the_last_micro_batch_of_a_step_all_reduces(two_processes):
+    """With grad_accum=4 the all-reduces a DDP comm hook counts equal those of grad_accum=1."""
+    counts = two_processes["counts"]
     assert counts["1"] >= 3 and counts["4"] == counts["1"], counts  # per optimizer step, not per micro-batch
 
 

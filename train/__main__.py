@@ -17,5 +17,11 @@ def main(argv):
         print(summary(result))
 
 
+def command(argv):
+    run_cli("train", main, argv, schema=TrainConfig)
+
+
 if __name__ == "__main__":
-    run_cli("train", main, schema=TrainConfig)
+    import sys
+
+    command(sys.argv[1:])

@@ -27,7 +27,7 @@ import torch
 
 from shards.errors import DataError
 
-from .lora import PEFT_DEFAULT_ALPHA, LoraModule, checked_pair, key_error
+from .lora import LoraModule, checked_pair, key_error
 from .sd3_keys import _BLOCK, _QKV, _TOP, CAT, COPY, SWAP, original_name, swap_halves
 
 KOHYA_PREFIX = "lora_unet_"
@@ -195,31 +195,29 @@ def _put(out, name, down, up, scale):
 def to_diffusers(modules: Dict[str, LoraModule]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """LoraModules -> (diffusers state dict, safetensors header) loadable by load_lora_weights.
 
-    The most common rank and alpha become r / lora_alpha; other modules go into rank_pattern / alpha_pattern."""
+    Each module's scale is folded into its lora_B and the header says alpha = rank, so loaders that ignore
+    the header (ComfyUI, Forge) apply the same delta as diffusers. The most common rank becomes r; other
+    ranks go into rank_pattern, with an equal alpha_pattern."""
     if not modules:
         raise DataError("the LoRA holds no transformer modules")
     state: Dict[str, torch.Tensor] = {}
-    ranks, alphas = {}, {}
+    ranks = {}
     for name, mod in sorted(modules.items()):
         state[f"transformer.{name}.lora_A.weight"] = mod.down.clone()  # fused q, k, v share one down
-        state[f"transformer.{name}.lora_B.weight"] = mod.up.clone()
+        up = mod.up.clone() if mod.scale == 1.0 else (mod.up.float() * mod.scale).to(mod.up.dtype)
+        state[f"transformer.{name}.lora_B.weight"] = up
         ranks[name] = mod.down.shape[0]
-        alpha = mod.scale * ranks[name]
-        alphas[name] = int(alpha) if float(alpha).is_integer() else alpha
-
-    def common(values):
-        counts: Dict[object, int] = {}
-        for v in values.values():
-            counts[v] = counts.get(v, 0) + 1
-        return max(counts, key=lambda v: (counts[v], v))
-
-    r, lora_alpha = common(ranks), common(alphas)
+    counts: Dict[int, int] = {}
+    for v in ranks.values():
+        counts[v] = counts.get(v, 0) + 1
+    r = max(counts, key=lambda v: (counts[v], v))
+    others = {k: v for k, v in ranks.items() if v != r}
     config = {
         "r": r,
-        "lora_alpha": lora_alpha if ranks else PEFT_DEFAULT_ALPHA,
+        "lora_alpha": r,
         "target_modules": sorted(modules),
-        "rank_pattern": {k: v for k, v in ranks.items() if v != r},
-        "alpha_pattern": {k: v for k, v in alphas.items() if v != lora_alpha},
+        "rank_pattern": others,
+        "alpha_pattern": dict(others),
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,

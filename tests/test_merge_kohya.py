@@ -1,4 +1,5 @@
 """kohya-format SD3 LoRAs: conversion both ways, merging them, loading the converted file in diffusers."""
+import json
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import cli
 from merge.convert import convert
 from merge.sd3_keys import PREFIX, to_original
-from test_merge import R, TARGETS, WEIGHTS, latents, load_pipeline, make_lora, merge, merged_weights
+from test_merge import ALPHA, R, TARGETS, WEIGHTS, latents, load_pipeline, make_lora, merge, merged_weights
 
 # Every block's context modulation (the last one is stored swapped) and the final one (swapped).
 ADALN = ["norm_out.linear", "norm1_context.linear"]
@@ -94,7 +95,14 @@ def test_kohya_keys_shapes_and_effect_in_original_layout(base, lora, kohya, tmp_
 # (d) the converted-back file loads in diffusers and generates what the original LoRA does.
 def test_converted_back_file_loads_in_diffusers(base, lora, back):
     with safe_open(back, framework="pt") as f:
-        assert "lora_adapter_metadata" in f.metadata()
+        adapter = json.loads(f.metadata()["lora_adapter_metadata"])
+    # alpha / rank is folded into lora_B: a loader that reads no header (ComfyUI) gets the trained delta too.
+    assert adapter["transformer.lora_alpha"] == adapter["transformer.r"] and not adapter["transformer.use_rslora"]
+    orig, mine = load_file(lora), load_file(back)
+    assert orig.keys() == mine.keys()
+    for key in (k for k in orig if k.endswith(".lora_A.weight")):
+        b = key.replace(".lora_A.", ".lora_B.")
+        torch.testing.assert_close(mine[b] @ mine[key], ALPHA / R * (orig[b] @ orig[key]), atol=1e-7, rtol=1e-6)
     pipe = load_pipeline(base)
     pipe.load_lora_weights(os.path.dirname(lora), adapter_name="orig")
     want = latents(pipe)

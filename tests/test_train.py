@@ -83,9 +83,9 @@ def test_lora_file_metadata(trained):
         meta = f.metadata()
         keys = list(f.keys())
     adapter = json.loads(meta["lora_adapter_metadata"])
-    assert adapter["transformer.r"] == 4 and adapter["transformer.lora_alpha"] == 8
+    assert adapter["transformer.r"] == adapter["transformer.lora_alpha"] == 4  # alpha / rank is in lora_B
     info = json.loads(meta["shardtune"])
-    assert info["rank"] == 4 and info["alpha"] == 8 and info["steps"] == 100
+    assert info["rank"] == 4 and info["alpha"] == 8 and info["scale_folded_into_lora_B"] == 2 and info["steps"] == 100
     assert len(info["shard_sets"][0]["manifest_sha256"]) == 64
     assert all(k.startswith("transformer.transformer_blocks.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     # 2 blocks x 8 projections (the last block has no to_add_out: context_pre_only) x A and B.

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import REPO, cli
@@ -54,6 +55,10 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, shard_set_fp32, tmp_pa
         assert all(torch.equal(a[k], b[k]) for k in a), name
     ema, raw = load_file(out / "pytorch_lora_weights_ema.safetensors"), load_file(out / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    with safe_open(out / "pytorch_lora_weights_ema.safetensors", "pt") as f:  # folded like the LoRA itself
+        header = f.metadata()
+    assert json.loads(header["lora_adapter_metadata"])["transformer.lora_alpha"] == 4
+    assert json.loads(header["shardtune"])["scale_folded_into_lora_B"] == 2
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == list(range(1, 17))  # no step logged twice after the resume
     kept = sorted(os.listdir(out / "checkpoints"))

@@ -84,9 +84,11 @@ def other_numerics(records: Dict[int, dict], computed: dict) -> List[int]:
 
 
 def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan, mine: List[int], facts: dict,
-                    computed: Optional[dict] = None) -> List[int]:
+                    computed: Optional[dict] = None) -> Optional[List[int]]:
     """Check out.dir against this run (`plan`: the Plan or TarPlan of its inputs) and return the shards of this
-    part still to do. `computed` holds this run's numerics and part (see other_numerics)."""
+    part still to do, or None when out.dir already holds the complete set this run would make (same content
+    config, model components and inputs): a rerun of a finished command. `computed` holds this run's
+    numerics and part (see other_numerics)."""
     d = cfg.out.dir
     try:
         os.makedirs(d, exist_ok=True)
@@ -122,8 +124,7 @@ def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan, mine: List[int], f
         raise UsageError(f"source files changed since out.dir {d} was made (in shards {', '.join(map(str, changed[:5]))}, "
                          f"e.g. {example}); set out.overwrite=true to redo the affected shards")
     if complete and not changed and not cfg.out.overwrite:
-        raise UsageError(f"out.dir {d} already holds a complete shard set; choose another out.dir "
-                         "or set out.overwrite=true")
+        return None  # nothing is written, run.json included: the set and its hashes stay as they are
     clash = other_numerics(kept, computed) if computed else []
     if clash and not cfg.out.overwrite and not (todo or changed):
         clash = []  # this run computes nothing, so it mixes nothing into the set

@@ -20,6 +20,7 @@ from shards.config import flat_keys, resolve_device, to_dict
 from shards.errors import DataError
 from shards.fingerprint import folder_fingerprint
 from shards.modelpath import resolve_model
+from shards.reader import read_manifest
 from shards.writer import ShardWriter, assemble, read_sidecar, write_extras
 
 from .buckets import make_buckets, nearest_bucket, resize_and_crop
@@ -226,6 +227,8 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
     mine = [i for i in range(plan.n) if i % parts == part]
     computed = {"numerics": numerics(device, cfg.text.t5_precision), "part": [part, parts]}
     todo = prepare_out_dir(cfg, state, plan, mine, facts, computed)
+    if todo is None:
+        return {**read_manifest(cfg.out.dir), "up_to_date": True}
     need_extras = not os.path.exists(os.path.join(cfg.out.dir, F.EXTRAS))
     stats, load_seconds = {"images": 0, "seconds": 0.0}, 0.0
     if todo or need_extras:
@@ -354,6 +357,11 @@ def _encode_batch(cfg, ready: List[dict], text: TextEncoders, vae: VaeEncoder, w
 
 
 def summary(result: dict, out_dir: str) -> str:
+    if result.get("up_to_date"):
+        c = result["counts"]
+        return (f"precompute: up to date: {out_dir} holds the complete shard set this command makes ({c['written']} "
+                f"samples in {len(result['shards'])} shard(s); same config, model and inputs); set "
+                "out.overwrite=true to rebuild it")
     if not result.get("format"):
         head = (f"part {result['part']} of {result['parts']} done ({result['shards_done_here']} shard(s) written here, "
                 f"{result['seconds']} s); {result.get('shards_complete', '?')} of {result['shards']} shards are in {out_dir}")

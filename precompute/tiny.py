@@ -33,8 +33,11 @@ _CORPUS_EXTRA = [
     "a mountain landscape at sunset", "the quick brown fox jumps over the lazy dog",
 ]
 
-# Widths inside the transformer blocks are multiples of 64 so bitsandbytes' 4-bit CPU kernels take them (QLoRA tests).
-TINY_DIMS = dict(clip_l=32, clip_g=48, t5=128, caption_projection=64, heads=4, head_dim=16, layers=2)
+# The transformer has SD3's own proportions at small size: head size 64 and as many heads as blocks (hidden
+# width = 64 x depth, caption projection = hidden), the rules by which ComfyUI and sd-scripts infer the
+# architecture from a checkpoint's shapes, so the demo's single-file release loads there. Widths inside the
+# blocks are multiples of 64, which bitsandbytes' 4-bit CPU kernels need (QLoRA tests).
+TINY_DIMS = dict(clip_l=32, clip_g=48, t5=128, caption_projection=128, heads=2, head_dim=64, layers=2)
 
 
 def _corpus():

@@ -24,8 +24,8 @@ TRANSFORMER_CONFIGS = {
                          pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
     "sd3.5-large": dict(_SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
                         pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=()),
-    "tiny": dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
-                 num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=64, pooled_projection_dim=80,
+    "tiny": dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+                 num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=80,
                  pos_embed_max_size=32, qk_norm=None, dual_attention_layers=()),
 }
 

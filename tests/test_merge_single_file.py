@@ -42,6 +42,40 @@ def single_file(out, name="model"):
     return os.path.join(out, f"{name}.safetensors")
 
 
+def architecture_from_shapes(sd) -> dict:
+    """The SD3 architecture as ComfyUI and sd-scripts infer it from an original-layout checkpoint, whose
+    header they ignore: hidden width from x_embedder, depth = hidden / 64, as many heads as blocks (so head
+    size 64), qk-norm and dual-attention blocks from which keys exist."""
+    x = sd[PREFIX + "x_embedder.proj.weight"]
+    blocks = {int(k[len(PREFIX + "joint_blocks."):].split(".")[0]) for k in sd if k.startswith(PREFIX + "joint_blocks.")}
+    return {"in_channels": x.shape[1], "patch_size": x.shape[2], "depth": x.shape[0] // 64, "heads": x.shape[0] // 64,
+            "head_size": 64, "blocks": len(blocks), "pooled": sd[PREFIX + "y_embedder.mlp.0.weight"].shape[1],
+            "context": tuple(sd[PREFIX + "context_embedder.weight"].shape),
+            "pos_embed_max_size": round(sd[PREFIX + "pos_embed"].shape[1] ** 0.5),
+            "qk_norm": PREFIX + "joint_blocks.0.context_block.attn.ln_q.weight" in sd,
+            "dual_attention": sorted(b for b in blocks if f"{PREFIX}joint_blocks.{b}.x_block.attn2.qkv.weight" in sd)}
+
+
+def architecture_of(config) -> dict:
+    """The same facts from a diffusers transformer config."""
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    return {"in_channels": config["in_channels"], "patch_size": config["patch_size"], "depth": config["num_layers"],
+            "heads": config["num_attention_heads"], "head_size": config["attention_head_dim"],
+            "blocks": config["num_layers"], "pooled": config["pooled_projection_dim"],
+            "context": (hidden, config["joint_attention_dim"]), "pos_embed_max_size": config["pos_embed_max_size"],
+            "qk_norm": bool(config["qk_norm"]), "dual_attention": sorted(config["dual_attention_layers"])}
+
+
+def test_the_tiny_model_has_sd3_proportions(base):
+    """Head size 64 and heads = depth, caption projection = hidden: what other tools need to load it."""
+    import json
+
+    with open(os.path.join(base, "transformer", "config.json")) as f:
+        config = json.load(f)
+    assert config["attention_head_dim"] == 64 and config["num_attention_heads"] == config["num_layers"] >= 2
+    assert config["caption_projection_dim"] == 64 * config["num_layers"]
+
+
 # (1) diffusers -> original (ours) -> diffusers (diffusers' converter) gives back every tensor exactly.
 def test_round_trip_through_diffusers_converter(base):
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
@@ -100,6 +134,8 @@ def test_from_single_file_equals_merged_diffusers_release(base, lora, tmp_path):
         assert torch.equal(got[k], expected[k]), k
     with safe_open(single_file(out), framework="pt") as f:
         assert f.metadata() == SINGLE_FILE_METADATA
+    # What a loader that reads shapes alone builds is the architecture the release was made from.
+    assert architecture_from_shapes(load_file(single_file(out))) == architecture_of(dict(model.config))
 
 
 def test_vae_round_trip_through_diffusers_converter(base):

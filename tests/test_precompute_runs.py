@@ -109,8 +109,7 @@ def test_changes_are_detected_and_only_affected_shards_redone(tiny_model, sample
         _run(str(model), str(data), out, **{"out.samples_per_shard": 2})
     # Touching a file without changing it is not a change; changing its pixels is.
     os.utime(data / "camera.png")
-    with pytest.raises(UsageError, match="already holds a complete shard set"):
-        _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2})
+    assert _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2})["up_to_date"]
     img = Image.open(data / "camera.png")
     img.putpixel((0, 0), 255 - img.getpixel((0, 0)))
     img.save(data / "camera.png")
@@ -251,26 +250,17 @@ def test_vae_max_pixels_bounds_each_vae_call(tiny_model, sample_data, tmp_path, 
 def _precompute(model, data, out, threads, *over):
     """The precompute command with torch on `threads` CPU threads, in this process (a subprocess per run cost
     most of these tests' time); the thread count is what the run's numerics record reads."""
-    import contextlib
-    import io
-    from types import SimpleNamespace
-
-    from precompute.__main__ import main
-    from shards.config import run_cli
+    from conftest import cli
 
     argv = [f"model.path={model}", f"data.path={data}", f"out.dir={out}", "buckets.resolution=128", "buckets.step=32",
             "buckets.min_size=64", "validation.prompts=[a photo of a cat,a red apple]", "text.t5_precision=none",
             "num_workers=0", "out.samples_per_shard=3", *over]
-    before, err, code = torch.get_num_threads(), io.StringIO(), 0
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            run_cli("precompute", main, argv)
-    except SystemExit as e:
-        code = e.code
+        return cli("precompute", *argv)
     finally:
         torch.set_num_threads(before)
-    return SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp_path):
@@ -295,10 +285,13 @@ def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_manifest(str(out))["shards"] == first["shards"]  # the same bytes as the uninterrupted run
     kept = os.stat(out / "shard-000000.tar").st_ino
-    # A refused rerun of the finished set leaves it as it was (run.json is one of the hashed files).
-    with pytest.raises(Exception, match="already holds a complete shard set"):
-        _run(tiny_model, sample_data, str(out), **{"out.samples_per_shard": 3, "num_workers": 1})
-    assert cli_ok("shards", "verify", "--quick", str(out))
+    # The same command again (a retried array task; num_workers does not change what is written) says it is
+    # up to date, exits 0 and leaves the set as it was (run.json is one of the hashed files).
+    state = (out / "run.json").read_bytes()
+    r = _precompute(tiny_model, sample_data, out, 1, "num_workers=1")
+    assert r.returncode == 0 and r.stdout.startswith(f"precompute: up to date: {out} holds the complete shard set"), \
+        r.stdout + r.stderr
+    assert (out / "run.json").read_bytes() == state and cli_ok("shards", "verify", "--quick", str(out))
     r = _precompute(tiny_model, sample_data, out, 2, "out.overwrite=true")
     assert r.returncode == 0, r.stderr[-2000:]
     redone = read_manifest(str(out))

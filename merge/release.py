@@ -19,6 +19,8 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 
 from shards.errors import DataError, UsageError
 
+from .rerun import INPUTS_FILE
+
 PIPELINE_MARKER = "model_index.json"  # what makes a folder a diffusers pipeline, i.e. an earlier release
 STAGING_SUFFIX = ".shardtune-tmp"
 STAGING_MARKER = ".shardtune-merge-staging"  # written first into every staging folder: the proof it is ours
@@ -44,7 +46,7 @@ def is_release(out_dir: str, entries: Sequence[str]) -> bool:
     from .card import CARD_NAME, SAMPLES_DIR
     from .single_file import is_single_file_release
 
-    files = [e for e in entries if e not in (CARD_NAME, SAMPLES_DIR)]
+    files = [e for e in entries if e not in (CARD_NAME, SAMPLES_DIR, INPUTS_FILE)]
     return len(files) == 1 and is_single_file_release(os.path.join(out_dir, files[0]))
 
 

@@ -24,6 +24,7 @@ from .config import MergeConfig, is_single_file
 from .fold import WEIGHTS_NAME, FoldResult, fold_transformer
 from .lora import Updates, find_lora_file, read_loras
 from .release import check_out_dir, clean_leftovers, copy_tree, placed_summary, staged
+from .rerun import merge_inputs, recorded_inputs, write_inputs
 from .single_file import copy_jobs, file_name, transformer_jobs, vae_jobs, write_single_file
 from .sources import TRANSFORMERS_WEIGHTS, OriginalSource, OtherKeys, Source, folder_source
 from .verify import VerifyReport, probe_or_skip, verify_tensors
@@ -38,6 +39,7 @@ TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.transformer.",
 class MergeResult(FoldResult):
     verify: Optional[VerifyReport] = None
     placed: Dict[str, int] = field(default_factory=dict)  # unchanged component files, by how they got there
+    up_to_date: bool = False  # out.dir already held the release of these very inputs; nothing was done
 
 
 def resolve_model_path(path: str) -> str:
@@ -132,6 +134,12 @@ def _run_merge(cfg: MergeConfig, progress: bool) -> MergeResult:
         raise UsageError(f"model.path '{cfg.model.path}' does not exist (a single-file base must be a local file)")
     local_model = [cfg.model.path] if os.path.exists(cfg.model.path) else []
     clean_leftovers(cfg.out.dir)  # first: a merge killed while publishing may have an earlier release to put back
+    base_path = cfg.model.path if is_single_file(cfg.model.path) else resolve_model_path(cfg.model.path)
+    inputs = merge_inputs(cfg, base_path, lora_files)
+    earlier = recorded_inputs(cfg.out.dir)
+    if not cfg.out.overwrite and earlier is not None and {k: earlier.get(k) for k in inputs} == inputs:
+        made = earlier.get("made", {})
+        return MergeResult(made.get("modules", 0), made.get("tensors", 0), made.get("files", []), up_to_date=True)
     check_out_dir(cfg.out.dir, cfg.out.overwrite, inputs=local_model + lora_files)
     updates = read_loras(lora_files, cfg.lora.scales())
     with staged(cfg.out.dir) as tmp, ExitStack() as stack:
@@ -144,6 +152,8 @@ def _run_merge(cfg: MergeConfig, progress: bool) -> MergeResult:
                 report = verify_tensors(base, out, updates, cfg.out.dtype, progress)
                 report = probe_or_skip(report, transformer_dir, base, out, updates, cfg.merge.probe_max_params)
         write_card(tmp, cfg, lora_files, result.files)
+        write_inputs(tmp, {**inputs, "made": {"modules": result.modules, "tensors": result.tensors,
+                                              "files": result.files}})
     return MergeResult(result.modules, result.tensors, result.files, report, placed)
 
 
@@ -151,6 +161,10 @@ def main(argv: List[str]) -> None:
     cfg = load_config(MergeConfig, argv)
     start = time.monotonic()
     result = run_merge(cfg)
+    if result.up_to_date:
+        print(f"merge: up to date: {cfg.out.dir} holds the release of these inputs (the same base, LoRA files, "
+              "scales and settings); set out.overwrite=true to make it again")
+        return
     fmt = cfg.release_format()
     if fmt == "single_file":
         extra = " + " + ", ".join(cfg.out.include) if cfg.out.include else ""

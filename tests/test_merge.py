@@ -102,9 +102,10 @@ def merged_weights(out):
 
 
 def tree_digest(top, card=True):
-    """sha256 of every file of a release; card=False leaves out the model card, which names the inputs."""
+    """sha256 of every file of a release; card=False leaves out the model card and the inputs record, which
+    name the inputs."""
     return {str(p.relative_to(top)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(top).rglob("*")) if p.is_file() and (card or p.name != "README.md")}
+            for p in sorted(Path(top).rglob("*")) if p.is_file() and (card or p.name not in ("README.md", "shardtune-merge.json"))}
 
 
 # (a), (b): the merged pipeline generates what base + load_lora_weights generates.
@@ -336,6 +337,29 @@ def test_existing_out_dir_is_refused_without_overwrite(base_model, lora_dir, tmp
     code, line = _run([f"model.path={base_model}", f"lora.path={lora_dir}", f"out.dir={out}"], capsys)
     assert code == 2 and "out.overwrite=true" in line and str(out) in line
     assert os.listdir(out) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_the_same_merge_again_is_up_to_date_until_an_input_changes(base_model, lora_dir, tmp_path, capsys):
+    """A retried job runs the same command on a finished release: it says so and exits 0, touching nothing.
+    Settings that only say how files are placed do not count; other LoRA bytes under the same path do."""
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_dir, lora)
+    out = tmp_path / "out"
+    argv = [f"model.path={base_model}", f"lora.path={lora}", f"out.dir={out}"]
+    merge(base_model, lora, out)
+    before = tree_digest(out)
+    capsys.readouterr()
+    run_cli("merge", main, argv + ["out.link=copy", "merge.verify=true"])
+    assert capsys.readouterr().out.startswith(f"merge: up to date: {out} holds the release of these inputs")
+    assert tree_digest(out) == before
+    weights = load_file(lora / LORA_FILE)
+    key = next(k for k in weights if ".lora_B." in k)
+    weights[key] = weights[key] * 2
+    with safe_open(str(lora / LORA_FILE), "pt") as f:
+        header = f.metadata()
+    save_file(weights, str(lora / LORA_FILE), metadata=header)
+    code, line = _run(argv, capsys)
+    assert code == 2 and "out.overwrite=true" in line and tree_digest(out) == before
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_release(base_model, lora_dir, tmp_path, capsys):

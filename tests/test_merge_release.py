@@ -230,7 +230,7 @@ def test_model_card_from_a_training_run(tiny_model, sample_data, model_without_t
     assert Path(again, "README.md").read_text() == card
     # A single-file release keeps its card beside the file, and out.overwrite=true still recognises it.
     single = merge(tiny_model, run_dir, tmp_path / "single", "out.format=single_file")
-    assert sorted(os.listdir(single)) == ["README.md", "model.safetensors", "samples"]
+    assert sorted(os.listdir(single)) == ["README.md", "model.safetensors", "samples", "shardtune-merge.json"]
     merge(tiny_model, run_dir, single, "out.format=single_file", "out.overwrite=true")
 
 

@@ -106,7 +106,7 @@ def test_a_merge_killed_while_publishing_puts_the_earlier_release_back(base, lor
     [left] = [n for n in os.listdir(tmp_path) if not n.endswith(".shardtune.lock")]
     assert os.path.isdir(tmp_path / left / release.STAGING_PREVIOUS)
 
-    code, line = _run([f"model.path={base}", f"lora.path={lora}", f"out.dir={out}"], capsys)
+    code, line = _run([f"model.path={base}", f"lora.path={lora}", f"out.dir={out}", "lora.scale=0.5"], capsys)
     assert code == 2 and "already exists" in line, line  # without out.overwrite: the earlier release is back
     assert os.listdir(tmp_path) == ["out"] and tree_digest(out) == earlier
     merge(base, lora, out, "out.overwrite=true", "lora.scale=0.5")
@@ -130,14 +130,15 @@ def test_a_publish_that_cannot_put_the_earlier_release_back_leaves_it_for_the_ne
     [left] = [n for n in os.listdir(tmp_path) if not n.endswith(".shardtune.lock")]
     assert STAGING.fullmatch(left) and os.path.isdir(tmp_path / left / release.STAGING_PREVIOUS)
 
-    code, line = _run([f"model.path={base}", f"lora.path={lora}", f"out.dir={out}"], capsys)
+    code, line = _run([f"model.path={base}", f"lora.path={lora}", f"out.dir={out}", "lora.scale=0.5"], capsys)
     assert code == 2 and "already exists" in line, line
     assert os.listdir(tmp_path) == ["out"] and tree_digest(out) == earlier
 
 
 def _component_files(out):
-    """Release files that came from the base unchanged (not the merged transformer, not the card)."""
-    return [f for f in _files(out) if not f.startswith("transformer/diffusion_pytorch_model") and f != "README.md"]
+    """Release files that came from the base unchanged (not the merged transformer, the card or the inputs record)."""
+    return [f for f in _files(out) if not f.startswith("transformer/diffusion_pytorch_model")
+            and f not in ("README.md", "shardtune-merge.json")]
 
 
 def _can_reflink(folder: Path) -> bool:

@@ -122,7 +122,7 @@ def test_from_single_file_equals_merged_diffusers_release(base, lora, tmp_path):
 
     folder = merge(base, lora, tmp_path / "diffusers")
     out = merge(base, lora, tmp_path / "single", "out.format=single_file")
-    assert sorted(os.listdir(out)) == ["README.md", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "model.safetensors", "shardtune-merge.json"]
     expected = merged_weights(folder)
     base_sd = base_weights(base)
     assert sum(not torch.equal(expected[k], base_sd[k]) for k in base_sd) >= 15  # the LoRA changed the weights
@@ -195,19 +195,26 @@ def test_command_line_single_file(base, lora, tmp_path, capsys):
            "out.format=single_file", "out.name=release"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert sorted(os.listdir(out)) == ["README.md", "release.safetensors"] and os.path.join(str(out), "release.safetensors") in p.stdout
+    listing = ["README.md", "release.safetensors", "shardtune-merge.json"]
+    assert sorted(os.listdir(out)) == listing and os.path.join(str(out), "release.safetensors") in p.stdout
     assert sorted(os.listdir(tmp_path)) == ["out"]
-    # A rerun is refused without out.overwrite=true and replaces the earlier single-file release with it
-    # (in this process: the entry point's wiring is proven above).
+    # The same command again (a retried job) is up to date: exit 0, the release untouched. Other inputs are
+    # refused without out.overwrite=true, which replaces the earlier single-file release (in this process:
+    # the entry point's wiring is proven above).
     from merge.run import main
     from shards.config import run_cli
 
+    made = os.stat(out / "release.safetensors").st_ino
+    capsys.readouterr()
+    run_cli("merge", main, cmd[3:])
+    assert capsys.readouterr().out.startswith(f"merge: up to date: {out} holds the release of these inputs")
+    assert os.stat(out / "release.safetensors").st_ino == made
     with pytest.raises(SystemExit) as e:
-        run_cli("merge", main, cmd[3:])
+        run_cli("merge", main, cmd[3:] + ["lora.scale=0.5"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "out.overwrite=true" in err and len(err.strip().splitlines()) == 1
-    run_cli("merge", main, cmd[3:] + ["out.overwrite=true"])
-    assert sorted(os.listdir(out)) == ["README.md", "release.safetensors"]
+    run_cli("merge", main, cmd[3:] + ["lora.scale=0.5", "out.overwrite=true"])
+    assert sorted(os.listdir(out)) == listing and os.stat(out / "release.safetensors").st_ino != made
     # The diffusers format may replace a single-file release too (both are this stage's releases).
     assert merge(base, lora, out, "out.overwrite=true") and (out / "model_index.json").is_file()
 

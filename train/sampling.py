@@ -1,5 +1,6 @@
-"""Validation images during training: FlowMatch Euler sampling with classifier-free guidance against
-the shard set's empty-prompt embeddings, decoded by the VAE decoder only. No text encoder is needed."""
+"""Validation images during training: diffusers' SD3 pipeline on the stored prompt embeddings, with
+classifier-free guidance against the shard set's empty-prompt embeddings, decoded by the VAE decoder
+only. No text encoder is needed."""
 import os
 from typing import List
 
@@ -22,28 +23,32 @@ def load_vae_decoder(root: str, device: torch.device):
 @torch.no_grad()
 def generate(transformer, vae, sched_config: dict, prompt_embeds, pooled, empty_embeds, empty_pooled,
              height: int, width: int, steps: int, guidance: float, seed: int, dtype: torch.dtype) -> List[Image.Image]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    """Images for the stored prompt embeddings, sampled by diffusers' own StableDiffusion3Pipeline with no
+    text encoders: the scheduler as configured (dynamic shifting included), its timesteps and guidance, so
+    the images are what a user of the LoRA will see in diffusers. Classifier-free guidance runs against
+    the shard set's empty-prompt embeddings, which is what the pipeline encodes for no negative prompt."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     device = next(transformer.parameters()).device
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_config)
-    scheduler.set_timesteps(steps, device=device)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler.from_config(sched_config), vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+        tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
     n = prompt_embeds.shape[0]
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(n, transformer.config.in_channels, height // f, width // f, generator=g).to(device)
-    cond = torch.cat([empty_embeds.expand(n, -1, -1), prompt_embeds]).to(device, dtype)
-    cond_pooled = torch.cat([empty_pooled.expand(n, -1), pooled]).to(device, dtype)
     was_training = transformer.training
     transformer.eval()
-    for t in scheduler.timesteps:
-        x = torch.cat([latents, latents]).to(dtype)
-        out = transformer(hidden_states=x, timestep=t.expand(2 * n), encoder_hidden_states=cond,
-                          pooled_projections=cond_pooled, return_dict=False)[0].float()
-        uncond, text = out.chunk(2)
-        latents = scheduler.step(uncond + guidance * (text - uncond), t, latents).prev_sample
-    transformer.train(was_training)
+    try:
+        latents = pipe(prompt_embeds=prompt_embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
+                       negative_prompt_embeds=empty_embeds.expand(n, -1, -1).to(device, dtype),
+                       negative_pooled_prompt_embeds=empty_pooled.expand(n, -1).to(device, dtype),
+                       height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent").images
+    finally:
+        transformer.train(was_training)
+    # Decoded here rather than by the pipeline: the decoder runs in fp32 whatever the transformer's dtype.
     shift = vae.config.shift_factor or 0.0
-    pixels = vae.decode(latents / vae.config.scaling_factor + shift).sample
+    pixels = vae.decode(latents.float() / vae.config.scaling_factor + shift).sample
     arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 

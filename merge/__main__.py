@@ -8,9 +8,9 @@ from .run import main
 
 def command(argv):
     if argv[:1] == ["convert"]:  # python -m merge convert IN OUT --to kohya|diffusers
-        from .convert import main as convert_main
+        from .convert import USAGE, ConvertCommand, main as convert_main
 
-        run_cli("merge convert", convert_main, argv[1:])
+        run_cli("merge convert", convert_main, argv[1:], schema=ConvertCommand, usage=USAGE)
     else:
         run_cli("merge", main, argv, schema=MergeConfig)
 

@@ -1,42 +1,38 @@
 """`python -m merge convert IN OUT --to kohya|diffusers [--overwrite]`: an SD3 LoRA file in the other format."""
 import os
+from dataclasses import dataclass
 from typing import List
 
 from safetensors.torch import save
 
 from shards.atomic import write_bytes
+from shards.config import command_argv, load_config
 from shards.errors import UsageError
 
 from .kohya import to_diffusers, to_kohya
 from .lora import LORA_FILE_NAME, read_lora
 
-USAGE = "usage: python -m merge convert IN.safetensors OUT.safetensors --to kohya|diffusers [--overwrite]"
+USAGE = "python -m merge convert IN.safetensors OUT.safetensors --to kohya|diffusers [--overwrite]"
 FORMATS = ("kohya", "diffusers")
 
 
-def parse(argv: List[str]):
-    args, to, overwrite = [], None, False
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--to":
-            if i + 1 >= len(argv):
-                raise UsageError(f"--to needs a value (kohya or diffusers); {USAGE}")
-            to, i = argv[i + 1], i + 1
-        elif a.startswith("--to="):
-            to = a[len("--to="):]
-        elif a == "--overwrite":
-            overwrite = True
-        elif a.startswith("-"):
-            raise UsageError(f"unknown option '{a}'; {USAGE}")
-        else:
-            args.append(a)
-        i += 1
-    if len(args) != 2:
-        raise UsageError(f"convert takes IN and OUT, got {len(args)} path(s); {USAGE}")
-    if to not in FORMATS:
-        raise UsageError(f"--to must be kohya or diffusers, got {to!r}; {USAGE}")
-    return args[0], args[1], to, overwrite
+@dataclass
+class ConvertCommand:
+    src: str = ""  # IN: a LoRA .safetensors file (kohya or diffusers), or a folder holding one
+    dst: str = ""  # OUT: a .safetensors file (--to diffusers: also a folder)
+    to: str = ""  # kohya | diffusers
+    overwrite: bool = False  # replace OUT if it exists
+
+    def __post_init__(self):
+        if not (self.src and self.dst):
+            raise UsageError(f"convert takes IN and OUT, got {int(bool(self.src)) + int(bool(self.dst))} path(s); "
+                             f"usage: {USAGE}")
+        if self.to not in FORMATS:
+            raise UsageError(f"--to must be kohya or diffusers, got {self.to or 'nothing'}; usage: {USAGE}")
+
+
+def parse(argv: List[str]) -> ConvertCommand:
+    return load_config(ConvertCommand, command_argv(argv, ("src", "dst"), ("overwrite",)))
 
 
 def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
@@ -70,9 +66,6 @@ def convert(src: str, dst: str, to: str, overwrite: bool = False) -> str:
 
 
 def main(argv: List[str]) -> None:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return
-    src, dst, to, overwrite = parse(argv)
-    out = convert(src, dst, to, overwrite)
-    print(f"merge convert: wrote {out} ({to} format)")
+    a = parse(argv)
+    out = convert(a.src, a.dst, a.to, a.overwrite)
+    print(f"merge convert: wrote {out} ({a.to} format)")

@@ -1,19 +1,34 @@
-import argparse
+"""`python -m shards inspect|verify|combine PATH ...`: look at, check or join shard sets."""
 import sys
+from dataclasses import dataclass, field
+from typing import List
 
-from .config import run_cli
-from .errors import DataError
+from .config import command_argv, load_config, run_cli
+from .errors import DataError, UsageError
 from .verify import inspect, verify
+
+COMMANDS = ("inspect", "verify", "combine")
+USAGE = ("python -m shards inspect|verify|combine PATH [PART ...] [--quick] [--overwrite] "
+         "(or the same as key=value: command=verify path=PATH quick=true)")
+
+
+@dataclass
+class ShardsCommand:
+    command: str = ""  # inspect: what a set holds; verify: check its files; combine: join part folders
+    path: str = ""  # shard set folder or URL (combine: the output folder)
+    parts: List[str] = field(default_factory=list)  # combine: the part folders
+    quick: bool = False  # verify: check sizes and hashes only, do not decode samples
+    overwrite: bool = False  # combine: replace a complete set in the output folder
+
+    def __post_init__(self):
+        if self.command not in COMMANDS:
+            raise UsageError(f"config key 'command': {self.command or 'nothing'} given; choose {', '.join(COMMANDS)}")
+        if not self.path:
+            raise UsageError("config key 'path': the shard set (combine: the output folder) is missing")
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="python -m shards", description="Inspect or verify a shardtune shard set.")
-    ap.add_argument("command", choices=["inspect", "verify", "combine"])
-    ap.add_argument("path", help="shard set folder or URL (combine: the output folder)")
-    ap.add_argument("parts", nargs="*", help="combine: the part folders")
-    ap.add_argument("--quick", action="store_true", help="verify: check sizes and hashes only, do not decode samples")
-    ap.add_argument("--overwrite", action="store_true", help="combine: replace a complete set in the output folder")
-    a = ap.parse_args(argv)
+    a = load_config(ShardsCommand, command_argv(argv, ("command", "path"), ("quick", "overwrite"), rest="parts"))
     if a.command == "combine":
         from .combine import combine
 
@@ -40,7 +55,7 @@ def main(argv):
 
 
 def command(argv):
-    run_cli("shards", main, argv)
+    run_cli("shards", main, argv, schema=ShardsCommand, usage=USAGE)
 
 
 if __name__ == "__main__":

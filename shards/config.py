@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 import typing
-from typing import Callable, Dict, List, Sequence, Type, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, Type, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -47,6 +47,45 @@ def parse_argv(argv: Sequence[str]):
             raise UsageError(f"unexpected argument '{a}': use --config FILE and key=value overrides (--help lists the keys)")
         i += 1
     return config_path, overrides
+
+
+def command_argv(argv: Sequence[str], positional: Sequence[str], flags: Sequence[str] = (),
+                 rest: Optional[str] = None) -> List[str]:
+    """The tool commands (shards, convert) take the stages' grammar, `key=value` and `--config FILE`, parsed
+    by load_config against a schema like any stage; their positional arguments and `--key [value]` options
+    are the same keys written the way such commands usually are. `positional` names the keys the bare
+    arguments fill in order, `rest` the list key that takes any further ones, `flags` the boolean keys a
+    bare `--key` sets."""
+    out, bare, extra = [], [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-h", "--help", "-c", "--config") or a.startswith("--config="):
+            out.append(a)
+            if a in ("-c", "--config") and i + 1 < len(args):
+                out.append(args[i + 1])
+                i += 1
+        elif a.startswith("--"):
+            key, eq, value = a[2:].partition("=")
+            if not eq and key in flags:
+                value = "true"
+            elif not eq:
+                if i + 1 >= len(args):
+                    raise UsageError(f"option '--{key}' needs a value")
+                value, i = args[i + 1], i + 1
+            out.append(f"{key}={value}")
+        elif "=" in a and not a.startswith("-"):
+            out.append(a)
+        else:
+            (bare if len(bare) < len(positional) else extra).append(a)
+        i += 1
+    if extra and rest is None:
+        raise UsageError(f"unexpected argument '{extra[0]}': this command takes {' and '.join(p.upper() for p in positional)}")
+    out += [f"{k}={v}" for k, v in zip(positional, bare)]
+    if extra:
+        out.append(f"{rest}=[{','.join(extra)}]")
+    return out
 
 
 def _describe(e: OmegaConfBaseException, token: str = "") -> str:
@@ -215,14 +254,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def run_cli(prog: str, main: Callable[[List[str]], None], argv=None, schema=None) -> None:
+def run_cli(prog: str, main: Callable[[List[str]], None], argv=None, schema=None, usage: Optional[str] = None) -> None:
     """Run a stage's main, turning user errors into one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     quiet_libraries()
     try:
         main(argv)
     except HelpRequested:
-        print(f"usage: python -m {prog} [--config FILE.yaml] [key=value ...]\n")
+        print(f"usage: {usage or f'python -m {prog} [--config FILE.yaml] [key=value ...]'}\n")
         if schema is not None:
             print("keys and their defaults (README.md says what each does):\n")
             print(describe_keys(schema))

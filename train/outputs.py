@@ -12,7 +12,7 @@ from shards.config import to_dict
 from shards.reader import _join, _read_bytes
 
 from .lora_file import EMA_WEIGHT_NAME, save_lora
-from .plot import change_at_equal_sigma, loss_by_sigma_png, loss_curve_png
+from .plot import change_at_equal_sigma, loss_by_sigma_png, loss_curve_png, metric_series
 
 
 class RunState:
@@ -156,7 +156,11 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
         with run.stepper.ema.swapped():
             save_lora(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_WEIGHT_NAME)
     history = state.history
-    curve = loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
+    steps, losses, lrs = metric_series(metrics_path)
+    # metrics.jsonl has each step's number and lr; the history from the checkpoint is whole even where the
+    # file is not (a run resumed from another out.dir's checkpoint), and then only the losses are drawn.
+    curve = loss_curve_png(losses, os.path.join(cfg.out.dir, "loss.png"), steps, lrs) \
+        if len(losses) >= len(history) else loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
     by_sigma = loss_by_sigma_png(metrics_path, os.path.join(cfg.out.dir, "loss_by_sigma.png"))
     tenth = max(1, len(history) // 10)
     result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "loss_by_sigma": by_sigma,

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List
 
-from shards.config import check, check_ranges, one_of
+from shards.config import check, check_choices, check_ranges
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LINKS = ("auto", "copy", "reflink", "hardlink")
@@ -96,14 +96,9 @@ class OutConfig:
 
     def problems(self) -> List[str]:
         p = [] if self.dir else ["config key 'out.dir' is required"]
-        one_of(p, "out.dtype", self.dtype, DTYPES)
-        one_of(p, "out.link", self.link, LINKS)
-        one_of(p, "out.format", self.format, FORMATS)
         if (not self.name or self.name in (".", "..") or "/" in self.name or os.sep in self.name
                 or self.name.startswith(".")):
             p.append(f"config key 'out.name': '{self.name}' is not a plain file name (no folders, not hidden)")
-        for item in self.include:
-            one_of(p, "out.include", item, INCLUDES)
         if self.include and self.format == "diffusers":
             p.append("config key 'out.include' needs out.format=single_file (the diffusers format holds every component)")
         return p
@@ -112,6 +107,32 @@ class OutConfig:
 # The values each numeric key can take (a test checks that every numeric key of the schema is here;
 # lora.scale, a number or a list of them, is checked by LoraConfig).
 RANGES = {"out.max_shard_bytes": "[1, inf)", "merge.probe_max_params": "[0, inf)"}
+
+CHOICES = {"out.dtype": DTYPES, "out.link": LINKS, "out.format": FORMATS, "out.include": INCLUDES}
+REQUIRED = ("model.path", "lora.path", "out.dir")
+# What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
+# tables name the same keys with the same defaults).
+HELP = {
+    "model.path": "base: diffusers SD3 folder, hub id, or a local original single-file .safetensors",
+    "lora.path": "a LoRA .safetensors file (diffusers or kohya format) or a folder holding "
+                 "pytorch_lora_weights.safetensors; or a list of them",
+    "lora.scale": "strength of the LoRA: one number for all, or a list with one per lora.path",
+    "out.dir": "release folder",
+    "out.dtype": "merged transformer's dtype: auto (the base's), bf16, fp16, fp32",
+    "out.link": "how a diffusers release gets the base's unchanged files (the summary line counts each way): "
+                "auto: a copy-on-write reflink where the filesystem has them (btrfs, XFS, ...), else a copy for "
+                "files under 64 MiB and a hard link for larger ones (weights); copy: full copies; reflink: "
+                "reflinks or an error; hardlink: hard links (copies across filesystems). A hard link *is* the "
+                "base's file: editing it in place in the release edits the base too (auto risks this only for "
+                "large weight files on filesystems without reflinks; use copy to rule it out)",
+    "out.overwrite": "replace an earlier release in out.dir (a folder of other files is never deleted)",
+    "out.format": "diffusers, single_file, or auto: the base's own layout",
+    "out.name": "file name of a single_file release (OUT.DIR/NAME.safetensors)",
+    "out.include": "single_file from a diffusers base: vae, text_encoders to bundle besides the transformer",
+    "out.max_shard_bytes": "largest transformer shard of a diffusers release",
+    "merge.verify": "before publishing, read the release back: every tensor against base + LoRA deltas, and a forward probe",
+    "merge.probe_max_params": "largest transformer the forward probe loads (twice, in fp32)",
+}
 
 
 @dataclass
@@ -124,6 +145,7 @@ class MergeConfig:
     def __post_init__(self):
         # Validated here rather than per section so one run reports every problem at once.
         p = self.model.problems() + self.lora.problems() + self.out.problems()
+        check_choices(self, CHOICES, p)
         check_ranges(self, RANGES, p)
         if is_single_file(self.model.path):
             if self.out.format == "diffusers":

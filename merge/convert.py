@@ -16,12 +16,22 @@ USAGE = "python -m merge convert IN.safetensors OUT.safetensors --to kohya|diffu
 FORMATS = ("kohya", "diffusers")
 
 
+CHOICES = {"to": FORMATS}
+REQUIRED = ("src", "dst", "to")
+HELP = {
+    "src": "IN: a LoRA .safetensors file (kohya or diffusers format), or a folder holding one",
+    "dst": "OUT: a .safetensors file (--to diffusers: also a folder, which gets pytorch_lora_weights.safetensors)",
+    "to": "the format to write",
+    "overwrite": "replace OUT if it exists",
+}
+
+
 @dataclass
 class ConvertCommand:
-    src: str = ""  # IN: a LoRA .safetensors file (kohya or diffusers), or a folder holding one
-    dst: str = ""  # OUT: a .safetensors file (--to diffusers: also a folder)
-    to: str = ""  # kohya | diffusers
-    overwrite: bool = False  # replace OUT if it exists
+    src: str = ""
+    dst: str = ""
+    to: str = ""
+    overwrite: bool = False
 
     def __post_init__(self):
         if not (self.src and self.dst):

@@ -3,7 +3,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from shards.config import check, check_ranges, one_of
+from shards.config import check, check_choices, check_ranges
 from shards.modelpath import check_model_path
 
 T5_PRECISIONS = ("nf4", "int8", "bf16", "fp16", "fp32", "none")
@@ -86,6 +86,56 @@ RANGES = {
     "num_workers": "[0, inf)", "seed": "[0, 4294967295]", "part": "[0, inf)", "parts": "[1, inf)",
 }
 
+CHOICES = {
+    "data.caption_source": ("file", "instance"), "buckets.crop": ("center", "random"),
+    "text.t5_precision": T5_PRECISIONS, "text.clip_precision": PRECISIONS, "vae.precision": PRECISIONS,
+    "out.dtype": ("bf16", "fp16", "fp32"),
+}
+REQUIRED = ("model.path", "data.path", "out.dir")
+# What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
+# tables name the same keys with the same defaults).
+HELP = {
+    "model.path": "diffusers SD3 folder or hub id",
+    "model.revision": "hub revision",
+    "data.path": "image folder, or webdataset tars (path, brace pattern, URL, pipe:)",
+    "data.caption_source": "file: the caption from .txt / metadata / tar (else data.instance_prompt); instance: "
+                           "always data.instance_prompt",
+    "data.instance_prompt": "caption for images without one (DreamBooth-style)",
+    "data.caption_ext": "caption file extension",
+    "data.caption_column": "caption field of metadata.jsonl / metadata.csv / a tar's .json",
+    "data.caption_prefix": "put before every instance caption with a space, e.g. a trigger word sks, (never on "
+                           "class images)",
+    "data.class_path": "DreamBooth class (prior-preservation) images",
+    "data.class_prompt": "caption of every class image (required with data.class_path)",
+    "buckets.resolution": "target area = resolution² pixels",
+    "buckets.step": "bucket sides are multiples of this (a multiple of 16)",
+    "buckets.min_aspect": "smallest height/width ratio of the buckets",
+    "buckets.max_aspect": "largest height/width ratio of the buckets",
+    "buckets.min_size": "images whose shorter side is smaller are rejected...",
+    "buckets.upscale": "...unless this is true (then they are upscaled)",
+    "buckets.crop": "center or random (seeded per image: the same image always gets the same crop)",
+    "augment.flip": "also store the latent of the horizontally flipped image (latent_mean_flip, "
+                    "latent_std_flip)",
+    "text.t5_precision": "T5 weights: nf4 (bitsandbytes 4-bit), int8, bf16, fp16, fp32, or none (zero T5 "
+                         "embeddings, as SD3 allows)",
+    "text.clip_precision": "auto (fp16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
+    "text.max_sequence_length": "T5 tokens (the pipeline uses 256, at most 512)",
+    "vae.precision": "VAE encoder precision (auto, bf16, fp16, fp32)",
+    "vae.max_pixels": "pixels per VAE call (images × height × width, at least one image): bounds the encoder's "
+                      "activation memory, about 2.5 GB per 1024² image in fp32 (BENCHMARKS.md)",
+    "out.dir": "shard set folder",
+    "out.dtype": "storage dtype of latents and embeddings (bf16, fp16, fp32)",
+    "out.samples_per_shard": "inputs per tar shard (folder inputs)",
+    "out.overwrite": "rebuild a set made with other settings, or redo the shards of changed images",
+    "validation.prompts": "prompts whose embeddings go into extras.safetensors for validation images",
+    "batch_size": "images per encoder batch (part of the set's identity: batched arithmetic rounds differently)",
+    "num_workers": "processes decoding and resizing images",
+    "device": "cuda if available, else cpu; or cpu, cuda, cuda:N",
+    "seed": "random crops",
+    "part": "this process's share of the shards: its index",
+    "parts": "this process's share of the shards: how many shares",
+}
+
 
 @dataclass
 class PrecomputeConfig:
@@ -113,7 +163,6 @@ class PrecomputeConfig:
             p.append("config key 'data.path' is required (a folder of images and .txt captions, or webdataset tars)")
         elif not is_webdataset(self.data.path) and not os.path.isdir(self.data.path):
             p.append(f"config key 'data.path': no such folder: {self.data.path}")
-        one_of(p, "data.caption_source", self.data.caption_source, ("file", "instance"))
         if self.data.class_path and not os.path.isdir(self.data.class_path):
             p.append(f"config key 'data.class_path': no such folder: {self.data.class_path}")
         if self.data.class_path and not self.data.class_prompt:
@@ -125,15 +174,11 @@ class PrecomputeConfig:
             p.append(f"config key 'buckets.step': {b.step} is not a positive multiple of 16 (VAE factor 8 × patch 2)")
         elif b.resolution < b.step:
             p.append(f"config key 'buckets.resolution': {b.resolution} is smaller than buckets.step {b.step}")
-        one_of(p, "buckets.crop", b.crop, ("center", "random"))
-        one_of(p, "text.t5_precision", self.text.t5_precision, T5_PRECISIONS)
-        one_of(p, "text.clip_precision", self.text.clip_precision, PRECISIONS)
-        one_of(p, "vae.precision", self.vae.precision, PRECISIONS)
         if not self.out.dir:
             p.append("config key 'out.dir' is required")
         elif self.data.path and os.path.abspath(self.out.dir) == os.path.abspath(self.data.path):
             p.append("config keys 'out.dir' and 'data.path' name the same folder; write the shard set elsewhere")
-        one_of(p, "out.dtype", self.out.dtype, ("bf16", "fp16", "fp32"))
+        check_choices(self, CHOICES, p)
         check_ranges(self, RANGES, p)
         if self.parts >= 1 and not 0 <= self.part < self.parts:
             p.append(f"config keys 'part'/'parts': need 0 <= part < parts, got part={self.part} parts={self.parts}")

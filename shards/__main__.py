@@ -12,13 +12,24 @@ USAGE = ("python -m shards inspect|verify|combine PATH [PART ...] [--quick] [--o
          "(or the same as key=value: command=verify path=PATH quick=true)")
 
 
+CHOICES = {"command": COMMANDS}
+REQUIRED = ("command", "path")
+HELP = {
+    "command": "inspect: what a set holds; verify: check its files; combine: join part folders into one set",
+    "path": "the shard set folder or URL (combine: the output folder)",
+    "parts": "combine: the part folders",
+    "quick": "verify: check sizes and hashes only, do not decode the samples",
+    "overwrite": "combine: replace a complete set in the output folder",
+}
+
+
 @dataclass
 class ShardsCommand:
-    command: str = ""  # inspect: what a set holds; verify: check its files; combine: join part folders
-    path: str = ""  # shard set folder or URL (combine: the output folder)
-    parts: List[str] = field(default_factory=list)  # combine: the part folders
-    quick: bool = False  # verify: check sizes and hashes only, do not decode samples
-    overwrite: bool = False  # combine: replace a complete set in the output folder
+    command: str = ""
+    path: str = ""
+    parts: List[str] = field(default_factory=list)
+    quick: bool = False
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.command not in COMMANDS:

@@ -5,6 +5,7 @@ wrong key, a wrong type or a missing file is always reported the same way: one l
 """
 import dataclasses
 import errno
+import json
 import math
 import os
 import sys
@@ -136,8 +137,36 @@ def load_config(schema: Type[T], argv: Sequence[str]) -> T:
 
 
 def describe_keys(schema) -> str:
-    """Every key with its default, as YAML (what `--help` prints)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(schema))
+    """What `--help` prints: every key of the schema by section, with its default, the values it may take and
+    what it means. The meanings, allowed values and required keys are the HELP, CHOICES, RANGES and REQUIRED
+    tables of the schema's own module, the tables the config is checked against."""
+    tables = vars(sys.modules[schema.__module__])
+    help_, choices, ranges = (tables.get(n, {}) for n in ("HELP", "CHOICES", "RANGES"))
+    required = tables.get("REQUIRED", ())
+    defaults = flat_keys(OmegaConf.to_container(OmegaConf.structured(schema)))
+    lines, section = [], None
+    for key, default in defaults.items():
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            lines.append(f"\n{head}:" if head else "")
+        shown = "(required)" if key in required else json.dumps(default)
+        allowed = f"  [{' | '.join(map(str, choices[key]))}]" if key in choices else \
+            (f"  [{_range_words(ranges[key])}]" if key in ranges else "")
+        lines.append(f"  {key} = {shown}{allowed}")
+        if help_.get(key):
+            lines.append(f"      {help_[key]}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def check_choices(cfg, choices: Dict[str, Sequence], problems: List[str]) -> None:
+    """Every key with a fixed set of values against it (a list is checked element by element)."""
+    for key, allowed in choices.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            one_of(problems, key, v, allowed)
 
 
 def to_dict(cfg) -> dict:
@@ -263,7 +292,7 @@ def run_cli(prog: str, main: Callable[[List[str]], None], argv=None, schema=None
     except HelpRequested:
         print(f"usage: {usage or f'python -m {prog} [--config FILE.yaml] [key=value ...]'}\n")
         if schema is not None:
-            print("keys and their defaults (README.md says what each does):\n")
+            print("keys by section: default, [allowed values], and what each means:\n")
             print(describe_keys(schema))
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -37,10 +37,10 @@ def test_every_command_runs_through_shardtune(shard_set_fp32, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err == ["shardtune: error: unknown command 'trian'; choose precompute, train, "
                                          "merge, shards, convert"]
-    for command, key in (("precompute", "samples_per_shard"), ("train", "max_steps"), ("merge", "max_shard_bytes"),
-                         ("shards", "quick"), ("convert", "overwrite")):
+    for command, key in (("precompute", "out.samples_per_shard"), ("train", "train.max_steps"),
+                         ("merge", "out.max_shard_bytes"), ("shards", "quick"), ("convert", "overwrite")):
         main([command, "--help"])
-        assert f"{key}:" in capsys.readouterr().out, command  # the command's own keys, from its schema
+        assert f"  {key} = " in capsys.readouterr().out, command  # the command's own keys, from its schema
     main(["shards", "command=verify", f"path={shard_set_fp32}", "quick=true"])  # the same grammar as the stages
     assert capsys.readouterr().out.strip() == f"{shard_set_fp32}: OK"
     with pytest.raises(SystemExit) as e:

@@ -79,7 +79,8 @@ def test_help_lists_every_key(capsys):
     run_cli("precompute", main, ["--help"], schema=PrecomputeConfig)
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m precompute")
-    for key in ("t5_precision: nf4", "max_sequence_length: 77", "instance_prompt: null", "resolution: 1024"):
+    for key in ('text.t5_precision = "nf4"', "text.max_sequence_length = 77", "data.instance_prompt = null",
+                "buckets.resolution = 1024"):
         assert key in out
 
 
@@ -169,3 +170,88 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys)
     assert e.value.code == 1 and err == (f"train: error: cannot write {target}: No space left on device; "
                                          "free some space and run the same command again")
     assert os.listdir(tmp_path) == []  # no temp file left behind
+
+
+def _tool_schemas():
+    from merge.convert import ConvertCommand
+    from shards.__main__ import ShardsCommand
+
+    return [ShardsCommand, ConvertCommand]
+
+
+@pytest.mark.parametrize("name", ["precompute", "train", "merge", "shards", "convert"])
+def test_help_says_what_every_key_means_and_may_be(name):
+    import importlib
+    import re
+
+    from omegaconf import OmegaConf
+
+    from shards.config import describe_keys, flat_keys
+
+    schema = _schema(name) if name in ("precompute", "train", "merge") else \
+        {"shards": _tool_schemas()[0], "convert": _tool_schemas()[1]}[name]
+    tables = vars(importlib.import_module(schema.__module__))
+    keys = flat_keys(OmegaConf.to_container(OmegaConf.structured(schema)))
+    assert sorted(tables["HELP"]) == sorted(keys)  # a new key needs its meaning here
+    assert set(tables.get("CHOICES", {})) <= set(keys) and set(tables["REQUIRED"]) <= set(keys)
+    text = describe_keys(schema)
+    for key in keys:
+        block = re.split(r"\n  (?=\S)|\n\n", text.split(f"  {key} = ", 1)[1], maxsplit=1)[0]  # its line and help
+        assert tables["HELP"][key] in block, key
+        if key in tables.get("CHOICES", {}):
+            assert " | ".join(map(str, tables["CHOICES"][key])) in block, key
+        assert block.startswith("(required)") == (key in tables["REQUIRED"]), key
+
+
+@pytest.mark.parametrize("stage", ["precompute", "train", "merge"])
+def test_every_value_outside_a_keys_choices_is_refused(stage, tiny_model, tmp_path):
+    import importlib
+
+    from shards.config import load_config
+    from shards.errors import UsageError
+
+    choices = importlib.import_module(f"{stage}.config").CHOICES
+    for key in choices:
+        value = "[nosuch]" if key == "out.include" else "nosuch"
+        with pytest.raises(UsageError, match=f"config key '{key}': 'nosuch' is not one of"):
+            load_config(_schema(stage), [f"{key}={value}", f"model.path={tiny_model}", "out.dir=o"])
+
+
+def _readme_tables(stage: str) -> dict:
+    """{key: default as written} from the key tables of a stage's README section."""
+    import re
+
+    text = open(os.path.join(REPO, "README.md")).read()
+    heading = {"precompute": "### 1. precompute", "train": "### 2. train", "merge": "### 3. merge"}[stage]
+    section = text.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        keys = re.findall(r"`([^`]+)`", cells[0])
+        defaults = re.findall(r"`([^`]*)`", cells[1]) if "`" in cells[1] else [cells[1]]
+        for i, key in enumerate(keys):
+            rows[key] = defaults[i] if len(defaults) == len(keys) else defaults[0]
+    return rows
+
+
+@pytest.mark.parametrize("stage", ["precompute", "train", "merge"])
+def test_readme_tables_name_the_schemas_keys_with_its_defaults(stage):
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from shards.config import flat_keys
+
+    schema = flat_keys(OmegaConf.to_container(OmegaConf.structured(_schema(stage))))
+    required = importlib.import_module(f"{stage}.config").REQUIRED
+    readme = _readme_tables(stage)
+    assert sorted(readme) == sorted(schema)
+    for key, written in readme.items():
+        if written == "(required)":
+            assert key in required, key
+            continue
+        literal = written or '""'
+        value = OmegaConf.to_container(OmegaConf.create(f"v: {literal}"))["v"]  # as YAML reads it
+        assert key not in required and value == schema[key], (key, written, schema[key])

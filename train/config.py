@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from shards.config import check, check_ranges, one_of
+from shards.config import check, check_choices, check_ranges, one_of
 from shards.modelpath import check_model_path
 from shards.reader import is_url
 
@@ -39,7 +39,85 @@ RANGES = {
     "validation.height": "[0, inf)", "validation.width": "[0, inf)", "validation.seed": SEEDS,
     "checkpoint.every": "[0, inf)", "checkpoint.keep": "[1, inf)",
 }
+
 SCHEDULES = ("constant", "cosine", "linear")
+CHOICES = {
+    "model.precision": ("auto", "bf16", "fp16", "fp32"), "model.quantize": ("none", "nf4", "int8"),
+    "train.mixed_precision": ("auto", "bf16", "fp16", "no"), "train.optimizer": OPTIMIZERS,
+    "train.lr_schedule": SCHEDULES, "loss.timestep_sampling": TIMESTEP_SAMPLING, "loss.weighting": LOSS_WEIGHTING,
+}
+REQUIRED = ("model.path", "data.shards", "out.dir")
+# What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
+# tables name the same keys with the same defaults).
+HELP = {
+    "model.path": "diffusers SD3 folder or hub id",
+    "model.revision": "hub revision",
+    "model.precision": "frozen transformer weights: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
+    "model.quantize": "nf4 or int8: the linear layers inside the blocks in bitsandbytes (QLoRA)",
+    "model.gradient_checkpointing": "trade compute for memory",
+    "model.compile": "torch.compile each transformer block",
+    "data.shards": "shard set folder, URL (http(s)://…, pipe:CMD) or brace pattern (sets/part-{0..7}); several: "
+                   "a,b (read together as one set) or a@3,b@1 (mixed by weight, each set cycling its own "
+                   "epochs); they must agree on model and text settings; validation prompts come from the first",
+    "data.shuffle_buffer": "samples in the seeded shuffle buffer (each epoch also shuffles the shard order)",
+    "data.flip": "probability of training on the stored flipped latent, when the set has them",
+    "out.dir": "output folder",
+    "out.overwrite": "start over: delete the LoRA, metrics, samples and checkpoints of an earlier run in "
+                     "out.dir (other files stay)",
+    "resume": "auto: continue from the newest complete checkpoint in out.dir; none; or a step-NNNNNN folder",
+    "checkpoint.every": "steps between checkpoints (0: only the final one)",
+    "checkpoint.keep": "how many complete checkpoints to keep",
+    "train.max_steps": "optimizer steps",
+    "train.batch_size": "samples per micro-batch (one bucket per batch)",
+    "train.grad_accum": "micro-batches per optimizer step",
+    "train.optimizer": "adamw, adamw8bit (bitsandbytes), adafactor",
+    "train.lr": "learning rate",
+    "train.lr_schedule": "constant, cosine or linear (to 0 at max_steps), after the warmup",
+    "train.warmup_steps": "steps of linear warmup from 0 to train.lr",
+    "train.weight_decay": "AdamW / Adafactor weight decay of the LoRA weights",
+    "train.adam_beta1": "Adam first-moment decay",
+    "train.adam_beta2": "Adam second-moment decay",
+    "train.adam_eps": "Adam epsilon",
+    "train.max_grad_norm": "gradient clipping",
+    "train.ema": "decay of an EMA of the LoRA weights (e.g. 0.999), saved as "
+                 "pytorch_lora_weights_ema.safetensors; 0 = off",
+    "train.max_bad_steps": "non-finite steps in a row before the run saves a checkpoint and stops",
+    "train.trackers": "accelerate trackers, e.g. [tensorboard] (the trackers extra installs it) or [wandb]; "
+                      "logs go to out.dir/trackers",
+    "train.mixed_precision": "autocast through accelerate: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a "
+                             "gradient scaler, on CPU too: a step whose gradients overflow is skipped and the "
+                             "scale lowered), no",
+    "train.seed": "seeds LoRA init, noise, timesteps and data order",
+    "train.log_every": "steps between bringing the logged values to the host (one transfer for the interval; "
+                       "metrics.jsonl still gets a line per step, the trackers and the progress bar are updated "
+                       "then)",
+    "train.device": "cuda if available, else cpu; or cpu, cuda, cuda:N",
+    "lora.rank": "rank r of each LoRA pair (B: out x r, A: r x in)",
+    "lora.alpha": "the LoRA output is scaled by alpha / rank (the released file holds it in lora_B, so every "
+                  "loader applies it)",
+    "lora.dropout": "dropout on the LoRA input during training",
+    "lora.targets": "a preset — attn (the 8 joint-attention projections to_q, to_k, to_v, to_out.0, add_q_proj, "
+                    "add_k_proj, add_v_proj, to_add_out), attn_image (to_q/k/v/out.0), all_linear (attention, "
+                    "feed-forward, adaLN) — or a list of module names, e.g. [to_q,to_v]; a listed name matching "
+                    "nothing is an error",
+    "lora.blocks": "only these transformer block indices, e.g. [0,1,2] (diffusers' --lora_blocks)",
+    "loss.timestep_sampling": "logit_normal, mode, cosmap, uniform",
+    "loss.logit_mean": "mean of the logit-normal timestep density",
+    "loss.logit_std": "its standard deviation",
+    "loss.mode_scale": "scale of the mode timestep density",
+    "loss.weighting": "none, sigma_sqrt, cosmap",
+    "loss.precondition_outputs": "target x0 with pred = out·(−σ) + noisy; false: target noise − x0",
+    "loss.shift": "timestep shift; null = the scheduler's (3.0 for SD3)",
+    "loss.caption_dropout": "probability of training a sample on the stored empty-prompt embeddings",
+    "loss.prior_weight": "loss weight of class (prior-preservation) samples",
+    "validation.enabled": "images for the shard set's validation prompts",
+    "validation.every": "steps between validations (0: only at the end)",
+    "validation.steps": "sampler steps of each validation image",
+    "validation.guidance": "classifier-free guidance scale",
+    "validation.seed": "seed of the validation noise (the same every validation)",
+    "validation.height": "image size; 0 = the most common bucket",
+    "validation.width": "image size; 0 = the most common bucket",
+}
 
 
 @dataclass
@@ -183,7 +261,6 @@ class TrainConfig:
     def __post_init__(self):
         p = []
         check_model_path("model.path", self.model.path, p)
-        one_of(p, "model.precision", self.model.precision, ("auto", "bf16", "fp16", "fp32"))
         if not self.data.shards:
             p.append("config key 'data.shards' is required (a shard set folder from precompute)")
         weighted = self.data.weighted()
@@ -194,18 +271,12 @@ class TrainConfig:
                 p.append(f"config key 'data.shards': no such folder: {path}")
         if not self.out.dir:
             p.append("config key 'out.dir' is required")
-        t = self.train
         check_ranges(self, RANGES, p)
-        one_of(p, "train.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp16", "no"))
+        check_choices(self, CHOICES, p)
         if isinstance(self.lora.targets, str):
             one_of(p, "lora.targets", self.lora.targets, tuple(TARGET_PRESETS))
         elif not self.lora.targets:
             p.append("config key 'lora.targets' must be a preset name or a non-empty list of module names")
-        one_of(p, "model.quantize", self.model.quantize, ("none", "nf4", "int8"))
-        one_of(p, "train.optimizer", t.optimizer, OPTIMIZERS)
-        one_of(p, "train.lr_schedule", t.lr_schedule, SCHEDULES)
-        one_of(p, "loss.timestep_sampling", self.loss.timestep_sampling, TIMESTEP_SAMPLING)
-        one_of(p, "loss.weighting", self.loss.weighting, LOSS_WEIGHTING)
         v = self.validation
         if (v.height or v.width) and (v.height % 16 or v.width % 16 or v.height <= 0 or v.width <= 0):
             p.append("config keys 'validation.height'/'validation.width' must both be positive multiples of 16")

@@ -235,8 +235,8 @@ def test_a_training_run_writes_readable_plots_and_the_progress_strip(tiny_model,
     strip = _pixels(progress)
     h = w = 128  # the shard set's bucket
     col_w = max(w, validation.CHAR_W * 12) + 4
-    assert strip.shape[:2] == (validation.HEADER_H + 2 * (h + 4) + validation.FOOTER_H, validation.PROMPT_W + 3 * col_w)
-    for c, step in enumerate((2, 4, 5)):  # the two validations during the run and the one at its end
+    assert strip.shape[:2] == (validation.HEADER_H + 2 * (h + 4) + validation.FOOTER_H, validation.PROMPT_W + 4 * col_w)
+    for c, step in enumerate((0, 2, 4, 5)):  # before training (the base model), two during the run, one at its end
         grid = np.asarray(Image.open(os.path.join(samples, f"step-{step:06d}.png")).convert("RGB"))
         for row in range(2):  # the two validation prompts
             x = validation.PROMPT_W + c * col_w + (col_w - w) // 2

@@ -111,7 +111,8 @@ HELP = {
     "loss.caption_dropout": "probability of training a sample on the stored empty-prompt embeddings",
     "loss.prior_weight": "loss weight of class (prior-preservation) samples",
     "validation.enabled": "images for the shard set's validation prompts",
-    "validation.every": "steps between validations (0: only at the end)",
+    "validation.every": "steps between validations (0: only at the end); above 0 the run also "
+                             "validates before its first step: the base model's images",
     "validation.steps": "sampler steps of each validation image",
     "validation.guidance": "classifier-free guidance scale",
     "validation.seed": "seed of the validation noise (the same every validation)",

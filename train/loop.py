@@ -106,6 +106,8 @@ def _train_steps(run, t_start: float) -> None:
     metrics = Metrics(cfg, accel, state, t_start)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
+    if state.step == 0 and cfg.validation.every and accel.is_main_process:
+        run.validate(run.transformer, 0)  # B starts at zero: the base model's images, the strip's first column
     bar = tqdm(range(state.step + 1, t.max_steps + 1), desc="train", unit="step", dynamic_ncols=True,
                initial=state.step, total=t.max_steps, disable=not accel.is_main_process)
     try:

@@ -1,7 +1,8 @@
 """The release's model card: README.md with what went into it, and the training run's sample images.
 
 Everything comes from the inputs: the base model path, each LoRA's file header (shardtune's training record,
-peft's adapter config, or kohya's ss_* fields), and the newest validation grid of the training run the LoRA
+peft's adapter config, or kohya's ss_* fields; a kohya file whose header has no rank gets its ranks and alphas
+from its tensors), and the newest validation grid of the training run the LoRA
 came from (`samples/step-*.png` next to the LoRA file). Nothing run-specific (no dates, no absolute
 temporary paths) goes in, so reruns give the same bytes.
 """
@@ -9,14 +10,18 @@ import glob
 import json
 import os
 import shutil
+from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 from safetensors import SafetensorError, safe_open
 
 from shards.atomic import atomic_open
+from shards.errors import DataError
 
 from .config import MergeConfig, is_single_file
 from .lora import METADATA_KEY
+from .tensorfile import TensorFile
+from .text_encoders import describe
 
 CARD_NAME = "README.md"
 SAMPLES_DIR = "samples"
@@ -71,7 +76,45 @@ def training_facts(header: Dict[str, str]) -> Dict[str, object]:
         for key, label in KOHYA_FIELDS.items():
             if header.get(key):
                 facts[label] = header[key]
-    return {k: v for k, v in facts.items() if v not in (None, "", [], "none")}
+    # sd-scripts writes str(None) for settings it was not given.
+    return {k: v for k, v in facts.items() if v not in (None, "", [], "none", "None")}
+
+
+def _spread(values: List[float]) -> str:
+    """'4' when all modules agree, else '4 (12 modules), 8 (3 modules)'."""
+    seen = Counter(values)
+    if len(seen) == 1:
+        return f"{values[0]:g}"
+    return ", ".join(f"{v:g} ({n} module{'s' if n > 1 else ''})" for v, n in sorted(seen.items()))
+
+
+def kohya_tensor_facts(path: str) -> Dict[str, str]:
+    """rank and alpha of a kohya file from its tensors: rank = lora_down's first dim, alpha = the .alpha tensor
+    (kohya's rule: none means alpha = rank). {} for a file that is not kohya's or cannot be read."""
+    try:
+        with TensorFile(path) as f:
+            downs = {k[: -len(".lora_down.weight")]: e.shape[0] for k, e in f.entries.items()
+                     if k.startswith("lora_") and k.endswith(".lora_down.weight") and e.shape}
+            alphas = {}
+            for name in downs:
+                if name + ".alpha" in f.entries:
+                    alphas[name] = float(f.get(name + ".alpha").float().reshape(-1)[0])
+    except (OSError, DataError):  # the card only describes; reading the LoRA to merge it reports a broken file
+        return {}
+    if not downs:
+        return {}
+    names = sorted(downs)
+    return {"rank": _spread([downs[n] for n in names]),
+            "alpha": _spread([alphas.get(n, downs[n]) for n in names])}
+
+
+def lora_facts(path: str, header: Dict[str, str]) -> Dict[str, object]:
+    """training_facts, with a kohya file's ranks and alphas read from its tensors when the header has none."""
+    facts = training_facts(header)
+    if "rank" not in facts:
+        tensors = kohya_tensor_facts(path)
+        facts.update({k: v for k, v in tensors.items() if k == "rank" or "alpha" not in facts})
+    return facts
 
 
 def newest_sample(lora_file: str) -> Optional[str]:
@@ -86,12 +129,15 @@ def _base_name(path: str) -> str:
     return path  # a hub id is already a name people know
 
 
-def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files: List[str]) -> str:
-    """Write out_dir/README.md (and copy sample grids into out_dir/samples/); returns the card's path."""
+def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files: List[str],
+               text_merged: Optional[Dict[str, int]] = None, text_left_out: Optional[Dict[str, int]] = None) -> str:
+    """Write out_dir/README.md (and copy sample grids into out_dir/samples/); returns the card's path.
+
+    text_merged / text_left_out: text encoder -> LoRA modules folded into it / left out (not in the release)."""
     fmt = cfg.release_format()
     hub_base = not (is_single_file(cfg.model.path) or os.path.isdir(cfg.model.path))
     headers = [lora_header(f) for f in lora_files]
-    facts = [training_facts(h) for h in headers]
+    facts = [lora_facts(f, h) for f, h in zip(lora_files, headers)]
     prompts = sorted({str(f[k]) for f in facts for k in ("instance prompt", "caption prefix") if f.get(k)})
 
     front = ["---"]
@@ -106,13 +152,18 @@ def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files:
 
     title = cfg.out.name if fmt == "single_file" else \
         " + ".join([_base_name(cfg.model.path)] + [os.path.basename(p) for p in lora_files])
+    into = "the transformer" + (" and text encoders" if text_merged else "")
     lines = front + ["", f"# {title}", "",
                      f"Stable Diffusion 3 with {len(lora_files)} LoRA{'s' if len(lora_files) > 1 else ''} folded into "
-                     f"the transformer by shardtune's merge stage.", "",
+                     f"{into} by shardtune's merge stage.", "",
                      f"- base model: `{_base_name(cfg.model.path)}`",
                      f"- release format: {fmt} ({', '.join(files)}), out.dtype {cfg.out.dtype}"]
     if fmt == "single_file" and cfg.out.include:
         lines.append(f"- bundled with the transformer: {', '.join(cfg.out.include)}")
+    if text_merged:
+        lines.append(f"- text encoders: {describe(text_merged)} folded in")
+    if text_left_out:
+        lines.append(f"- not in this release, so not folded in: {describe(text_left_out)}")
     if prompts:
         lines.append(f"- trigger / instance prompt: `{prompts[0]}`" +
                      (f" (also: {', '.join(f'`{p}`' for p in prompts[1:])})" if len(prompts) > 1 else ""))

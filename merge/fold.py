@@ -38,7 +38,7 @@ def check_targets(updates: Updates, source: Source) -> None:
         shape = tuple(source.shape(key))
         for m in modules:
             if shape != tuple(m.shape):
-                raise DataError(f"LoRA module '{name}' makes a {m.shape[0]}x{m.shape[1]} update but the "
+                raise DataError(f"LoRA module '{name}' makes a {'x'.join(map(str, m.shape))} update but the "
                                 f"{source.what}'s '{key}' has shape {shape}")
 
 
@@ -84,10 +84,10 @@ def _out_tensor(name: str, w: torch.Tensor, modules: Sequence[LoraModule], dtype
     return out.contiguous()
 
 
-def _shard_names(count: int) -> List[str]:
+def _shard_names(count: int, weights_name: str = WEIGHTS_NAME) -> List[str]:
     if count == 1:
-        return [WEIGHTS_NAME]
-    stem, ext = os.path.splitext(WEIGHTS_NAME)
+        return [weights_name]
+    stem, ext = os.path.splitext(weights_name)
     return [f"{stem}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
 
 
@@ -98,6 +98,14 @@ def fold_transformer(source: Source, updates: Updates, out_dir: str, dtype: str 
     Shards of at most max_shard_bytes (a larger tensor gets a shard of its own) with diffusers' names and index,
     streamed: one tensor in memory at a time.
     """
+    return fold_model(source, updates, out_dir, dtype, max_shard_bytes, progress)
+
+
+def fold_model(source: Source, updates: Updates, out_dir: str, dtype: str = "auto",
+               max_shard_bytes: int = 5_000_000_000, progress: bool = True,
+               weights_name: str = WEIGHTS_NAME) -> FoldResult:
+    """fold_transformer for any model folder: `weights_name` is model.safetensors for the text encoders
+    (transformers' name, with its index and shard names built the same way)."""
     check_targets(updates, source)
     planned = [_planned(source, updates, name, dtype) for name in source.names]
     shards: List[List[Planned]] = [[]]
@@ -109,17 +117,20 @@ def fold_transformer(source: Source, updates: Updates, out_dir: str, dtype: str 
             size = 0
         shards[-1].append(p)
         size += n
-    files = _shard_names(len(shards))
+    files = _shard_names(len(shards), weights_name)
     os.makedirs(out_dir, exist_ok=True)
     total = 0
     with tqdm(total=len(planned), desc="merge", unit="tensor", disable=not progress) as bar:
         for shard, file in zip(shards, files):
+            if os.path.lexists(os.path.join(out_dir, file)):
+                # Never written through: a file already there may be a hard link to the base's own.
+                os.unlink(os.path.join(out_dir, file))
             total += write_tensor_file(os.path.join(out_dir, file), shard, FILE_METADATA,
                                        done=lambda name: bar.update())
     if len(files) > 1:
         weight_map = {p[0]: file for shard, file in zip(shards, files) for p in shard}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        with open(os.path.join(out_dir, weights_name + ".index.json"), "w") as f:
             f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return FoldResult(modules=sum(map(len, updates.values())), tensors=len(source.names), files=files)
 

@@ -17,7 +17,14 @@ merge/sd3_keys.py, e.g. `lora_unet_joint_blocks_0_x_block_attn_qkv`.
   input, every other block's (AdaLayerNormZero) 6.
 
 - sd-scripts' split_qkv layout (`<qkv name>.lora_down.0.weight` ... `.lora_up.2.weight`, one alpha; scale
-  alpha / rank of one part) is read too. sd-scripts itself saves such LoRAs fused again, as above.
+  alpha / rank of one part) is read too. sd-scripts itself saves such LoRAs fused again, as above, but keeps
+  the alpha of one part: a reader of the saved file (this one, ComfyUI, sd-scripts) divides it by the fused
+  rank 3r, so the qkv deltas come out at 1/3 of their trained strength. `split_qkv_warning` says so.
+- The conv LoRA sd-scripts puts on `x_embedder.proj` (`emb_dims`): a kh x kw down kernel and a 1x1 up kernel,
+  folded as one conv kernel (LoraModule.delta).
+- Text encoder LoRAs (`lora_te1_` CLIP-L, `lora_te2_` CLIP-G, `lora_te3_` T5, then the module path in the
+  transformers model with '.' -> '_') are returned by sd-scripts prefix and kohya name, for
+  merge/text_encoders.py to resolve against the encoders' own tensor names.
 """
 import json
 import re
@@ -31,6 +38,8 @@ from .lora import LoraModule, checked_pair, key_error
 from .sd3_keys import _BLOCK, _QKV, _TOP, CAT, COPY, SWAP, original_name, swap_halves
 
 KOHYA_PREFIX = "lora_unet_"
+# sd-scripts' text encoder LoRAs: CLIP-L, CLIP-G, T5 (merge/text_encoders.py maps them to the encoders).
+TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te3_")
 _PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # sd-scripts' split_qkv modules hold q, k, v apart under the fused name (its saved files fuse them again).
 _SPLIT_PARTS = tuple(f".lora_{d}.{i}.weight" for d in ("down", "up") for i in range(3))
@@ -43,12 +52,34 @@ _KOHYA_BLOCK_RE = re.compile(r"joint_blocks_(\d+)_(.+)")
 
 
 def is_kohya(keys) -> bool:
-    return any(k.startswith(KOHYA_PREFIX) for k in keys)
+    return any(k.startswith((KOHYA_PREFIX,) + TEXT_ENCODER_PREFIXES) for k in keys)
 
 
 def kohya_name(original: str) -> str:
     """'joint_blocks.0.x_block.attn.qkv' -> 'lora_unet_joint_blocks_0_x_block_attn_qkv'."""
     return KOHYA_PREFIX + original.replace(".", "_")
+
+
+def split_qkv_warning(path: str, header: Dict[str, str], fused_qkv: int, others: int, scale: float) -> Optional[str]:
+    """One warning line for a file saved by sd-scripts with `split_qkv` (recorded in ss_network_args), or None.
+
+    Trained, each of q, k, v has rank r and the scale alpha / r; the saved file fuses them into rank 3r with
+    the same alpha, so alpha / rank readers apply alpha / 3r: a third. lora.scale x 3 gives the qkv deltas back
+    their trained strength, and also triples every other module of the file, which was saved right."""
+    try:
+        args = json.loads(header.get("ss_network_args") or "{}")
+    except ValueError:
+        return None
+    # sd-scripts' own test is the string "True" (network_args are strings); a JSON true means the same.
+    if not isinstance(args, dict) or args.get("split_qkv") not in ("True", True) or not fused_qkv:
+        return None
+    line = (f"merge: warning: {path} was saved by sd-scripts with split_qkv, whose saved alpha makes every "
+            f"alpha / rank reader (this merge, ComfyUI, sd-scripts itself) apply its {fused_qkv} fused qkv "
+            f"LoRA{'s' if fused_qkv != 1 else ''} at 1/3 of the trained strength; lora.scale={3 * scale:g} for this "
+            f"file (3 x {scale:g}) restores {'them' if fused_qkv != 1 else 'it'}")
+    if others:
+        line += f", but also triples its {others} other LoRA module{'s' if others != 1 else ''}"
+    return line
 
 
 def _is_last_context_modulation(module: str, down: torch.Tensor, up: torch.Tensor) -> bool:
@@ -73,51 +104,79 @@ def parse_kohya_module(name: str) -> Tuple[str, object, str]:
                     "lora_unet_joint_blocks_0_x_block_attn_qkv)")
 
 
-def kohya_modules(tensors: Dict[str, torch.Tensor], path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
-    """A kohya SD3 LoRA state dict as diffusers-named LoraModules (scale = lora scale * alpha / rank)."""
+def kohya_file(tensors: Dict[str, torch.Tensor], path: str, scale: float = 1.0
+               ) -> Tuple[Dict[str, LoraModule], Dict[str, Dict[str, LoraModule]], int]:
+    """A kohya SD3 LoRA state dict as (diffusers-named transformer LoraModules, text encoder LoraModules by
+    sd-scripts prefix and kohya module name, how many fused qkv modules it has); scale = lora scale * alpha / rank."""
     groups: Dict[str, Dict[str, torch.Tensor]] = {}
     for key in sorted(tensors):
         part = next((p for p in _PARTS + _SPLIT_PARTS if key.endswith(p)), None)
-        if not key.startswith(KOHYA_PREFIX) or part is None:
-            if key.startswith(KOHYA_PREFIX):
+        ours = key.startswith((KOHYA_PREFIX,) + TEXT_ENCODER_PREFIXES)
+        if not ours or part is None:
+            if ours:
                 raise DataError(f"{path}: '{key}' is not a kohya LoRA weight (expected .lora_down.weight, "
                                 ".lora_up.weight or .alpha; DoRA, LoHa and LoKr are not supported)")
             raise key_error(path, key, kohya=True)
         groups.setdefault(key[: -len(part)], {})[part] = tensors[key]
     modules: Dict[str, LoraModule] = {}
+    text: Dict[str, Dict[str, LoraModule]] = {}
+    fused = 0
     for name, parts in groups.items():
+        alpha = _alpha(path, name, parts)
+        prefix = next((p for p in TEXT_ENCODER_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            if any(p in parts for p in _SPLIT_PARTS):
+                raise DataError(f"{path}: '{name}.lora_down.0.weight': split parts are for fused qkv "
+                                "transformer modules, not text encoder ones")
+            down, up = _pair(path, name, parts)
+            text.setdefault(prefix, {})[name] = LoraModule(name, down, up, _scale(scale, alpha, down))
+            continue
         try:
             _, diff, rule = parse_kohya_module(name)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
-        alpha = parts.get(".alpha")
-        if alpha is not None:
-            if alpha.numel() != 1 or not torch.isfinite(alpha).all():
-                raise DataError(f"{path}: kohya module '{name}' has an alpha that is not one finite number")
-            alpha = float(alpha.float().reshape(()))
         if any(p in parts for p in _SPLIT_PARTS):
             modules.update(_split_qkv(path, name, parts, diff, rule, alpha, scale))
             continue
-        for needed in _PARTS[:2]:
-            if needed not in parts:
-                raise DataError(f"{path}: kohya module '{name}' has no {needed[1:]}")
-        down, up = checked_pair(path, name, parts[".lora_down.weight"], parts[".lora_up.weight"], "lora_down", "lora_up")
-        rank = down.shape[0]
-        s = scale * (rank if alpha is None else alpha) / rank
+        down, up = _pair(path, name, parts)
+        strength = _scale(scale, alpha, down)
         if rule == CAT:
             if up.shape[0] % 3:
                 raise DataError(f"{path}: kohya module '{name}' has lora_up {tuple(up.shape)}, which has no "
                                 "q, k, v row blocks")
+            fused += 1
             for sub, block in zip(diff, up.chunk(3, dim=0)):
-                modules[sub] = LoraModule(sub, down, block.contiguous(), s)
+                modules[sub] = LoraModule(sub, down, block.contiguous(), strength)
             continue
         if rule == SWAP or _is_last_context_modulation(diff, down, up):
             if up.shape[0] % 2:
                 raise DataError(f"{path}: kohya module '{name}' has lora_up {tuple(up.shape)}, which has no "
                                 "(shift, scale) halves")
             up = swap_halves(up).contiguous()
-        modules[diff] = LoraModule(diff, down, up, s)
-    return dict(sorted(modules.items()))
+        modules[diff] = LoraModule(diff, down, up, strength)
+    return dict(sorted(modules.items())), {p: dict(sorted(m.items())) for p, m in sorted(text.items())}, fused
+
+
+def _alpha(path: str, name: str, parts: Dict[str, torch.Tensor]) -> Optional[float]:
+    alpha = parts.get(".alpha")
+    if alpha is None:
+        return None
+    if alpha.numel() != 1 or not torch.isfinite(alpha).all():
+        raise DataError(f"{path}: kohya module '{name}' has an alpha that is not one finite number")
+    return float(alpha.float().reshape(()))
+
+
+def _pair(path: str, name: str, parts: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    for needed in _PARTS[:2]:
+        if needed not in parts:
+            raise DataError(f"{path}: kohya module '{name}' has no {needed[1:]}")
+    return checked_pair(path, name, parts[".lora_down.weight"], parts[".lora_up.weight"], "lora_down", "lora_up")
+
+
+def _scale(scale: float, alpha: Optional[float], down: torch.Tensor) -> float:
+    """lora.scale * alpha / rank, with kohya's rule that no alpha means alpha = rank."""
+    rank = down.shape[0]
+    return scale * (rank if alpha is None else alpha) / rank
 
 
 def _split_qkv(path, name, parts, diff, rule, alpha, scale) -> Dict[str, LoraModule]:
@@ -133,8 +192,7 @@ def _split_qkv(path, name, parts, diff, rule, alpha, scale) -> Dict[str, LoraMod
     for i, sub in enumerate(diff):
         down, up = checked_pair(path, f"{name} part {i}", parts[f".lora_down.{i}.weight"], parts[f".lora_up.{i}.weight"],
                                 "lora_down", "lora_up")
-        rank = down.shape[0]
-        out[sub] = LoraModule(sub, down, up, scale * (rank if alpha is None else alpha) / rank)
+        out[sub] = LoraModule(sub, down, up, _scale(scale, alpha, down))
     return out
 
 

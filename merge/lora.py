@@ -1,9 +1,12 @@
-"""Reading an SD3 transformer LoRA file (diffusers/peft, or kohya via merge/kohya.py): modules, ranks, scales."""
+"""Reading an SD3 LoRA file (diffusers/peft, or kohya via merge/kohya.py): modules, ranks, scales.
+
+`read_lora` / `read_loras` give the transformer's modules; `read_lora_file` also gives the text encoder
+modules a kohya file holds (merge/text_encoders.py folds those)."""
 import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,13 +27,19 @@ OTHER_COMPONENTS = TEXT_ENCODER_PREFIXES + ("lora_unet_",)  # kohya's transforme
 
 @dataclass(frozen=True)
 class LoraModule:
-    name: str  # module path inside the transformer, e.g. transformer_blocks.0.attn.to_q
-    down: torch.Tensor  # lora_A, [rank, in_features]
-    up: torch.Tensor  # lora_B, [out_features, rank]
+    name: str  # module path inside the transformer (e.g. transformer_blocks.0.attn.to_q) or a text encoder
+    # lora_A, [rank, in_features]; for a conv LoRA (pos_embed.proj) the down kernel [rank, in, kh, kw]
+    down: torch.Tensor
+    up: torch.Tensor  # lora_B, [out_features, rank]; for a conv LoRA the 1x1 up kernel [out, rank, 1, 1]
     scale: float  # everything that multiplies up @ down: lora.scale * alpha / rank (or / sqrt(rank))
 
     def delta(self) -> torch.Tensor:
-        """The fp32 weight update; fp32 so bf16 LoRAs do not lose the small products."""
+        """The fp32 weight update; fp32 so bf16 LoRAs do not lose the small products.
+
+        A conv LoRA is a kh x kw conv to `rank` channels followed by a 1x1 conv, which is one conv whose
+        kernel is delta[o, i, h, w] = sum_r up[o, r] * down[r, i, h, w]."""
+        if self.down.dim() == 4:
+            return (self.up.float().flatten(1) @ self.down.float().flatten(1)).mul_(self.scale).reshape(self.shape)
         return (self.up.float() @ self.down.float()).mul_(self.scale)
 
     def add_to(self, w: torch.Tensor) -> torch.Tensor:
@@ -38,9 +47,13 @@ class LoraModule:
         return w.add_(self.delta())
 
     @property
-    def shape(self) -> Tuple[int, int]:
-        """The shape of the weight it updates: (out_features, in_features)."""
-        return self.up.shape[0], self.down.shape[1]
+    def shape(self) -> Tuple[int, ...]:
+        """The shape of the weight it updates: (out_features, in_features), or (out, in, kh, kw) for a conv."""
+        return (self.up.shape[0],) + tuple(self.down.shape[1:])
+
+    @property
+    def conv(self) -> bool:
+        return self.down.dim() == 4
 
 
 # Module name -> the LoRA modules that update it, in the order of lora.path (one per LoRA that has it).
@@ -77,8 +90,8 @@ def split_key(key: str) -> Optional[Tuple[str, str]]:
 
 def key_error(path: str, key: str, kohya: bool = False) -> DataError:
     if key.startswith(TEXT_ENCODER_PREFIXES):
-        return DataError(f"{path}: '{key}' is a text encoder LoRA weight; merging text encoder LoRAs is not "
-                        "supported yet (only transformer LoRAs are)")
+        return DataError(f"{path}: '{key}' is a diffusers-format text encoder LoRA weight, which is not supported "
+                        "(kohya / sd-scripts text encoder LoRAs, lora_te1_* / lora_te2_* / lora_te3_*, are)")
     if kohya:
         return DataError(f"{path}: '{key}' is not a kohya SD3 transformer LoRA weight (expected "
                         "lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha); a file cannot mix "
@@ -129,10 +142,14 @@ def module_scale(config: Optional[dict], module: str, rank: int, scale: float, p
 
 def checked_pair(path: str, name: str, down: torch.Tensor, up: torch.Tensor,
                  a: str = "lora_A", b: str = "lora_B") -> Tuple[torch.Tensor, torch.Tensor]:
-    """down, up after checking they are one linear LoRA's two finite matrices."""
-    if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+    """down, up after checking they are one linear LoRA's two finite matrices, or one conv LoRA's two kernels
+    (a kh x kw down, a 1x1 up: what peft and sd-scripts put on a Conv2d)."""
+    linear = down.dim() == 2 and up.dim() == 2
+    conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
+    if not (linear or conv) or up.shape[1] != down.shape[0]:
         raise DataError(f"{path}: module '{name}' has {a} {tuple(down.shape)} and {b} {tuple(up.shape)}, "
-                        "which are not the two matrices of one linear LoRA")
+                        "which are not the two matrices of one linear LoRA (nor the kh x kw and 1x1 kernels of "
+                        "one conv LoRA)")
     for part, t in ((a, down), (b, up)):
         # Checked here, as folding would blame lora.scale or out.dtype for it.
         if not torch.isfinite(t).all():
@@ -141,20 +158,33 @@ def checked_pair(path: str, name: str, down: torch.Tensor, up: torch.Tensor,
     return down, up
 
 
-def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
-    """Every transformer LoRA module in a .safetensors file, by module name, with its final scale."""
+@dataclass
+class LoraFile:
+    """What one LoRA file holds, each module with its final scale."""
+    path: str
+    header: Dict[str, str]
+    transformer: Dict[str, LoraModule]  # by diffusers module name
+    # kohya text encoder modules: sd-scripts' prefix (lora_te1_ ...) -> kohya module name -> module. Their
+    # names are the encoder's module paths with '.' -> '_', so they are resolved against the encoder's tensors.
+    text_encoders: Dict[str, Dict[str, LoraModule]] = field(default_factory=dict)
+    fused_qkv: int = 0  # kohya fused qkv modules (sd-scripts' split_qkv alpha applies to these)
+
+
+def read_lora_file(path: str, scale: float = 1.0) -> LoraFile:
+    """Every LoRA module of a .safetensors file: the transformer's and, in kohya files, the text encoders'."""
     try:
         with safe_open(path, framework="pt") as f:
-            header = f.metadata()
+            header = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise DataError(f"cannot read LoRA file {path}: {e}") from None
     if not tensors:
         raise DataError(f"{path}: the LoRA file holds no tensors")
-    from .kohya import is_kohya, kohya_modules  # kohya.py builds on this module
+    from .kohya import is_kohya, kohya_file  # kohya.py builds on this module
 
     if is_kohya(tensors):  # kohya files carry their alphas as tensors; the header plays no part
-        return kohya_modules(tensors, path, scale)
+        transformer, text, fused = kohya_file(tensors, path, scale)
+        return LoraFile(path, header, transformer, text, fused)
     parts: Dict[str, Dict[str, Tuple[str, torch.Tensor]]] = {}
     for key in sorted(tensors):
         split = split_key(key)
@@ -174,7 +204,31 @@ def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
             raise DataError(f"{path}: module '{name}' has no {missing} weight")
         down, up = checked_pair(path, name, ab["A"][1], ab["B"][1])
         modules[name] = LoraModule(name, down, up, module_scale(config, name, down.shape[0], scale, path))
-    return modules
+    return LoraFile(path, header, modules)
+
+
+def read_lora(path: str, scale: float = 1.0) -> Dict[str, LoraModule]:
+    """Every transformer LoRA module in a .safetensors file, by module name, with its final scale.
+
+    For the converter and other transformer-only readers: a file with text encoder modules is refused rather
+    than read without them."""
+    lora = read_lora_file(path, scale)
+    text = [name for modules in lora.text_encoders.values() for name in modules]
+    if text:
+        raise DataError(f"{path}: '{text[0]}.lora_down.weight' is a text encoder LoRA weight; only the merge "
+                        "itself folds those (this reads transformer LoRAs only)")
+    return lora.transformer
+
+
+def conv_modules(updates: Updates) -> List[str]:
+    """The modules with a conv LoRA (merge.verify's forward probe applies linear LoRAs only)."""
+    return [name for name, modules in updates.items() if any(m.conv for m in modules)]
+
+
+def add_updates(updates: Updates, modules: Dict[str, LoraModule]) -> None:
+    """Append each module to the updates of the weight it changes (after those of earlier LoRA files)."""
+    for name, module in modules.items():
+        updates.setdefault(name, []).append(module)
 
 
 def read_loras(paths: Sequence[str], scales: Sequence[float]) -> Updates:
@@ -183,6 +237,5 @@ def read_loras(paths: Sequence[str], scales: Sequence[float]) -> Updates:
     Applying them in that order to `W` in fp32 gives the same numbers as merging them one after another."""
     updates: Updates = {}
     for path, scale in zip(paths, scales):
-        for name, module in read_lora(path, scale).items():
-            updates.setdefault(name, []).append(module)
+        add_updates(updates, read_lora(path, scale))
     return dict(sorted(updates.items()))

@@ -22,17 +22,18 @@ from .base_check import other_base_warnings
 from .card import CARD_NAME, lora_header, write_card
 from .config import MergeConfig, is_single_file
 from .fold import WEIGHTS_NAME, FoldResult, fold_transformer
-from .lora import Updates, find_lora_file, read_loras
+from .lora import conv_modules, find_lora_file
 from .release import check_out_dir, clean_leftovers, copy_tree, placed_summary, staged
 from .rerun import merge_inputs, recorded_inputs, write_inputs
 from .single_file import copy_jobs, file_name, transformer_jobs, vae_jobs, write_single_file
 from .sources import TRANSFORMERS_WEIGHTS, OriginalSource, OtherKeys, Source, folder_source
+from .text_encoders import TEXT_ENCODERS as ENCODERS
+from .text_encoders import MergeLoras, TextMerge, bundled, fold_folders, is_weight_file, plan_folders, \
+    read_merge_loras, release_file_source, verify_text_encoders
 from .verify import VerifyReport, probe_or_skip, verify_tensors
 
 # out.include=[text_encoders]: pipeline component -> prefix in the original single file.
-TEXT_ENCODERS = {"text_encoder": "text_encoders.clip_l.transformer.",
-                 "text_encoder_2": "text_encoders.clip_g.transformer.",
-                 "text_encoder_3": "text_encoders.t5xxl.transformer."}
+TEXT_ENCODERS = {t.component: t.single_file for t in ENCODERS}
 
 
 @dataclass
@@ -61,12 +62,13 @@ def single_file_name(cfg: MergeConfig) -> str:
     return file_name(name)
 
 
-def _text_encoder_sources(model: str, stack: ExitStack) -> List[Source]:
-    sources = []
+def _text_encoder_sources(model: str, stack: ExitStack) -> Dict[str, Source]:
+    sources = {}
     for component, prefix in TEXT_ENCODERS.items():
         folder = os.path.join(model, component)
         if os.path.isdir(folder):  # SD3 may ship without T5 (text_encoder_3 null in model_index.json)
-            sources.append(stack.enter_context(folder_source(folder, f"base {component}", TRANSFORMERS_WEIGHTS, prefix)))
+            sources[component] = stack.enter_context(folder_source(folder, f"base {component}", TRANSFORMERS_WEIGHTS,
+                                                                   prefix))
     if not sources:
         raise UsageError(f"out.include has text_encoders but {model} has none of {', '.join(TEXT_ENCODERS)}")
     return sources
@@ -77,18 +79,25 @@ def warn_if_other_base(lora_files: Sequence[str], base: Source, model_path: str)
         print(line, file=sys.stderr)
 
 
-def _merge_into(cfg: MergeConfig, tmp: str, updates: Updates, lora_files: Sequence[str], stack: ExitStack,
+def _merge_into(cfg: MergeConfig, tmp: str, loras: MergeLoras, lora_files: Sequence[str], stack: ExitStack,
                 progress: bool):
     """Write the release into tmp; returns (result, base transformer Source, release Source, base config dir,
-    how the unchanged component files got there)."""
+    how the unchanged component files got there, what became of the text encoder LoRAs)."""
     fmt = cfg.release_format()
+    updates, te = loras.updates, TextMerge()
     if is_single_file(cfg.model.path):
         base = stack.enter_context(OriginalSource(cfg.model.path))
         warn_if_other_base(lora_files, base, cfg.model.path)
         carried = stack.enter_context(OtherKeys(cfg.model.path))
         out_file = os.path.join(tmp, single_file_name(cfg))
-        result = write_single_file(transformer_jobs(base, updates, cfg.out.dtype) + copy_jobs(carried), out_file, progress)
-        return result, base, lambda: OriginalSource(out_file, "release"), None, {}
+        has = {t.component: carried for t in ENCODERS if any(n.startswith(t.single_file) for n in carried.names)}
+        te.hint = "the base file does not bundle them; merge into a diffusers base (or a file bundling them) instead"
+        per_encoder = bundled(loras.text, has, te, lambda: release_file_source(out_file))
+        te.check_something_left(updates, lora_files)
+        te_updates = {k: v for u in per_encoder.values() for k, v in u.items()}
+        result = write_single_file(transformer_jobs(base, updates, cfg.out.dtype) + copy_jobs(carried, te_updates),
+                                   out_file, progress)
+        return result, base, lambda: OriginalSource(out_file, "release"), None, {}, te
     model = resolve_model_path(cfg.model.path)
     transformer_dir = os.path.join(model, "transformer")
     base = stack.enter_context(folder_source(transformer_dir, "base transformer"))
@@ -97,16 +106,26 @@ def _merge_into(cfg: MergeConfig, tmp: str, updates: Updates, lora_files: Sequen
         jobs = transformer_jobs(base, updates, cfg.out.dtype)
         if "vae" in cfg.out.include:
             jobs += vae_jobs(stack.enter_context(folder_source(os.path.join(model, "vae"), "base VAE")))
-        if "text_encoders" in cfg.out.include:
-            for source in _text_encoder_sources(model, stack):
-                jobs += copy_jobs(source)
         out_file = os.path.join(tmp, single_file_name(cfg))
+        sources = _text_encoder_sources(model, stack) if "text_encoders" in cfg.out.include else {}
+        te.hint = ("model.path has no folder for them" if sources else
+                   f"to include them, set out.include=[{','.join(list(cfg.out.include) + ['text_encoders'])}]")
+        per_encoder = bundled(loras.text, sources, te, lambda: release_file_source(out_file))
+        te.check_something_left(updates, lora_files)
+        for component, source in sources.items():
+            jobs += copy_jobs(source, per_encoder.get(component))
         return write_single_file(jobs, out_file, progress), base, lambda: OriginalSource(out_file, "release"), \
-            transformer_dir, {}
-    placed = copy_tree(model, tmp, cfg.out.link, skip=_not_carried)
+            transformer_dir, {}, te
+    plans = plan_folders(model, loras.text, te,
+                         lambda folder, what: stack.enter_context(folder_source(folder, what, TRANSFORMERS_WEIGHTS)))
+    te.check_something_left(updates, lora_files)
+    # An encoder that gets a LoRA is written anew: none of its base weight files may be linked or copied.
+    changed = [p.component for p in plans]
+    placed = copy_tree(model, tmp, cfg.out.link, skip=lambda rel: _not_carried(rel) or is_weight_file(rel, changed))
     out_dir = os.path.join(tmp, "transformer")
     result = fold_transformer(base, updates, out_dir, cfg.out.dtype, cfg.out.max_shard_bytes, progress)
-    return result, base, lambda: folder_source(out_dir, "release transformer"), transformer_dir, placed
+    fold_folders(plans, tmp, te, cfg.out.max_shard_bytes, progress)
+    return result, base, lambda: folder_source(out_dir, "release transformer"), transformer_dir, placed, te
 
 
 @contextmanager
@@ -141,19 +160,34 @@ def _run_merge(cfg: MergeConfig, progress: bool) -> MergeResult:
         made = earlier.get("made", {})
         return MergeResult(made.get("modules", 0), made.get("tensors", 0), made.get("files", []), up_to_date=True)
     check_out_dir(cfg.out.dir, cfg.out.overwrite, inputs=local_model + lora_files)
-    updates = read_loras(lora_files, cfg.lora.scales())
+    loras = read_merge_loras(lora_files, cfg.lora.scales())
+    for line in loras.warnings:
+        print(line, file=sys.stderr)
+    updates = loras.updates
+    lines = []
     with staged(cfg.out.dir) as tmp, ExitStack() as stack:
         with one_thread():
-            result, base, release, transformer_dir, placed = _merge_into(cfg, tmp, updates, lora_files, stack,
-                                                                         progress)
+            result, base, release, transformer_dir, placed, te = _merge_into(cfg, tmp, loras, lora_files, stack,
+                                                                             progress)
+        if te.warning():
+            print(te.warning(), file=sys.stderr)
         report = None
         if cfg.merge.verify:  # before publishing: a release that fails is never put in place
             with release() as out:
                 report = verify_tensors(base, out, updates, cfg.out.dtype, progress)
-                report = probe_or_skip(report, transformer_dir, base, out, updates, cfg.merge.probe_max_params)
-        write_card(tmp, cfg, lora_files, result.files)
+                conv = conv_modules(updates)
+                if not updates or conv:  # the probe hooks linear layers, and needs a module to hook
+                    report.probe_skipped = (f"'{conv[0]}' has a conv LoRA, which the probe does not apply unmerged"
+                                            if conv else "no transformer LoRA modules")
+                else:
+                    report = probe_or_skip(report, transformer_dir, base, out, updates, cfg.merge.probe_max_params)
+            lines.append(verify_text_encoders(te))
+        write_card(tmp, cfg, lora_files, result.files, te.merged, te.left_out)
         write_inputs(tmp, {**inputs, "made": {"modules": result.modules, "tensors": result.tensors,
                                               "files": result.files}})
+    for line in [te.summary()] + lines:
+        if line:
+            print(line)
     return MergeResult(result.modules, result.tensors, result.files, report, placed)
 
 

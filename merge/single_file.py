@@ -5,7 +5,7 @@ tensors of one attention) is in memory at a time, however large the model.
 """
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from tqdm import tqdm
 
@@ -13,7 +13,7 @@ from shards.errors import DataError
 
 from .fold import FILE_METADATA, FoldResult, _out_tensor, check_targets, modules_for, out_dtype, unchanged
 from .lora import Updates
-from .sd3_keys import COPY, Group, combine, combine_spans, output_shape, plan, vae_plan
+from .sd3_keys import COPY, PREFIX, Group, combine, combine_spans, output_shape, plan, vae_plan
 from .sources import Source
 from .tensorfile import Planned, read_metadata, write_tensor_file
 
@@ -53,9 +53,13 @@ def vae_jobs(source: Source) -> List[Job]:
     return [Job(g, source, {}, "auto") for g in vae_plan(source.names)]
 
 
-def copy_jobs(source: Source) -> List[Job]:
-    """Every tensor of `source` under its own name, unchanged (bundled text encoders, a base file's extras)."""
-    return [Job(Group(name, (name,), COPY), source, {}, "auto") for name in source.names]
+def copy_jobs(source: Source, updates: Optional[Updates] = None) -> List[Job]:
+    """Every tensor of `source` under its own name, unchanged (bundled text encoders, a base file's extras)
+    except for the LoRA deltas in `updates` (text encoder LoRAs, by the source's own module names), which keep
+    each tensor's stored dtype."""
+    if updates:
+        check_targets(updates, source)
+    return [Job(Group(name, (name,), COPY), source, updates or {}, "auto") for name in source.names]
 
 
 def _planned(job: Job) -> Planned:
@@ -87,5 +91,7 @@ def write_single_file(jobs: List[Job], path: str, progress: bool = True) -> Fold
     # The context closes the bar on errors too, so an error message starts on its own line.
     with tqdm(total=len(planned), desc="merge", unit="tensor", disable=not progress) as bar:
         write_tensor_file(path, planned, SINGLE_FILE_METADATA, done=lambda name: bar.update())
-    modules = sum(len(m) for m in next((j.updates for j in jobs if j.updates), {}).values())
+    # The transformer's modules: text encoder LoRAs folded into bundled encoders are counted by their caller.
+    modules = sum(len(m) for m in next((j.updates for j in jobs if j.updates and j.group.key.startswith(PREFIX)),
+                                       {}).values())
     return FoldResult(modules=modules, tensors=len(jobs), files=[os.path.basename(path)])

@@ -407,3 +407,28 @@ def test_converter_refuses_text_encoder_loras_in_one_line(lora_file, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "text encoder LoRA weight" in lines[0], r.stderr
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in lines[0] and not os.listdir(tmp_path)
+
+
+# SD3 without T5 (text_encoder_3 null in model_index.json): CLIP-L and CLIP-G get theirs, T5's are left out.
+def test_a_base_without_t5_merges_the_clip_loras_and_warns_about_t5(base_model, lora_file, tmp_path):
+    import shutil
+
+    base = tmp_path / "no-t5"
+    shutil.copytree(base_model, base)
+    for folder in ("text_encoder_3", "tokenizer_3"):
+        shutil.rmtree(base / folder)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                       "tokenizer_3": [None, None]}))
+    r = cli("merge", f"model.path={base}", f"lora.path={lora_file}", f"out.dir={tmp_path / 'out'}")
+    assert r.returncode == 0, r.stderr
+    assert warnings_of(r.stderr) == [
+        "merge: warning: the release does not carry every text encoder the LoRAs change: left out 14 LoRA modules "
+        "of T5 (text_encoder_3) and merged the rest; model.path has no text_encoder_3 folder to fold them into"]
+    assert "merge: folded 18 LoRA modules into CLIP-L (text_encoder), 18 into CLIP-G (text_encoder_2)\n" in r.stdout
+    assert not (tmp_path / "out" / "text_encoder_3").exists()
+    sd = load_file(lora_file)
+    expected, targets = expected_text_encoder(base_model, "text_encoder_2", sd, 1.0)
+    got = load_file(str(tmp_path / "out" / "text_encoder_2" / TRANSFORMERS_WEIGHTS))
+    for key in targets:
+        torch.testing.assert_close(got[key].double(), expected[key], atol=1e-6, rtol=1e-6, msg=key)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import plot, validation
+from train import validation
 from train.plot import BOLD, FRAME, LR, RAW, centred_mean, loss_by_sigma_png, loss_curve_png, nice_ticks, tick_labels
 from train.sampling import save_grid
 

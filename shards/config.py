@@ -271,14 +271,22 @@ def one_of(problems: List[str], key: str, value, allowed) -> None:
         problems.append(f"config key '{key}': '{value}' is not one of {', '.join(map(str, allowed))}")
 
 
+def _not_a_cast_notice(record) -> bool:
+    return "MatMul8bitLt" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for shardtune's own progress bars and messages."""
     import logging
 
     # bitsandbytes notes at import, on CPUs with AVX512-BF16, that an optional kernel package is absent.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # int8 T5 on CPU warns once per matmul that inputs are cast.
+    # int8 layers say on every matmul that inputs are cast, through warnings in some bitsandbytes versions
+    # and through logging in others.
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    cast_notices = logging.getLogger("bitsandbytes.autograd._functions")
+    if _not_a_cast_notice not in cast_notices.filters:
+        cast_notices.addFilter(_not_a_cast_notice)
     # transformers' own notices (we report truncation ourselves); read when transformers is first imported.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -255,3 +255,18 @@ def test_readme_tables_name_the_schemas_keys_with_its_defaults(stage):
         literal = written or '""'
         value = OmegaConf.to_container(OmegaConf.create(f"v: {literal}"))["v"]  # as YAML reads it
         assert key not in required and value == schema[key], (key, written, schema[key])
+
+
+def test_bitsandbytes_int8_cast_notice_is_silenced_once(caplog):
+    import logging
+
+    from shards.config import quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
+        log.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]

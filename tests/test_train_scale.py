@@ -273,3 +273,20 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(tiny_mode
     ckpt = out / "checkpoints" / f"step-{step:06d}"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "rank-0.pt").exists() and (ckpt / "rank-1.pt").exists()
     assert json.load(open(ckpt / "state.json"))["step"] == step
+
+
+def test_auto_precision_follows_the_gpu_and_ddp_never_rebroadcasts_buffers(tiny_model, shard_set_fp32, monkeypatch):
+    """bf16 where the GPU computes in it, fp16 (with the scaler) on T4 / V100 class GPUs that only emulate it;
+    DDP without the per-forward broadcast of the constant position-embedding buffer."""
+    from shards.config import load_config
+    from train.config import TrainConfig
+    from train.objective import resolve_dtypes
+    from train.step import make_accelerator
+
+    cfg = load_config(TrainConfig, _args(tiny_model, shard_set_fp32, "o"))
+    for capability, want in (((7, 5), (torch.float16, "fp16")), ((7, 0), (torch.float16, "fp16")),
+                             ((8, 0), (torch.bfloat16, "bf16")), ((9, 0), (torch.bfloat16, "bf16"))):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_dtypes(cfg, torch.device("cuda")) == want, capability
+    assert resolve_dtypes(cfg, torch.device("cpu")) == (torch.float32, "no")
+    assert make_accelerator("cpu").ddp_handler.broadcast_buffers is False

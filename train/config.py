@@ -52,7 +52,8 @@ REQUIRED = ("model.path", "data.shards", "out.dir")
 HELP = {
     "model.path": "diffusers SD3 folder or hub id",
     "model.revision": "hub revision",
-    "model.precision": "frozen transformer weights: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32",
+    "model.precision": "frozen transformer weights: auto (bf16 on GPUs that compute in it, fp16 on older ones "
+                       "such as T4 and V100, fp32 on CPU), bf16, fp16, fp32",
     "model.quantize": "nf4 or int8: the linear layers inside the blocks in bitsandbytes (QLoRA)",
     "model.gradient_checkpointing": "trade compute for memory",
     "model.compile": "torch.compile each transformer block",
@@ -84,7 +85,8 @@ HELP = {
     "train.max_bad_steps": "non-finite steps in a row before the run saves a checkpoint and stops",
     "train.trackers": "accelerate trackers, e.g. [tensorboard] (the trackers extra installs it) or [wandb]; "
                       "logs go to out.dir/trackers",
-    "train.mixed_precision": "autocast through accelerate: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a "
+    "train.mixed_precision": "autocast through accelerate: auto (bf16 on GPUs that compute in it, fp16 on older "
+                             "ones, off on CPU), bf16, fp16 (with a "
                              "gradient scaler, on CPU too: a step whose gradients overflow is skipped and the "
                              "scale lowered), no",
     "train.seed": "seeds LoRA init, noise, timesteps and data order",
@@ -125,7 +127,7 @@ HELP = {
 class ModelConfig:
     path: str = ""  # diffusers SD3 folder or hub id; only transformer/ and scheduler/ are read
     revision: Optional[str] = None
-    precision: str = "auto"  # weights of the frozen transformer: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32
+    precision: str = "auto"  # weights of the frozen transformer (HELP says how auto decides)
     quantize: str = "none"  # none | nf4 | int8: the frozen base in bitsandbytes (QLoRA)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer blocks
@@ -198,7 +200,7 @@ class TrainLoopConfig:
     ema: float = 0.0  # decay of an EMA of the LoRA weights, saved beside the raw ones (0 = off)
     max_bad_steps: int = 5  # non-finite steps in a row before the run saves a checkpoint and stops
     trackers: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
-    mixed_precision: str = "auto"  # autocast: auto (bf16 on CUDA, none on CPU), bf16, fp16, no
+    mixed_precision: str = "auto"  # autocast: auto (bf16 or fp16 on CUDA, none on CPU), bf16, fp16, no
     seed: int = 0
     log_every: int = 10  # steps between bringing logged values to the host (one transfer per interval)
     device: str = "auto"

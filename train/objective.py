@@ -8,14 +8,21 @@ from .config import LoraConfig, ModelConfig, TrainConfig
 from .model import add_lora
 
 
+def native_bf16(device: torch.device) -> bool:
+    """A CUDA device that computes in bf16 itself (compute capability 8.0 on: A100, H100, RTX 30xx and
+    later). T4 and V100 only emulate it, slowly, so `auto` gives them fp16 with a gradient scaler."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtypes(cfg: TrainConfig, device: torch.device):
     """(frozen weights' dtype, mixed-precision name: 'bf16' | 'fp16' | 'no')."""
+    half = "bf16" if native_bf16(device) else "fp16"
     weights = cfg.model.precision
     if weights == "auto":
-        weights = "bf16" if device.type == "cuda" else "fp32"
+        weights = half if device.type == "cuda" else "fp32"
     amp = cfg.train.mixed_precision
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "no"
+        amp = half if device.type == "cuda" else "no"
     return TORCH_DTYPES[weights], amp
 
 

@@ -13,12 +13,14 @@ from shards.modelpath import component_dir
 
 def load_vae_decoder(root: str, device: torch.device):
     """The VAE decoder, kept on the host: it goes to `device` only while a validation decodes, so the GPU
-    holds none of it between validations. bf16 on a CUDA device that has it (the images agree with fp32
+    holds none of it between validations. bf16 on a GPU that computes in bf16 (the images agree with fp32
     within a few levels of 255, tested), fp32 elsewhere. Tiled decoding above the VAE's tile size keeps
     large validation images from needing the whole image's activations at once."""
     from diffusers import AutoencoderKL
 
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    from .objective import native_bf16
+
+    dtype = torch.bfloat16 if native_bf16(device) else torch.float32
     vae = AutoencoderKL.from_pretrained(component_dir(root, "vae"), torch_dtype=dtype)
     vae.encoder = None  # only decoding happens here
     vae.requires_grad_(False)

@@ -18,7 +18,7 @@ from .optim import Ema, lr_factor, make_optimizer, make_schedule
 
 def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_accum: int = 1,
                      trackers: Optional[List[str]] = None, project_dir: Optional[str] = None):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, GradientState
 
     # Accelerate keeps its settings in process-wide singletons; a second run in the same process (tests,
@@ -32,8 +32,11 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*no supported trackers are currently installed")
+            # The transformer's buffers (the position-embedding grid, 108-171 MiB at SD3 sizes) are constants,
+            # identical in every process: DDP need not broadcast them before every forward.
             accel = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                                log_with=trackers or None, project_dir=project_dir)
+                                log_with=trackers or None, project_dir=project_dir,
+                                kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     except ValueError as e:
         key = "train.trackers" if trackers and "logging" in str(e) else "train.mixed_precision"
         raise UsageError(f"config key '{key}': {str(e).splitlines()[0]}") from None

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import REPO, cli
-from test_train import train_args
+from test_train import TEXT_ENCODER_MODULES, train_args
 
 ENV = {**os.environ, "PYTHONPATH": REPO}
 
@@ -24,7 +24,7 @@ def _command(model, shards, out, *extra):
 def _wait_for(predicate, proc, what: str, limit: float = 120):
     deadline = time.time() + limit
     while not predicate():
-        assert proc.poll() is None, f"training ended before {what}: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"training ended before {what}: {proc.stderr.read()[-2000:] if proc.stderr else ''}"
         assert time.time() < deadline, f"no {what} within {limit} s"
         time.sleep(0.05)
 
@@ -37,12 +37,18 @@ def _started(out):
     return (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0
 
 
-def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from(tiny_model, shard_set_fp32, tmp_path):
+def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from(model_without_text_encoders,
+                                                                                  shard_set_fp32, tmp_path):
     """One run's life: SIGKILL before its first checkpoint, the same command starts it again; Ctrl-C saves a
     checkpoint; the command resumes from it to the end; run again, it is up to date. The killed and stopped runs
-    are processes of their own; the resumes after them run in this process, from what those left on disk."""
+    are processes of their own; the resumes after them run in this process, from what those left on disk.
+
+    The model folder has no text encoders or tokenizers, as on a training machine, and the stopped run's
+    process shows it never imported their code either (-X importtime)."""
+    model = model_without_text_encoders
+    assert not any(n.startswith(("text_encoder", "tokenizer")) for n in os.listdir(model))
     out = tmp_path / "run"
-    cmd = _command(tiny_model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0")
+    cmd = _command(model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0")
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _started(out), proc, "a logged step")
     proc.send_signal(signal.SIGKILL)
@@ -56,18 +62,23 @@ def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from
         except (OSError, ValueError):
             return False
 
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(restarted, proc, "a logged step of the restarted run")
-    proc.send_signal(signal.SIGINT)
-    stdout, err = proc.communicate(timeout=120)
+    with open(tmp_path / "stopped.err", "w") as err_file:  # a file: importtime's lines would fill a pipe
+        proc = subprocess.Popen([cmd[0], "-X", "importtime", *cmd[1:]], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                stderr=err_file, text=True)
+        _wait_for(restarted, proc, "a logged step of the restarted run")
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    err = (tmp_path / "stopped.err").read_text()
     assert "stopped before its first checkpoint" in stdout and "starting it again from step 0" in stdout
     assert proc.returncode == 130, err[-2000:]
     line = [x for x in err.replace("\r", "\n").splitlines() if x.startswith("train: stopped at step")][0]
     step = int(line.split("stopped at step ")[1].split()[0])
     assert 1 <= step < 100000 and f"step-{step:06d}" in line and "run the same command" in line
     assert (out / "checkpoints" / f"step-{step:06d}" / "COMPLETE").exists()
+    assert "import time:" in err and "train.loop" in err
+    assert [line for line in err.splitlines() if any(m in line for m in TEXT_ENCODER_MODULES)] == []
     # Shortened to the stop step plus a few, the command resumes where the stop saved.
-    finish = _command(tiny_model, shard_set_fp32, out, f"train.max_steps={step + 3}", "checkpoint.every=0")[3:]
+    finish = _command(model, shard_set_fp32, out, f"train.max_steps={step + 3}", "checkpoint.every=0")[3:]
     r = cli("train", *finish)
     assert r.returncode == 0 and f"resuming from {out / 'checkpoints' / f'step-{step:06d}'}" in r.stdout + r.stderr, \
         r.stderr[-2000:]

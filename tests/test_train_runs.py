@@ -279,3 +279,31 @@ def test_shard_sets_by_url_pipe_and_brace_pattern(tiny_model, shard_set_fp32, tm
     assert cfg.data.weighted() == [(f"{tmp_path}/set-0", 2.0), (f"{tmp_path}/set-1", 2.0), (shard_set_fp32, None)]
     both = _train(*_args(tiny_model, f"{tmp_path}/set-{{0..1}}", tmp_path / "brace", "train.max_steps=2"))
     assert both["steps"] == 2
+
+
+def test_compiled_blocks_share_graphs_and_go_dynamic_across_buckets():
+    """model.compile=true compiles every block; identical blocks share one graph (torch inlines nn.Modules, so
+    no per-block cache entries pile up against dynamo's cache_size_limit), and a second bucket shape makes the
+    graphs dynamic, so further buckets compile nothing new and nothing falls back to eager."""
+    import torch._dynamo
+    from diffusers import SD3Transformer2DModel
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    t = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=12,
+                              attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                              caption_projection_dim=128, pooled_projection_dim=32, pos_embed_max_size=32).eval()
+    for block in t.transformer_blocks:
+        block.compile(backend="aot_eager")  # what model.compile does, on the backend the other compile test uses
+    graphs = []
+    for h, w in ((16, 16), (16, 24), (24, 16), (32, 32), (24, 32), (32, 16)):  # six buckets
+        with torch.no_grad():
+            t(hidden_states=torch.randn(1, 16, h, w), encoder_hidden_states=torch.randn(1, 7, 64),
+              pooled_projections=torch.randn(1, 32), timestep=torch.tensor([500.0]))
+        graphs.append(counters["stats"]["unique_graphs"])
+    # Two kinds of block (the last one has no context output), each static once, then dynamic once.
+    assert graphs == [2, 4, 4, 4, 4, 4], graphs
+    assert not counters["unimplemented"] and not any("cache_size_limit" in k for k in counters["graph_break"])
+    torch._dynamo.reset()

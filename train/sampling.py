@@ -61,19 +61,31 @@ def dynamic_shift_mu(image_tokens: int, config: dict) -> float:
 def generate(transformer, vae, sched_config: dict, prompt_embeds, pooled, empty_embeds, empty_pooled,
              height: int, width: int, steps: int, guidance: float, seed: int, dtype: torch.dtype) -> List[Image.Image]:
     """Images for the stored prompt embeddings the way diffusers' StableDiffusion3Pipeline samples them
-    (tested equal to it): the scheduler as configured, dynamic shifting included, Euler steps with
-    classifier-free guidance against the shard set's empty-prompt embeddings, which is what the pipeline
-    encodes for no negative prompt. Written here rather than calling the pipeline: importing it imports
-    the CLIP and T5 model code, which the trainer never loads. Latents stay fp32 between steps."""
+    (tested equal to it): `denoise`, then the VAE decoder. Written here rather than calling the pipeline:
+    importing it imports the CLIP and T5 model code, which the trainer never loads."""
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = denoise(transformer, sched_config, prompt_embeds, pooled, empty_embeds, empty_pooled, height // f,
+                      width // f, steps, guidance, seed, dtype)
+    return decode(vae, latents, next(transformer.parameters()).device)
+
+
+@torch.no_grad()
+def denoise(transformer, sched_config: dict, prompt_embeds, pooled, empty_embeds, empty_pooled, h: int, w: int,
+            steps: int, guidance: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Latents of `h`×`w` for each prompt as the SD3 pipeline makes them: the scheduler as configured, dynamic
+    shifting included, Euler steps with classifier-free guidance against the shard set's empty-prompt
+    embeddings, which is what the pipeline encodes for no negative prompt. Latents stay fp32 between steps."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     device = next(transformer.parameters()).device
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched_config)
-    f, p = 2 ** (len(vae.config.block_out_channels) - 1), transformer.config.patch_size
-    h, w = height // f, width // f
+    p = transformer.config.patch_size
     mu = dynamic_shift_mu((h // p) * (w // p), scheduler.config) if scheduler.config.get("use_dynamic_shifting") \
         else None
     scheduler.set_timesteps(steps, device=device, **({"mu": mu} if mu is not None else {}))
+    # The steps run in order from the first; without this the scheduler finds its place by searching its
+    # timesteps on the device, and reads the answer on the host.
+    scheduler.set_begin_index(0)
     n = prompt_embeds.shape[0]
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(n, transformer.config.in_channels, h, w, generator=g).to(device)
@@ -90,7 +102,7 @@ def generate(transformer, vae, sched_config: dict, prompt_embeds, pooled, empty_
             latents = scheduler.step(uncond + guidance * (text - uncond), t, latents).prev_sample
     finally:
         transformer.train(was_training)
-    return decode(vae, latents, device)
+    return latents
 
 
 def save_grid(images: List[Image.Image], prompts: List[str], path: str, label: str) -> str:

@@ -1,0 +1,137 @@
+"""The CUDA code paths, run on a fake CUDA device (shards.fake_cuda) on a machine without a GPU.
+
+Exercised here: placement (every tensor the step makes or keeps is on the GPU; a host/GPU mix fails as on a
+GPU), `resolve_dtypes` for a bf16-capable GPU, the run's Accelerator with CUDA autocast around the forward,
+gradient checkpointing's recomputation under autocast, flash attention's kernels (as an H100 picks them), the
+optimizer step and EMA, the validation sampler's denoising step, and precompute's CLIP, T5 (bf16) and VAE
+encoders. The step may read one value on the host (whether the loss and gradient norm were finite); nothing
+else may sync or copy to the host.
+
+Not exercised, because their kernels cannot run on fake tensors: bitsandbytes' nf4 path (Linear4bit's
+`quantize_4bit` when the weight moves to the GPU, and `matmul_4bit` / `dequantize_4bit` in forward and
+backward) and its int8 path (Int8Params' `int8_vectorwise_quant` on the move, and `MatMul8bitLt`'s
+`int8_linear_matmul` / `int8_mm_dequant`); transformers' 4-bit T5 load (its bitsandbytes quantizer refuses a
+machine without a GPU). Those are each a CUDA kernel call, not placement or dtype logic of this project;
+the GPU check runs them for real.
+"""
+import pytest
+import torch
+
+from shards.fake_cuda import FakeCuda, StepAudit
+from shards.measure import TRANSFORMER_CONFIGS
+
+MATMULS = {"mm", "addmm", "bmm", "convolution", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_efficient_attention"}
+CUDA = torch.device("cuda", 0)
+
+
+def _tiny_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(**TRANSFORMER_CONFIGS["tiny"]).requires_grad_(False)
+
+
+def _on_cuda(tensors) -> list:
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.device != CUDA]
+
+
+@pytest.mark.parametrize("precision,checkpointing", [("bf16", False), ("bf16", True), ("fp32", False),
+                                                     ("fp32", True)])
+def test_the_lora_step_runs_on_cuda_in_the_dtypes_it_means(precision, checkpointing):
+    from train.bench import bench_config
+    from train.fake_gpu import denoise_step, lora_step
+    from train.objective import resolve_dtypes
+
+    cfg = bench_config("none", checkpointing, batch=2)
+    cfg.train.ema = 0.99
+    if precision == "fp32":
+        cfg.model.precision, cfg.train.mixed_precision = "fp32", "no"
+    transformer = _tiny_transformer()
+    with FakeCuda():
+        weight_dtype, amp = resolve_dtypes(cfg, CUDA)  # `auto` on a bf16-capable GPU: bf16 weights and autocast
+        assert (weight_dtype, amp) == ((torch.bfloat16, "bf16") if precision == "bf16" else (torch.float32, "no"))
+        transformer.to(CUDA, weight_dtype)
+        r = lora_step(transformer, cfg, resolution=128, text_tokens=154)
+        stepper = r.stepper
+        assert r.out["applied"] is True
+        # The one host read the step makes, and no copy back to the host.
+        assert [w for _, w in r.audit.syncs] == ["train/step.py:109"], r.audit.syncs
+        assert r.audit.host_copies == []
+        for name in ("loss", "grad_norm", "sigmas", "losses"):
+            assert r.out[name].device == CUDA, name
+        assert not _on_cuda(transformer.parameters()) and not _on_cuda(transformer.buffers())
+        state = [v for s in stepper.opt.optimizer.state.values() for v in s.values()]
+        assert len(state) == 3 * len(stepper.params)  # AdamW: step, exp_avg, exp_avg_sq per LoRA tensor
+        assert not _on_cuda([v for v in state if v.dim() > 0])  # step counts stay on the host, as torch keeps them
+        assert not _on_cuda(stepper.ema.shadow) and all(s.dtype == torch.float32 for s in stepper.ema.shadow)
+        assert all(p.dtype == torch.float32 and p.grad is None for p in stepper.params)  # fp32 LoRA, grads freed
+
+        ran = {}
+        for (op, dtype), n in r.audit.dtypes.items():
+            ran.setdefault(op, set()).add(dtype)
+        # Under bf16 autocast every matmul, convolution and attention runs in bf16, and the layer norms in fp32
+        # (CUDA autocast's lists); without autocast everything is fp32.
+        want = "bfloat16" if precision == "bf16" else "float32"
+        assert {op: d for op, d in ran.items() if op in MATMULS and d != {want}} == {}
+        assert ran["native_layer_norm"] == {"float32"}
+        assert ("_scaled_dot_product_flash_attention" in ran) == (precision == "bf16")
+
+        audit = StepAudit()
+        latents = denoise_step(transformer, 128, 154, audit, weight_dtype)
+        assert latents.device == CUDA and latents.dtype == torch.float32 and latents.shape == (1, 16, 16, 16)
+        assert audit.syncs == [] and audit.host_copies == []
+
+
+def test_a_host_tensor_in_a_cuda_op_fails_as_on_a_gpu():
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+
+    with FakeCuda():
+        a = torch.ones(3).to("cuda")
+        assert a.device == CUDA
+        with pytest.raises(FakeTensorDeviceMismatchError):
+            a + torch.empty(3)
+
+
+def test_precompute_encoders_run_on_cuda(tiny_model):
+    from precompute.encoders import TextEncoders, VaeEncoder, resolve_dtype
+
+    clip_dtype = resolve_dtype("auto", CUDA)
+    assert clip_dtype == torch.float16
+    text = TextEncoders(tiny_model, "bf16", clip_dtype, torch.device("cpu"), 32)  # loaded on the host, as from disk
+    vae = VaeEncoder(tiny_model, torch.float32, torch.device("cpu"))
+    with FakeCuda():
+        for m in text.clips:
+            m.to(CUDA)
+        text.t5.to(CUDA)
+        vae.vae.to(CUDA)
+        text.device = vae.device = CUDA
+        clip, t5, vae_audit = StepAudit(), StepAudit(), StepAudit()
+        t5_forward = text.t5.forward
+
+        def audited_t5(*a, **k):  # T5's ops apart from CLIP's, inside the same encode call
+            clip.__exit__(None, None, None)
+            try:
+                with t5:
+                    return t5_forward(*a, **k)
+            finally:
+                clip.__enter__()
+
+        text.t5.forward = audited_t5
+        with clip:
+            embeds, pooled = text.encode(["a photo of a cat", "a red rocket"])
+        with vae_audit:
+            mean, std = vae.encode(torch.zeros(2, 3, 64, 64))
+        for audit in (clip, t5, vae_audit):
+            assert audit.syncs == [] and audit.host_copies == []
+        for t in (embeds, pooled, mean, std):
+            assert t.device == CUDA and t.dtype == torch.float32
+        assert embeds.shape[:2] == (2, 77 + 32) and mean.shape == (2, 16, 8, 8)
+
+        def matmul_dtypes(audit):
+            return {d for (op, d) in audit.dtypes if op in MATMULS}
+
+        assert matmul_dtypes(clip) == {"float16"}
+        # T5 in bf16, except the feed-forward output layers transformers keeps in fp32 (T5 overflows in half).
+        assert matmul_dtypes(t5) == {"bfloat16", "float32"}
+        assert matmul_dtypes(vae_audit) == {"float32"}

@@ -47,9 +47,10 @@ def _cuda_guard_hooks():
 
     def device_for_cpp(args):
         d = saved_handler(args)
-        # Inside a call made under CUDA autocast C++ must see `cuda` (autocast casts only CUDA tensors); no
-        # backward runs there (checkpointing recomputes under autocast, but that is a forward).
-        return torch.device("meta") if d.type == "cuda" and not _calls.under_autocast else d
+        # Inside a CUDA autocast region C++ must see `cuda` (autocast casts only CUDA tensors); no backward runs
+        # there (checkpointing recomputes under autocast, but that is a forward).
+        on = _autocast.cuda_on and _autocast.cuda_on[-1]
+        return torch.device("meta") if d.type == "cuda" and not on else d
 
     def dispatch(cls, func, types, args=(), kwargs=None):
         if func is torch.ops.prim.device.default:
@@ -110,43 +111,75 @@ def _moves_of_fake_parameters():
         torch.utils.swap_tensors = swap
 
 
-class _FusedAttention(TorchFunctionMode):
+@contextlib.contextmanager
+def _fused_attention():
     """SDPA as a GPU runs it. Which kernel SDPA uses is decided by a CUDA kernel; under fake tensors SDPA falls
     back to its math path, which upcasts to fp32 and keeps the [heads, tokens, tokens] probabilities for
     backward (gigabytes at 1024²). Here it calls the kernel an H100 picks for these inputs: flash attention
     for fp16/bf16 with head size up to 256, memory-efficient attention otherwise; after autocast's cast, as
-    autocast lists SDPA among the ops it runs in its lower precision."""
+    autocast lists SDPA among the ops it runs in its lower precision. (A function replaced for the duration,
+    not a TorchFunctionMode: modes are off inside backward, where checkpointing recomputes attention.)"""
+    import torch.nn.functional as F
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not torch.nn.functional.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        a = dict(zip(names, args), **kwargs)
-        q, k, v = a["query"], a["key"], a["value"]
-        if q.device.type != "cuda" or a.get("attn_mask") is not None or a.get("enable_gqa"):
-            return func(*args, **kwargs)
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type != "cuda" or attn_mask is not None or enable_gqa:
+            return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        q, k, v = query, key, value
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
             q, k, v = (t.to(dtype) for t in (q, k, v))
-        p, causal, scale = a.get("dropout_p", 0.0), a.get("is_causal", False), a.get("scale")
         if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, p, causal, False, scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, p, causal,
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
+                                                                      scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False, dropout_p, is_causal,
                                                                        scale=scale)[0]
 
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
-class _Calls(threading.local):
-    under_autocast = False
+
+class _Autocast(threading.local):
+    cuda_on: List[bool]
+
+    def __init__(self):
+        self.cuda_on = []
 
 
-_calls = _Calls()
+_autocast = _Autocast()
+
+
+@contextlib.contextmanager
+def _autocast_regions():
+    """Keeps, per thread, whether the innermost `torch.autocast` region has CUDA autocast on. Inside an
+    autocast kernel C++ hides autocast from itself, so `torch.is_autocast_enabled` cannot tell there."""
+    cls = torch.amp.autocast_mode.autocast
+    enter, exit_ = cls.__enter__, cls.__exit__
+
+    def entered(self):
+        out = enter(self)
+        _autocast.cuda_on.append(torch.is_autocast_enabled("cuda"))
+        return out
+
+    def exited(self, *exc):
+        if _autocast.cuda_on:
+            _autocast.cuda_on.pop()
+        return exit_(self, *exc)
+
+    cls.__enter__, cls.__exit__ = entered, exited
+    try:
+        yield
+    finally:
+        cls.__enter__, cls.__exit__ = enter, exit_
 
 
 class _CudaWithIndex(TorchFunctionMode):
-    """Every torch call, as Python makes it: notes whether CUDA autocast is on for its duration (inside the
-    call C++ hides it from itself), and fills in the device index of `.to("cuda")` and `.cuda()` (cuda:0):
-    C++ asks the device guard for the current device, and the borrowed guard would answer `meta`."""
+    """`.to("cuda")` and `.cuda()` with their device index filled in (cuda:0) before C++ sees them: C++ asks the
+    device guard for the current device, and the borrowed guard would answer `meta`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -155,12 +188,7 @@ class _CudaWithIndex(TorchFunctionMode):
             kwargs = {k: _indexed(v) for k, v in kwargs.items()}
             if func is torch.Tensor.cuda and not args[1:] and "device" not in kwargs:
                 kwargs["device"] = torch.device("cuda", 0)
-        outer = _calls.under_autocast
-        _calls.under_autocast = torch.is_autocast_enabled("cuda")
-        try:
-            return func(*args, **kwargs)
-        finally:
-            _calls.under_autocast = outer
+        return func(*args, **kwargs)
 
 
 def _indexed(value):
@@ -172,6 +200,15 @@ def _indexed(value):
         if d.type == "cuda" and d.index is None:
             return torch.device("cuda", 0)
     return value
+
+
+@contextlib.contextmanager
+def FakeHost():
+    """Fake tensors on the CPU (no CUDA pretence): the memory model's own method, checked against a real run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with _moves_of_fake_parameters(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
 
 
 @contextlib.contextmanager
@@ -198,8 +235,8 @@ def FakeCuda(capability: Tuple[int, int] = (9, 0)):
     # Backward on the calling thread: the engine's per-device threads exist only for real devices.
     with _cuda_guard_hooks(), _moves_of_fake_parameters(), _cuda_answers(capability), \
             torch.autograd.set_multithreading_enabled(False), \
-            FakeTensorMode(allow_non_fake_inputs=True) as mode, _CudaWithIndex(), \
-            _FusedAttention():
+            _autocast_regions(), _fused_attention(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+            _CudaWithIndex():
         yield mode
 
 
@@ -229,10 +266,15 @@ class StepAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if func is torch.ops.aten._local_scalar_dense.default:  # a value read on the host; no value exists here
+        if func is torch.ops.aten._local_scalar_dense.default:  # a value read on the host
+            from torch._subclasses.fake_tensor import FakeTensor
+
             t = args[0]
             if t.device.type == "cuda":  # a host tensor's value (AdamW's step count) costs no sync
                 self.syncs.append((name, _where()))
+            if not isinstance(t, FakeTensor):
+                return func(*args, **kwargs)
+            # A fake tensor has no value to read.
             return type(self.sync_value)(self.sync_value) if t.dtype == torch.bool else \
                 (float(self.sync_value) if t.is_floating_point() else int(self.sync_value))
         out = func(*args, **kwargs)
@@ -248,25 +290,26 @@ class StepAudit(TorchDispatchMode):
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of live storages on fake CUDA, each rounded up to the CUDA caching allocator's 512-byte blocks:
+    """Bytes of live storages on one device type (default: the fake CUDA), each rounded up to the CUDA caching allocator's 512-byte blocks:
     what `torch.cuda.memory_allocated` would say, op by op, and its peak.
 
     Written here rather than using torch's MemTracker, which hooks a gradient onto every parameter and so
-    refuses a frozen base. A storage counts from the first op that makes or uses it (or `hold`) until Python
+    refuses a frozen base. It counts real tensors as well as fake ones. A storage counts from the first op that makes or uses it (or `hold`) until Python
     frees it (PyTorch keeps one Python object per live storage, so a weak reference ends with it)."""
 
     BLOCK = 512
 
-    def __init__(self):
+    def __init__(self, device_type: str = "cuda"):
         super().__init__()
         import weakref
 
+        self.device_type = device_type
         self._weakref = weakref
         self._seen = {}
         self.now = self.peak = 0
 
     def _add(self, t) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        if not isinstance(t, torch.Tensor) or t.device.type != self.device_type:
             return
         st = t.untyped_storage()
         key = id(st)

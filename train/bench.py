@@ -8,11 +8,12 @@ The stream rows come from `train.stream_bench`; the precompute and merge rows fr
 and `python -m merge.bench`, each run as its own process (stages do not import each other, and a row's peak
 RSS is then its own process's). Every row, whichever stage measures it, is a dict with these keys:
 
-    row       str   "train", "precompute", "stream" or "merge"
+    row       str   "train", "precompute", "stream", "merge" or "modelled" (a model of GPU memory on a fake
+                    GPU, never a measurement: train.memory_model)
     what      str   one line: what was timed, on what
     settings  dict  every input that shapes the numbers; the table shows "model", "resolution", "batch",
                     "base_dtype" and "checkpointing" from it when present
-    status    str   optional: "ok" (the default) or "OOM" (out of device memory: no metrics then)
+    status    str   optional: "ok" (the default), "OOM" (out of device memory: no metrics then) or "modelled"
   metric keys, each optional (left out where it does not apply):
     seconds           float  the timed quantity: median step (train), median batch (precompute), or the
                              whole timed run (stream, merge)
@@ -21,6 +22,8 @@ RSS is then its own process's). Every row, whichever stage measures it, is a dic
     peak_rss_mb       float  peak resident memory of the process during the row, MiB
     peak_mem_mb       float  CUDA: torch.cuda.max_memory_allocated during the row, MiB
     peak_reserved_mb  float  CUDA: torch.cuda.max_memory_reserved during the row, MiB
+    modelled_peak_mb  float  modelled rows: the step's peak of live bytes on the fake GPU, MiB
+    modelled_total_mb float  modelled rows: that peak plus the stated margins ("margin"), MiB
     mfu               float  model FLOPs utilisation (train rows; see `train_step_flops`)
     baseline          dict   the raw comparison, e.g. {"what": "tarfile read of the same bytes", "seconds": 1.2}
     ratio             float  seconds / baseline["seconds"]: how many times the baseline's time the row takes
@@ -43,7 +46,7 @@ from shards.errors import DataError, UsageError
 from shards.measure import (TRANSFORMER_CONFIGS, PeakMemory, default_device, device_name, release, sync, timed_calls,
                             unless_oom)
 
-ROW_KINDS = ("train", "precompute", "stream", "merge")
+ROW_KINDS = ("train", "precompute", "stream", "merge", "modelled")
 TEXT_TOKENS = 77 + 256  # CLIP's 77 + T5's 256 (the SD3 pipeline's max_sequence_length)
 LORA_RANK = 16
 
@@ -326,6 +329,8 @@ def _table_cells(r: dict) -> List[str]:
 
     if oom:
         mem = "OOM"
+    elif "modelled_peak_mb" in r:
+        mem = f"{r['modelled_peak_mb'] / 1024:.2f} GiB MODELLED (+margin {r['modelled_total_mb'] / 1024:.2f})"
     elif "peak_mem_mb" in r:
         mem = f"{r['peak_mem_mb'] / 1024:.1f} GiB ({r.get('peak_reserved_mb', 0) / 1024:.1f} resv)"
     elif "peak_rss_mb" in r:
@@ -508,6 +513,8 @@ def _providers(kinds: List[str], a: argparse.Namespace, device: torch.device, st
     for kind in kinds:
         if kind in ("train", "precompute"):
             out[kind] = (train if kind == "train" else precompute) if gpu_ok else skipped(kind)
+        elif kind == "modelled":
+            out[kind] = lambda: modelled_rows(a)
         elif kind == "stream":
             from .stream_bench import rows as stream_rows
 
@@ -515,6 +522,22 @@ def _providers(kinds: List[str], a: argparse.Namespace, device: torch.device, st
         else:
             out[kind] = lambda: stage_rows("merge.bench", *["--quick"] * a.quick)
     return out
+
+
+def modelled_rows(a: argparse.Namespace) -> Iterator[dict]:
+    """Modelled GPU memory (train.memory_model) for --models/--resolutions/--batches; --quick: the tiny model."""
+    from .memory_model import modelled_matrix, modelled_row
+
+    if a.quick:
+        matrix = [dict(model="tiny", resolution=128, batch=2, checkpointing=c, text_tokens=77 + 77) for c in (False, True)]
+        matrix.append(dict(model="tiny", resolution=128, batch=2, checkpointing=True, quantize="nf4", text_tokens=154))
+    else:
+        models = [m.strip() for m in a.models.split(",") if m.strip()]
+        for m in models:
+            model_config(m)
+        matrix = modelled_matrix(models, _int_list("resolutions", a.resolutions), _int_list("batches", a.batches))
+    for s in matrix:
+        yield modelled_row(**s)
 
 
 def _versions() -> dict:

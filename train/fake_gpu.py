@@ -36,20 +36,25 @@ def empty_extras(config, text_tokens: int) -> dict:
 
 
 def lora_step(transformer, cfg, resolution: int, text_tokens: int, memory: bool = False,
-              audit: Optional[StepAudit] = None) -> SimpleNamespace:
+              audit: Optional[StepAudit] = None, device: torch.device = CUDA) -> SimpleNamespace:
     """One training step of the run's LoraStep on `transformer` (already on fake CUDA, frozen, in the base
-    dtype) inside an open `FakeCuda()`. Returns the step's output and the audit of the step; with `memory`
+    dtype) inside an open `FakeCuda()` (or, with `device` the CPU, on the host). Returns the step's output and the audit of the step; with `memory`
     the step is the run's second (the first creates the optimizer state) and the result has the peak of
     live bytes during it (`LiveBytes`) and the bytes held before it (weights, LoRA, optimizer state, EMA)."""
     from .bench import BENCH_MANIFEST, SD3_SCHEDULER, random_batch
     from .objective import Objective, prepare_lora, resolve_dtypes
     from .step import LoraStep
 
-    weight_dtype, amp = resolve_dtypes(cfg, CUDA)
-    accel = fake_accelerator(amp)
+    weight_dtype, amp = resolve_dtypes(cfg, device)
+    if device.type == "cuda":
+        accel = fake_accelerator(amp)
+    else:  # the same step on the host (real or fake tensors), to check the memory model against a real run
+        from .step import make_accelerator
+
+        accel = make_accelerator("cpu", amp, 1)
     torch.manual_seed(cfg.train.seed)
     params = prepare_lora(transformer, cfg.lora, cfg.model)
-    objective = Objective(cfg, BENCH_MANIFEST, empty_extras(transformer.config, text_tokens), SD3_SCHEDULER, CUDA,
+    objective = Objective(cfg, BENCH_MANIFEST, empty_extras(transformer.config, text_tokens), SD3_SCHEDULER, device,
                           weight_dtype)
     stepper = LoraStep(accel, transformer, params, objective, cfg.train)
     batch = random_batch(transformer.config, resolution, cfg.train.batch_size, text_tokens, cfg.train.seed)
@@ -59,7 +64,7 @@ def lora_step(transformer, cfg, resolution: int, text_tokens: int, memory: bool 
         # The steady state: a first step creates the optimizer state, the second is the one measured.
         with audit:
             stepper.step(lambda: batch)
-        live = LiveBytes()
+        live = LiveBytes(device.type)
         live.hold(t for t in _state_tensors(transformer, stepper))
         held = live.now
     with audit:

@@ -1,0 +1,52 @@
+"""The modelled GPU memory of `make bench --rows modelled` (train.memory_model): its method reproduces a real run's
+live bytes, its nf4 layers hold what bitsandbytes holds, and its rows are labelled as a model everywhere."""
+import json
+
+import torch
+
+from shards.measure import TRANSFORMER_CONFIGS
+
+
+def test_the_model_counts_what_a_real_run_holds():
+    from train.memory_model import host_check
+
+    # The same fp32 LoRA step (checkpointing on), second step's peak: on fake tensors and for real on the CPU.
+    r = host_check(TRANSFORMER_CONFIGS["tiny"], 128, 2, checkpointing=True)
+    assert r["observed"] > 5 * 2 ** 20
+    assert r["modelled"] == r["observed"], r
+
+
+def test_a_modelled_nf4_layer_holds_what_bitsandbytes_holds():
+    import bitsandbytes as bnb
+
+    from train.memory_model import ModelledLinear4bit
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 640)
+    real = bnb.nn.Linear4bit(256, 640, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4")
+    real.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+    real = real.to("cpu")  # bitsandbytes quantizes as the weight moves
+    state = real.weight.quant_state
+    model = ModelledLinear4bit(linear, torch.bfloat16)
+    assert (model.weight.shape, model.weight.dtype) == (real.weight.shape, real.weight.dtype)
+    assert (model.absmax.shape, model.absmax.dtype) == (state.absmax.shape, state.absmax.dtype)
+    assert (model.absmax2.shape, model.absmax2.dtype) == (state.state2.absmax.shape, state.state2.absmax.dtype)
+    # Output in the input's dtype, as Linear4bit returns it.
+    x = torch.randn(3, 256)
+    assert model(x).dtype == torch.float32 and model(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_modelled_rows_are_labelled_as_a_model(tmp_path):
+    from train import bench
+
+    path = bench.main(["--quick", "--rows", "modelled", "--out", str(tmp_path)])
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    assert [r["row"] for r in rows] == ["modelled"] * 3
+    assert all(r["status"] == "modelled" and "modelled" in r["what"] for r in rows)
+    plain, checkpointed, nf4 = rows
+    # Checkpointing keeps less for backward; an nf4 base holds a quarter of the bf16 weights' bytes or less.
+    assert checkpointed["modelled_peak_mb"] < plain["modelled_peak_mb"]
+    assert nf4["modelled_held_mb"] < checkpointed["modelled_held_mb"]
+    table = bench.format_table(rows)
+    assert table.count("MODELLED") == 3

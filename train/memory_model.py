@@ -1,0 +1,157 @@
+"""Modelled GPU memory of one LoRA training step at the published model sizes, on a fake GPU: the rows
+`make bench ARGS="--rows modelled"` prints. A model, not a measurement.
+
+Method: the full-size transformer is built on fake CUDA (shards.fake_cuda: real configs, real diffusers and
+peft code, no weights allocated); the run's own step (train.fake_gpu.lora_step) runs twice and the second
+step's peak of live bytes is taken (shards.fake_cuda.LiveBytes: every storage on the device, rounded up to the
+CUDA caching allocator's 512-byte blocks; what `torch.cuda.max_memory_allocated` counts). Attention runs the
+kernel an H100 picks (flash for bf16).
+
+nf4 bases: bitsandbytes cannot run on fake tensors, so each quantized linear is `ModelledLinear4bit`: the
+packed 4-bit weight and its statistics at bitsandbytes' sizes (blocksize 64, nested statistics), and a
+forward and backward that hold a dequantized copy of the weight in the compute dtype only for the matmul
+and save nothing of the input, as bitsandbytes' `MatMul4Bit` saves nothing for a frozen weight; the output
+is cast back to the input's dtype, as `Linear4bit.forward` does.
+
+Blind spots, added as the explicit `MARGIN_*` below rather than silently: the CUDA context (0.3-0.5 GiB,
+outside the allocator), the caching allocator's rounding beyond 512 B and its fragmentation (reserved vs
+allocated; typically 5-15% in training), cuDNN / cuBLAS workspaces (cuBLAS keeps a few MiB per stream).
+"""
+import time
+from typing import List
+
+import torch
+
+from shards.measure import MIB, TRANSFORMER_CONFIGS
+
+GIB = 1024 * MIB
+MARGIN_CONTEXT = 0.5 * GIB  # the CUDA context and cuBLAS workspaces (upper end)
+MARGIN_ALLOCATOR = 0.10  # caching-allocator rounding and fragmentation, as a share of the modelled peak
+TEXT_TOKENS = 77 + 256
+NF4_BLOCK = 64
+
+
+class ModelledLinear4bit(torch.nn.Linear):
+    """A frozen nf4 linear layer as bitsandbytes' Linear4bit holds and runs it, for memory modelling only."""
+
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
+        n = self.in_features * self.out_features
+        self.weight = torch.nn.Parameter(torch.empty((n + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+        # Nested statistics: one uint8 absmax per block of 64, and an fp32 absmax per 256 of those.
+        self.register_buffer("absmax", torch.empty(-(-n // NF4_BLOCK), dtype=torch.uint8))
+        self.register_buffer("absmax2", torch.empty(-(-n // (NF4_BLOCK * 256)), dtype=torch.float32))
+        self.bias = None if linear.bias is None else torch.nn.Parameter(
+            linear.bias.detach().to(compute_dtype), requires_grad=False)
+
+    def forward(self, x):
+        out = _Dequantized4bitMatmul.apply(x.to(self.compute_dtype), self.weight, self.bias, self.out_features,
+                                           self.in_features)
+        return out.to(x.dtype)
+
+
+class _Dequantized4bitMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, bias, out_features, in_features):
+        ctx.shape, ctx.dtype = (out_features, in_features), x.dtype
+        w = torch.empty(out_features, in_features, dtype=x.dtype, device=x.device)  # dequantized for the matmul
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = torch.empty(*ctx.shape, dtype=grad.dtype, device=grad.device)
+        return grad @ w, None, None, None, None
+
+
+def quantize_for_model(transformer, compute_dtype: torch.dtype) -> int:
+    """Replace the linears inside transformer blocks (those `train.model.quantize_blocks` quantizes)."""
+    n = 0
+    for name, parent in list(transformer.named_modules()):
+        if not name.startswith("transformer_blocks."):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, child_name, ModelledLinear4bit(child, compute_dtype))
+                n += 1
+    return n
+
+
+def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, quantize: str = "none",
+                 text_tokens: int = TEXT_TOKENS, rank: int = 16) -> dict:
+    """One modelled row: the step's peak of live bytes on the GPU, what is held between steps, the margin."""
+    from diffusers import SD3Transformer2DModel
+
+    from shards.fake_cuda import FakeCuda
+
+    from .bench import bench_config
+    from .fake_gpu import CUDA, lora_step
+
+    if quantize not in ("none", "nf4"):
+        raise ValueError(f"modelled rows cover bf16 and nf4 bases, not {quantize}")
+    t0 = time.perf_counter()
+    cfg = bench_config(quantize, checkpointing, batch, rank)
+    cfg.model.precision = cfg.train.mixed_precision = "bf16"
+    with FakeCuda():
+        transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIGS[model]).requires_grad_(False)
+        if quantize == "nf4":
+            quantize_for_model(transformer, torch.bfloat16)  # before the move, as training quantizes
+        transformer.to(CUDA, torch.bfloat16)
+        r = lora_step(transformer, cfg, resolution, text_tokens, memory=True)
+    peak = r.peak_bytes
+    total = peak * (1 + MARGIN_ALLOCATOR) + MARGIN_CONTEXT
+    settings = {"model": model, "resolution": resolution, "batch": batch,
+                "base_dtype": quantize if quantize != "none" else "bf16", "checkpointing": checkpointing,
+                "lora_rank": rank, "lora_targets": "attn", "optimizer": "adamw", "text_tokens": text_tokens,
+                "device": "fake cuda (modelled)"}
+    return {"row": "modelled", "status": "modelled", "settings": settings,
+            "what": f"modelled LoRA step on fake CUDA, {model} at full size",
+            "modelled_peak_mb": peak / MIB, "modelled_held_mb": r.held_bytes / MIB,
+            "modelled_total_mb": total / MIB,
+            "margin": f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / GIB:.1f} GiB CUDA context",
+            "model_seconds": time.perf_counter() - t0}
+
+
+def modelled_matrix(models=("sd3-medium", "sd3.5-medium", "sd3.5-large"), resolutions=(512, 1024),
+                    batches=(1, 4)) -> List[dict]:
+    """bf16 base: every model × resolution × batch × checkpointing; nf4: checkpointing on, batch 1."""
+    rows = [dict(model=m, resolution=r, batch=b, checkpointing=c)
+            for m in models for r in resolutions for b in batches for c in (False, True)]
+    rows += [dict(model=m, resolution=r, batch=1, checkpointing=True, quantize="nf4")
+             for m in models for r in resolutions]
+    return rows
+
+
+def host_check(config: dict, resolution: int, batch: int, checkpointing: bool, text_tokens: int = 77 + 77,
+               rank: int = 16) -> dict:
+    """The memory model checked against a real run: the same fp32 LoRA step on the CPU, once on fake tensors
+    (the model) and once for real, each second step's peak of live bytes counted the same way.
+
+    Both use SDPA's math kernel: on fake tensors SDPA's kernel choice is not made by the CPU, so the two
+    would otherwise run different attention kernels. What this checks is the method (tensor lifetimes,
+    shapes, the step's own allocations), not the allocator: a real run's allocator adds its own rounding
+    and caching, which is what the margins stand for."""
+    import contextlib
+
+    from diffusers import SD3Transformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from shards.fake_cuda import FakeHost
+
+    from .bench import bench_config
+    from .fake_gpu import lora_step
+
+    cpu = torch.device("cpu")
+    out = {}
+    for kind in ("modelled", "observed"):
+        cfg = bench_config("none", checkpointing, batch, rank)
+        cfg.model.precision, cfg.train.mixed_precision = "fp32", "no"
+        torch.manual_seed(0)
+        with sdpa_kernel(SDPBackend.MATH), FakeHost() if kind == "modelled" else contextlib.nullcontext():
+            transformer = SD3Transformer2DModel(**config).requires_grad_(False)
+            r = lora_step(transformer, cfg, resolution, text_tokens, memory=True, device=cpu)
+        out[kind] = r.peak_bytes
+    out["ratio"] = out["modelled"] / out["observed"]
+    return out
+

@@ -187,7 +187,7 @@ def test_results_file_keeps_rows_with_other_settings(tmp_path):
 def test_command_line(tmp_path):
     p = run_module("train.bench", "--help")
     assert p.returncode == 0 and "--rows" in p.stdout and "--quick" in p.stdout
-    with pytest.raises(UsageError, match="--rows: gpu not known; choose from train, precompute, stream, merge"):
+    with pytest.raises(UsageError, match="--rows: gpu not known; choose from train, precompute, stream, merge, modelled"):
         bench.main(["--rows", "train,gpu", "--out", str(tmp_path)])
     with pytest.raises(UsageError, match="--batches"):
         bench.main(["--rows", "train", "--batches", "0", "--out", str(tmp_path)])

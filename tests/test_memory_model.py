@@ -31,9 +31,10 @@ def test_a_modelled_nf4_layer_holds_what_bitsandbytes_holds():
     assert (model.weight.shape, model.weight.dtype) == (real.weight.shape, real.weight.dtype)
     assert (model.absmax.shape, model.absmax.dtype) == (state.absmax.shape, state.absmax.dtype)
     assert (model.absmax2.shape, model.absmax2.dtype) == (state.state2.absmax.shape, state.state2.absmax.dtype)
-    # Output in the input's dtype, as Linear4bit returns it.
+    # Output in the compute dtype, as the trainer's layer returns it; bitsandbytes' own returns the input's.
     x = torch.randn(3, 256)
-    assert model(x).dtype == torch.float32 and model(x.bfloat16()).dtype == torch.bfloat16
+    assert model(x).dtype == torch.bfloat16
+    assert ModelledLinear4bit(linear, torch.bfloat16, out_in_compute_dtype=False)(x).dtype == real(x).dtype == x.dtype
 
 
 def test_modelled_rows_are_labelled_as_a_model(tmp_path):

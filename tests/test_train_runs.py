@@ -97,7 +97,7 @@ def test_presets_target_exactly_the_intended_modules(preset, per_block, tiny_mod
     assert all(n.startswith("transformer_blocks.1.") for n in lora_module_names(t, cfg.lora))
 
 
-@pytest.mark.parametrize("kind, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+@pytest.mark.parametrize("kind, layer", [("nf4", "Linear4bitInComputeDtype"), ("int8", "Linear8bitLt")])
 def test_quantized_base_trains_and_diffusers_loads_the_lora(kind, layer, tiny_model, shard_set_fp32, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
@@ -110,6 +110,25 @@ def test_quantized_base_trains_and_diffusers_loads_the_lora(kind, layer, tiny_mo
     image = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_nf4_layers_return_the_compute_dtype():
+    """bitsandbytes' Linear4bit hands back its input's dtype: fp32 after an autocast LayerNorm, which doubles
+    every activation after it. The trainer's nf4 layers return the compute dtype, with the same values."""
+    import bitsandbytes as bnb
+
+    from train.model import quantize_blocks
+
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.transformer_blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(64, 128))])
+    ours = quantize_blocks(block, "nf4", torch.bfloat16, torch.device("cpu")) and block.transformer_blocks[0][0]
+    theirs = bnb.nn.Linear4bit(64, 128, compute_dtype=torch.bfloat16, quant_type="nf4")
+    theirs.weight, theirs.bias = ours.weight, ours.bias
+    x = torch.randn(4, 64)
+    assert isinstance(ours, bnb.nn.Linear4bit)
+    assert theirs(x).dtype == torch.float32 and ours(x).dtype == torch.bfloat16
+    assert torch.equal(ours(x), theirs(x).bfloat16())
 
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor"])

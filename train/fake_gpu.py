@@ -17,17 +17,23 @@ from shards.fake_cuda import LiveBytes, StepAudit
 CUDA = torch.device("cuda", 0)
 
 
+@contextlib.contextmanager
 def fake_accelerator(amp: str):
-    """The run's Accelerator, with the fake GPU as its device (autocast then wraps the forward for CUDA)."""
+    """The run's Accelerator, with the fake GPU as its device (autocast then wraps the forward for CUDA) while
+    the context is open; Accelerate's process-wide state gets its own device back after."""
     from accelerate.state import PartialState
 
     from .step import make_accelerator
 
     accel = make_accelerator("cpu", amp, 1)
+    host = accel.state.device
     PartialState().device = accel.state.device = CUDA  # AcceleratorState holds a copy of PartialState's
     if accel.device != CUDA:
         raise AssertionError(f"the accelerator's device is {accel.device}, not the fake GPU")
-    return accel
+    try:
+        yield accel
+    finally:
+        PartialState().device = accel.state.device = host
 
 
 def empty_extras(config, text_tokens: int) -> dict:
@@ -38,20 +44,25 @@ def empty_extras(config, text_tokens: int) -> dict:
 def lora_step(transformer, cfg, resolution: int, text_tokens: int, memory: bool = False,
               audit: Optional[StepAudit] = None, device: torch.device = CUDA) -> SimpleNamespace:
     """One training step of the run's LoraStep on `transformer` (already on fake CUDA, frozen, in the base
-    dtype) inside an open `FakeCuda()` (or, with `device` the CPU, on the host). Returns the step's output and the audit of the step; with `memory`
-    the step is the run's second (the first creates the optimizer state) and the result has the peak of
-    live bytes during it (`LiveBytes`) and the bytes held before it (weights, LoRA, optimizer state, EMA)."""
-    from .bench import BENCH_MANIFEST, SD3_SCHEDULER, random_batch
-    from .objective import Objective, prepare_lora, resolve_dtypes
-    from .step import LoraStep
+    dtype) inside an open `FakeCuda()` (or, with `device` the CPU, on the host). Returns the step's output and
+    the audit of the step; with `memory` the step is the run's second (the first creates the optimizer state)
+    and the result has the peak of live bytes during it (`LiveBytes`) and the bytes held before it (weights,
+    LoRA, optimizer state, EMA)."""
+    from .objective import resolve_dtypes
+    from .step import make_accelerator
 
     weight_dtype, amp = resolve_dtypes(cfg, device)
-    if device.type == "cuda":
-        accel = fake_accelerator(amp)
-    else:  # the same step on the host (real or fake tensors), to check the memory model against a real run
-        from .step import make_accelerator
+    # On the host: the same step with real or fake tensors, to check the memory model against a real run.
+    with fake_accelerator(amp) if device.type == "cuda" else contextlib.nullcontext(make_accelerator("cpu", amp, 1)) \
+            as accel:
+        return _run_steps(accel, transformer, cfg, resolution, text_tokens, memory, audit, device, weight_dtype, amp)
 
-        accel = make_accelerator("cpu", amp, 1)
+
+def _run_steps(accel, transformer, cfg, resolution, text_tokens, memory, audit, device, weight_dtype, amp):
+    from .bench import BENCH_MANIFEST, SD3_SCHEDULER, random_batch
+    from .objective import Objective, prepare_lora
+    from .step import LoraStep
+
     torch.manual_seed(cfg.train.seed)
     params = prepare_lora(transformer, cfg.lora, cfg.model)
     objective = Objective(cfg, BENCH_MANIFEST, empty_extras(transformer.config, text_tokens), SD3_SCHEDULER, device,

@@ -11,7 +11,8 @@ nf4 bases: bitsandbytes cannot run on fake tensors, so each quantized linear is 
 packed 4-bit weight and its statistics at bitsandbytes' sizes (blocksize 64, nested statistics), and a
 forward and backward that hold a dequantized copy of the weight in the compute dtype only for the matmul
 and save nothing of the input, as bitsandbytes' `MatMul4Bit` saves nothing for a frozen weight; the output
-is cast back to the input's dtype, as `Linear4bit.forward` does.
+is in the compute dtype, as the trainer's `Linear4bitInComputeDtype` returns it (`out_in_compute_dtype=False`:
+cast back to the input's dtype, as bitsandbytes' own `Linear4bit.forward` does).
 
 Blind spots, added as the explicit `MARGIN_*` below rather than silently: the CUDA context (0.3-0.5 GiB,
 outside the allocator), the caching allocator's rounding beyond 512 B and its fragmentation (reserved vs
@@ -34,10 +35,10 @@ NF4_BLOCK = 64
 class ModelledLinear4bit(torch.nn.Linear):
     """A frozen nf4 linear layer as bitsandbytes' Linear4bit holds and runs it, for memory modelling only."""
 
-    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype):
+    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, out_in_compute_dtype: bool = True):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.out_in_compute_dtype = compute_dtype, out_in_compute_dtype
         n = self.in_features * self.out_features
         self.weight = torch.nn.Parameter(torch.empty((n + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
         # Nested statistics: one uint8 absmax per block of 64, and an fp32 absmax per 256 of those.
@@ -49,7 +50,7 @@ class ModelledLinear4bit(torch.nn.Linear):
     def forward(self, x):
         out = _Dequantized4bitMatmul.apply(x.to(self.compute_dtype), self.weight, self.bias, self.out_features,
                                            self.in_features)
-        return out.to(x.dtype)
+        return out if self.out_in_compute_dtype else out.to(x.dtype)
 
 
 class _Dequantized4bitMatmul(torch.autograd.Function):
@@ -65,7 +66,7 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
         return grad @ w, None, None, None, None
 
 
-def quantize_for_model(transformer, compute_dtype: torch.dtype) -> int:
+def quantize_for_model(transformer, compute_dtype: torch.dtype, out_in_compute_dtype: bool = True) -> int:
     """Replace the linears inside transformer blocks (those `train.model.quantize_blocks` quantizes)."""
     n = 0
     for name, parent in list(transformer.named_modules()):
@@ -73,13 +74,13 @@ def quantize_for_model(transformer, compute_dtype: torch.dtype) -> int:
             continue
         for child_name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(parent, child_name, ModelledLinear4bit(child, compute_dtype))
+                setattr(parent, child_name, ModelledLinear4bit(child, compute_dtype, out_in_compute_dtype))
                 n += 1
     return n
 
 
 def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, quantize: str = "none",
-                 text_tokens: int = TEXT_TOKENS, rank: int = 16) -> dict:
+                 text_tokens: int = TEXT_TOKENS, rank: int = 16, nf4_out: str = "compute") -> dict:
     """One modelled row: the step's peak of live bytes on the GPU, what is held between steps, the margin."""
     from diffusers import SD3Transformer2DModel
 
@@ -96,13 +97,15 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
     with FakeCuda():
         transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIGS[model]).requires_grad_(False)
         if quantize == "nf4":
-            quantize_for_model(transformer, torch.bfloat16)  # before the move, as training quantizes
+            # Before the move, as training quantizes. nf4_out="input": bitsandbytes' own Linear4bit output dtype.
+            quantize_for_model(transformer, torch.bfloat16, nf4_out == "compute")
         transformer.to(CUDA, torch.bfloat16)
         r = lora_step(transformer, cfg, resolution, text_tokens, memory=True)
     peak = r.peak_bytes
     total = peak * (1 + MARGIN_ALLOCATOR) + MARGIN_CONTEXT
     settings = {"model": model, "resolution": resolution, "batch": batch,
                 "base_dtype": quantize if quantize != "none" else "bf16", "checkpointing": checkpointing,
+                **({"nf4_output": nf4_out} if quantize == "nf4" else {}),
                 "lora_rank": rank, "lora_targets": "attn", "optimizer": "adamw", "text_tokens": text_tokens,
                 "device": "fake cuda (modelled)"}
     return {"row": "modelled", "status": "modelled", "settings": settings,

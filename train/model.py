@@ -54,8 +54,8 @@ def quantize_blocks(transformer, kind: str, compute_dtype: torch.dtype, device: 
                 continue
             w = child.weight.data
             if kind == "nf4":
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q = linear4bit_in_compute_dtype()(child.in_features, child.out_features, bias=child.bias is not None,
+                                                  compute_dtype=compute_dtype, quant_type="nf4")
                 q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
             else:
                 q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
@@ -66,6 +66,26 @@ def quantize_blocks(transformer, kind: str, compute_dtype: torch.dtype, device: 
             setattr(parent, child_name, q.to(device))  # bitsandbytes quantizes as the weight moves
             n += 1
     return n
+
+
+_LINEAR4BIT = None
+
+
+def linear4bit_in_compute_dtype():
+    """bitsandbytes' Linear4bit, returning its output in the compute dtype. Linear4bit casts its output back to
+    its input's dtype, and under autocast that input is a LayerNorm's fp32 output: every activation after a
+    quantized layer (and the LoRA branch beside it) would then be fp32, twice the bytes of bf16. The matmul
+    itself already runs in the compute dtype, so the values are the same."""
+    global _LINEAR4BIT
+    if _LINEAR4BIT is None:
+        import bitsandbytes as bnb
+
+        class Linear4bitInComputeDtype(bnb.nn.Linear4bit):
+            def forward(self, x):
+                return super().forward(x.to(self.compute_dtype) if self.compute_dtype is not None else x)
+
+        _LINEAR4BIT = Linear4bitInComputeDtype
+    return _LINEAR4BIT
 
 
 def scheduler_config(root: str) -> dict:

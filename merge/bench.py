@@ -25,7 +25,7 @@ from shards.measure import TRANSFORMER_CONFIGS, rows_cli
 from .sd3_keys import plan
 from .single_file import transformer_jobs, write_single_file
 from .sources import folder_source
-from .tensorfile import write_tensor_file
+from shards.tensorfile import write_tensor_file
 
 # The trainer's default targets (train/config.py preset "attn"), as module-name suffixes.
 ATTN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

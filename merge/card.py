@@ -20,7 +20,7 @@ from shards.errors import DataError
 
 from .config import MergeConfig, is_single_file
 from .lora import METADATA_KEY
-from .tensorfile import TensorFile
+from shards.tensorfile import TensorFile
 from .text_encoders import describe
 
 CARD_NAME = "README.md"

@@ -12,8 +12,8 @@ from shards.format import TORCH_DTYPES
 
 from .lora import LoraModule, Updates
 from .sources import DIFFUSERS_WEIGHTS, Source
-from .tensorfile import TORCH_DTYPES as TENSORFILE_DTYPES
-from .tensorfile import Planned, nbytes, write_tensor_file
+from shards.tensorfile import TORCH_DTYPES as TENSORFILE_DTYPES
+from shards.tensorfile import Planned, nbytes, write_tensor_file
 
 WEIGHTS_NAME = DIFFUSERS_WEIGHTS
 INDEX_NAME = WEIGHTS_NAME + ".index.json"

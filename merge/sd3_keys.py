@@ -20,7 +20,7 @@ import torch
 
 from shards.errors import DataError
 
-from .tensorfile import Span, slice_spans, spans_size
+from shards.tensorfile import Span, slice_spans, spans_size
 
 PREFIX = "model.diffusion_model."
 COPY, SWAP, CAT = "copy", "swap", "cat"

@@ -1,6 +1,6 @@
 """Writing the merged transformer as one safetensors file in the original SD3 layout (out.format=single_file).
 
-The file is streamed (merge/tensorfile.py) so that only one original tensor (at most the three q, k, v
+The file is streamed (shards/tensorfile.py) so that only one original tensor (at most the three q, k, v
 tensors of one attention) is in memory at a time, however large the model.
 """
 import os
@@ -15,7 +15,7 @@ from .fold import FILE_METADATA, FoldResult, _out_tensor, check_targets, modules
 from .lora import Updates
 from .sd3_keys import COPY, PREFIX, Group, combine, combine_spans, output_shape, plan, vae_plan
 from .sources import Source
-from .tensorfile import Planned, read_metadata, write_tensor_file
+from shards.tensorfile import Planned, read_metadata, write_tensor_file
 
 # Marks a file as this stage's output, so out.overwrite=true can tell an earlier release from a user's file.
 SINGLE_FILE_METADATA = {**FILE_METADATA, "shardtune": "merge"}

@@ -15,7 +15,7 @@ import torch
 from shards.errors import DataError
 
 from .sd3_keys import CAT, PREFIX, Group, groups_from_original, split, split_spans
-from .tensorfile import Span, TensorFile
+from shards.tensorfile import Span, TensorFile
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers models (transformer, vae)
 TRANSFORMERS_WEIGHTS = "model.safetensors"  # transformers models (the text encoders)

@@ -454,7 +454,7 @@ def test_finiteness_check_catches_nan_and_inf_in_every_float_dtype(dtype):
 
 
 def test_a_header_whose_sizes_disagree_is_one_line(tmp_path):
-    from merge.tensorfile import TensorFile
+    from shards.tensorfile import TensorFile
     from shards.errors import DataError
 
     h = json.dumps({"a.weight": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()

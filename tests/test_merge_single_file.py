@@ -256,7 +256,7 @@ def test_non_finite_result_leaves_nothing(base, lora, tmp_path, capsys):
 # reading, converting and writing every tensor, both ways between the layouts, with or without copy_file_range.
 @pytest.mark.parametrize("kernel", [True, False])
 def test_byte_copies_equal_the_tensor_path(base, lora, tmp_path, monkeypatch, kernel):
-    from merge import tensorfile
+    from shards import tensorfile
     from merge.fold import fold_transformer
     from merge.lora import read_loras
     from merge.single_file import transformer_jobs, write_single_file

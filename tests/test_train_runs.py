@@ -112,6 +112,33 @@ def test_quantized_base_trains_and_diffusers_loads_the_lora(kind, layer, tiny_mo
     assert image.size == (64, 64)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantized_base_is_read_tensor_by_tensor_into_the_same_model(kind, tiny_model, monkeypatch):
+    """load_transformer quantizes each block linear as it reads it (never the whole model in full precision
+    first); the model, its LoRA module names and a training step are exactly those of loading it whole."""
+    from diffusers import SD3Transformer2DModel
+
+    from train.bench import bench_config
+    from train.fake_gpu import lora_step
+    from train.model import freeze_and_place, load_transformer
+
+    cpu = torch.device("cpu")
+    whole = freeze_and_place(SD3Transformer2DModel.from_pretrained(os.path.join(tiny_model, "transformer"),
+                                                                   torch_dtype=torch.float32), torch.float32, cpu, kind)
+    monkeypatch.setattr(SD3Transformer2DModel, "from_pretrained", None)  # the quantized path must not load whole
+    streamed = load_transformer(tiny_model, torch.float32, cpu, kind)
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])] == []
+    assert [type(m).__name__ for _, m in streamed.named_modules()] == [type(m).__name__ for _, m in whole.named_modules()]
+    cfg = bench_config(kind, checkpointing=False, batch=2)
+    cfg.model.precision = "fp32"
+    steps = [lora_step(t, cfg, 64, 77 + 32, device=cpu).stepper for t in (streamed, whole)]
+    la, lb = (dict(s.named_lora_params()) for s in steps)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    assert any(v.abs().sum() > 0 for k, v in la.items() if "lora_B" in k)  # the step moved the LoRA
+
+
 def test_nf4_layers_return_the_compute_dtype():
     """bitsandbytes' Linear4bit hands back its input's dtype: fp32 after an autocast LayerNorm, which doubles
     every activation after it. The trainer's nf4 layers return the compute dtype, with the same values."""

@@ -2,7 +2,7 @@
 import json
 import os
 import sys
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -15,8 +15,101 @@ from .config import LoraConfig
 def load_transformer(root: str, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
     from diffusers import SD3Transformer2DModel
 
-    t = SD3Transformer2DModel.from_pretrained(component_dir(root, "transformer"), torch_dtype=dtype)
+    folder = component_dir(root, "transformer")
+    if quantize != "none":
+        files = weight_files(folder)
+        if files:
+            return load_quantized(folder, files, quantize, dtype, device)
+    t = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=dtype)
     return freeze_and_place(t, dtype, device, quantize)
+
+
+def weight_files(folder: str) -> Dict[str, str]:
+    """Tensor name -> safetensors file of a diffusers model folder (one file or an indexed set); {} if the
+    folder has no safetensors weights."""
+    from shards.tensorfile import TensorFile
+
+    index = os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if os.path.exists(single):
+        with TensorFile(single) as tf:
+            return dict.fromkeys(tf.keys(), single)
+    return {}
+
+
+def load_quantized(folder: str, files: Dict[str, str], kind: str, dtype: torch.dtype, device: torch.device):
+    """The transformer with its block linears quantized, read one tensor at a time: each block linear's weight
+    is quantized as it arrives (on `device`), everything else is placed there in `dtype`. The host never holds
+    more than one full-precision tensor, where loading the whole model first would hold all of it (16 GB for
+    SD3.5 Large in bf16). Same weights, module names and quantization as `from_pretrained` + `quantize_blocks`."""
+    from diffusers import SD3Transformer2DModel
+
+    from shards.tensorfile import TensorFile
+
+    with torch.device("meta"):  # the skeleton: shapes and module names, no memory
+        t = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder))
+    t.requires_grad_(False)
+    wanted = set(t.state_dict())
+    missing = sorted(wanted - set(files))
+    if missing:
+        raise DataError(f"{folder} lacks {len(missing)} of the transformer's tensors ({', '.join(missing[:3])}"
+                        f"{', …' if len(missing) > 3 else ''}); it is not a complete SD3 transformer folder")
+    readers = {}
+
+    def get(name: str) -> torch.Tensor:
+        path = files[name]
+        if path not in readers:
+            readers[path] = TensorFile(path)
+        x = readers[path].get(name)
+        return x.to(dtype) if x.is_floating_point() else x
+
+    try:
+        for name, module in list(t.named_modules()):  # the block linears, each quantized as it is read
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if _quantized(full) and type(child) is torch.nn.Linear:
+                    bias = get(f"{full}.bias") if child.bias is not None else None
+                    setattr(module, child_name, quantized_linear(kind, get(f"{full}.weight"), bias, dtype, device))
+        for name, module in t.named_modules():  # everything else, in `dtype` on `device`
+            prefix = name + "." if name else ""
+            for pname, p in list(module._parameters.items()):
+                if p is not None and p.is_meta:
+                    module._parameters[pname] = torch.nn.Parameter(get(prefix + pname).to(device), requires_grad=False)
+            for bname, b in list(module._buffers.items()):
+                if b is not None and b.is_meta:
+                    module._buffers[bname] = get(prefix + bname).to(device)
+    finally:
+        for r in readers.values():
+            r.close()
+    return t
+
+
+def _quantized(module_name: str) -> bool:
+    return module_name.startswith("transformer_blocks.")
+
+
+def quantized_linear(kind: str, weight: torch.Tensor, bias, compute_dtype: torch.dtype, device: torch.device):
+    """A frozen bitsandbytes nf4 / int8 layer holding `weight`, quantized as it moves to `device`. Built on the
+    meta device first, so no full-precision weight of its own is ever allocated."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        if kind == "nf4":
+            q = linear4bit_in_compute_dtype()(in_features, out_features, bias=bias is not None,
+                                              compute_dtype=compute_dtype, quant_type="nf4")
+        else:
+            q = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False)
+    if kind == "nf4":
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    else:
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        q.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return q.to(device)  # bitsandbytes quantizes as the weight moves
 
 
 def base_fingerprint(transformer, dtype: torch.dtype) -> dict:
@@ -38,32 +131,21 @@ def freeze_and_place(t, dtype: torch.dtype, device: torch.device, quantize: str 
 
 
 def quantize_blocks(transformer, kind: str, compute_dtype: torch.dtype, device: torch.device) -> int:
-    """Replace the linear layers inside transformer blocks with bitsandbytes nf4 / int8 layers (QLoRA).
+    """Replace the linear layers inside transformer blocks with bitsandbytes nf4 / int8 layers (QLoRA) on
+    `device`, of a transformer already in memory (`load_transformer` reads and quantizes tensor by tensor).
 
     Done here rather than through diffusers' quantizer, which refuses to run without a GPU; layers
     outside the blocks (embedders, final layer) stay in `compute_dtype`, where precision matters most.
     """
-    import bitsandbytes as bnb
-
     n = 0
     for parent_name, parent in list(transformer.named_modules()):
-        if not parent_name.startswith("transformer_blocks."):
+        if not _quantized(parent_name):
             continue
         for child_name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear:
                 continue
-            w = child.weight.data
-            if kind == "nf4":
-                q = linear4bit_in_compute_dtype()(child.in_features, child.out_features, bias=child.bias is not None,
-                                                  compute_dtype=compute_dtype, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
-            else:
-                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                        has_fp16_weights=False)
-                q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-            if child.bias is not None:
-                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, child_name, q.to(device))  # bitsandbytes quantizes as the weight moves
+            bias = child.bias.data if child.bias is not None else None
+            setattr(parent, child_name, quantized_linear(kind, child.weight.data, bias, compute_dtype, device))
             n += 1
     return n
 

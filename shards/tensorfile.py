@@ -82,7 +82,7 @@ class TensorFile:
         if self._f.readinto(buf) != len(buf):
             raise DataError(f"{self.path} is truncated: '{name}' ends past the end of the file")
         if e.dtype not in TORCH_DTYPES:
-            raise DataError(f"{self.path}: '{name}' has dtype {e.dtype}, which merge cannot read")
+            raise DataError(f"{self.path}: '{name}' has dtype {e.dtype}, which shardtune cannot read")
         if not buf:
             return torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype])
         return torch.frombuffer(buf, dtype=TORCH_DTYPES[e.dtype]).reshape(e.shape)

@@ -123,6 +123,16 @@ def test_bench_run_is_the_trainers_step_on_lora():
     assert unmoved == ["transformer_blocks.1.attn.add_q_proj.lora_B.default.weight"]
 
 
+def test_a_quantized_bench_model_is_built_without_its_full_precision_weights():
+    t = bench.build_transformer("tiny", torch.float32, CPU, quantize="nf4")
+    assert not [n for n, x in list(t.named_parameters()) + list(t.named_buffers()) if x.is_meta]
+    blocks = [type(m).__name__ for n, m in t.named_modules() if n.startswith("transformer_blocks.") and
+              isinstance(m, torch.nn.Linear)]
+    assert blocks and set(blocks) == {"Linear4bitInComputeDtype"}
+    assert all(p.dtype == torch.uint8 for n, p in t.named_parameters() if n.startswith("transformer_blocks.")
+               and n.endswith(".weight") and "norm" not in n)
+
+
 def test_train_row_on_cpu():
     r = bench.train_row("tiny", 128, 2, quantize="nf4", checkpointing=True, device=CPU, steps=2, warmup=1,
                         text_tokens=154)

@@ -161,24 +161,36 @@ def model_config(name: str) -> dict:
 
 
 def build_transformer(name: str, dtype: torch.dtype, device, quantize: str = "none"):
-    """A random-weight SD3 transformer of a named config, frozen and (optionally) quantized exactly as the
-    trainer's `load_transformer` leaves a loaded one; built directly on `device` in `dtype`, so a GPU
-    initialises it in seconds (bitsandbytes quantizes weights that are already on the device)."""
+    """A random-weight SD3 transformer of a named config, frozen and (optionally) quantized as the trainer's
+    `load_transformer` leaves a loaded one. Built on the meta device and filled tensor by tensor on `device`
+    (std 0.02), each block linear quantized as it is made: a quantized row never holds the full-precision
+    model (15 GiB for SD3.5 Large in bf16), so what fits a card in training fits it here."""
     from diffusers import SD3Transformer2DModel
 
-    from .model import freeze_and_place
+    from .model import quantized_linear
 
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            t = SD3Transformer2DModel(**model_config(name))
-    finally:
-        torch.set_default_dtype(default)
-    # The position table is built in fp32 whatever the default; from_pretrained(torch_dtype=...) would cast it.
-    # nn.Module.to, not diffusers' own, which warns about fp32-kept modules (SD3 has none).
-    torch.nn.Module.to(t, dtype)
-    return freeze_and_place(t, dtype, torch.device(device), quantize)
+    device = torch.device(device)
+    with torch.device("meta"):
+        t = SD3Transformer2DModel(**model_config(name))
+    t.requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(shape):
+        return (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype)
+
+    for parent_name, parent in list(t.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if quantize != "none" and parent_name.startswith("transformer_blocks.") and type(child) is torch.nn.Linear:
+                bias = rand(child.bias.shape) if child.bias is not None else None
+                setattr(parent, child_name, quantized_linear(quantize, rand(child.weight.shape), bias, dtype, device))
+    for module in t.modules():
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[pname] = torch.nn.Parameter(rand(p.shape), requires_grad=False)
+        for bname, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[bname] = rand(b.shape)
+    return t
 
 
 def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,

@@ -10,13 +10,14 @@ TINY_MODEL := build/tiny-sd3
 SAMPLE_DATA := build/sample-data
 ARGS ?=
 
-.PHONY: help venv tiny-model sample-data precompute train merge demo test bench clean
+.PHONY: help venv tiny-model sample-data precompute train merge demo test bench gpu-check clean
 
 help:
 	@echo "make demo        set up, build the tiny model + sample data, run precompute -> train -> merge"
 	@echo "make test        run the test suite"
 	@echo "make precompute|train|merge [CONFIG=file.yaml] [ARGS='key=value ...']"
 	@echo "make bench       benchmarks that fit this machine -> one table + bench/results-<device>-<date>.json"
+	@echo "make gpu-check   on a CUDA GPU, ~8 min: the tiny pipeline on the GPU, measured vs modelled memory (ARGS=--dry-run: the plan)"
 	@echo "make tiny-model | sample-data | clean"
 
 # pip byte-compiles what it installs (about 40 s of the install here). Skipping that would not pay: this
@@ -73,6 +74,10 @@ test: $(STAMP)
 # The train and precompute rows need a CUDA GPU (ARGS=--quick runs tiny versions anywhere); stream and merge run on the CPU.
 bench: $(STAMP)
 	$(PY) -m train.bench $(ARGS)
+
+# The first session on a GPU: every CUDA path and the memory figures, one JSON and one table.
+gpu-check: $(STAMP)
+	$(PY) -m train.gpu_check $(ARGS)
 
 clean:
 	rm -rf build

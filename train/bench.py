@@ -310,10 +310,10 @@ def train_row(model: str, resolution: int, batch: int, quantize: str = "none", c
             "nonfinite_steps": nonfinite}
 
 
-def train_matrix(models=GPU_MODELS, resolutions=(512, 1024), batches=(1, 4)) -> List[dict]:
+def train_matrix(models=GPU_MODELS, resolutions=(512, 1024), batches=(1, 4), bases=("none", "nf4")) -> List[dict]:
     """The GPU train rows: each model × resolution × batch × base (bf16, nf4) × checkpointing off/on."""
     return [dict(model=m, quantize=q, resolution=r, batch=b, checkpointing=c)
-            for m in models for q in ("none", "nf4") for r in resolutions for b in batches for c in (False, True)]
+            for m in models for q in bases for r in resolutions for b in batches for c in (False, True)]
 
 
 # The harness check: tiny rows with 77 + 77 text tokens (T5 at the precompute default of 77).
@@ -431,19 +431,24 @@ def parse_args(argv) -> argparse.Namespace:
                     help=f"GPU train rows: comma list of {', '.join(GPU_MODELS)} (default: all)")
     ap.add_argument("--resolutions", default=None, help="GPU train rows: comma list of square sizes (default: 512,1024)")
     ap.add_argument("--batches", default=None, help="GPU train rows: comma list of batch sizes (default: 1,4)")
+    ap.add_argument("--bases", default=None, help="train and modelled rows: comma list of base dtypes, none (the "
+                                                  "bf16 base) and nf4 (default: both)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per train row (default 5; 3 with --quick) and batches per precompute row")
     ap.add_argument("--warmup", type=int, default=2, help="untimed train steps before them (default 2)")
     ap.add_argument("--tiny-model", default=None,
                     help="--quick precompute row: an existing tiny pipeline folder (default: build one)")
     a = ap.parse_args(argv)
-    chosen = [f"--{k}" for k in ("models", "resolutions", "batches") if getattr(a, k) is not None]
+    chosen = [f"--{k}" for k in ("models", "resolutions", "batches", "bases") if getattr(a, k) is not None]
     if a.quick and chosen:
         raise UsageError(f"{', '.join(chosen)} choose GPU train rows; --quick runs a fixed tiny matrix instead: "
                          "leave out one or the other")
     a.models = a.models if a.models is not None else ",".join(GPU_MODELS)
     a.resolutions = a.resolutions if a.resolutions is not None else "512,1024"
     a.batches = a.batches if a.batches is not None else "1,4"
+    a.bases = [b.strip() for b in (a.bases if a.bases is not None else "none,nf4").split(",") if b.strip()]
+    if not a.bases or set(a.bases) - {"none", "nf4"}:
+        raise UsageError("--bases: a comma list of none and nf4")
     a.out = a.out if a.out is not None else os.path.join("build", "bench") if a.quick else "bench"
     return a
 
@@ -492,7 +497,7 @@ def _matrix(a: argparse.Namespace) -> List[dict]:
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     if not models:
         raise UsageError("--models: no model named")
-    return train_matrix(models, _int_list("resolutions", a.resolutions), _int_list("batches", a.batches))
+    return train_matrix(models, _int_list("resolutions", a.resolutions), _int_list("batches", a.batches), a.bases)
 
 
 def _providers(kinds: List[str], a: argparse.Namespace, device: torch.device, state: dict) -> dict:
@@ -547,7 +552,8 @@ def modelled_rows(a: argparse.Namespace) -> Iterator[dict]:
         models = [m.strip() for m in a.models.split(",") if m.strip()]
         for m in models:
             model_config(m)
-        matrix = modelled_matrix(models, _int_list("resolutions", a.resolutions), _int_list("batches", a.batches))
+        matrix = [s for s in modelled_matrix(models, _int_list("resolutions", a.resolutions),
+                                             _int_list("batches", a.batches)) if s.get("quantize", "none") in a.bases]
     for s in matrix:
         yield modelled_row(**s)
 

@@ -1,0 +1,43 @@
+"""`make gpu-check`: its plan (the dry run, which CI runs), its refusal without a GPU, and how it puts each
+measured row beside its modelled one."""
+import shlex
+
+import pytest
+
+from shards.config import run_cli
+from train import bench, gpu_check
+
+
+def test_the_dry_run_prints_the_whole_plan_and_does_nothing(tmp_path, capsys):
+    gpu_check.main(["--dry-run", "--out", str(tmp_path / "check")])
+    out = capsys.readouterr().out
+    for part in ("tiny precompute on the GPU", "tiny train resumed to 20 steps, nf4 base", "tiny merge",
+                 "sampled by diffusers on the GPU", "SD3 Medium 1024²", "SD3.5 Large nf4", "precompute at real"):
+        assert part in out, part
+    assert "budget 480 s" in out
+    assert not (tmp_path / "check").exists()
+
+
+def test_every_benchmark_command_of_the_plan_parses():
+    for step in gpu_check.plan("/tmp/x"):
+        if "-m train.bench" in step["cmd"]:
+            a = bench.parse_args(shlex.split(step["cmd"].split("-m train.bench", 1)[1]))
+            bench._matrix(a)  # the rows it asks for exist
+
+
+def test_without_a_gpu_it_refuses_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("train.gpu_check", gpu_check.main, [])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a CUDA GPU" in err and "--dry-run" in err
+
+
+def test_each_measured_row_gets_the_modelled_row_of_its_settings():
+    def row(kind, base, ckpt, **extra):
+        s = dict(model="sd3-medium", resolution=1024, batch=1, base_dtype=base, checkpointing=ckpt)
+        return {"row": kind, "settings": {**s, **extra}}
+
+    measured = [row("train", "bf16", True, device="h100"), row("train", "nf4", True, device="h100")]
+    known = [row("modelled", "bf16", True), row("modelled", "bf16", False), row("modelled", "nf4", True, nf4_output="x")]
+    assert gpu_check.modelled_beside(measured, known) == [known[0], known[2]]

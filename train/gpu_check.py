@@ -1,0 +1,179 @@
+"""The first GPU session in one command: `make gpu-check` (`python -m train.gpu_check [--dry-run] [--out DIR]`).
+
+On one CUDA GPU, each part in its own process, within a time budget (default 8 minutes):
+  1. the tiny pipeline end to end on the GPU, bf16 and nf4 bases: precompute -> train 10 steps -> the same
+     command to 20 steps (a resume from the step-10 checkpoint) -> merge -> the release loaded by diffusers
+     and sampled on the GPU;
+  2. measured LoRA-step rows: SD3 Medium 1024², batch 1 and 4, bf16 and nf4 bases, checkpointing off and on;
+  3. SD3.5 Large with an nf4 base, 1024², batch 1;
+  4. precompute's encoders at real component sizes.
+It writes OUT/gpu-check-<device>-<date>.json (every part's exit status, seconds and output tail, and the
+rows) and prints one table, each measured row beside the modelled row of the same settings from the
+repository's bench/ results (modelled rows need no GPU: `make bench ARGS="--rows modelled"` makes them). Without CUDA it refuses in one line; `--dry-run` prints the plan and does
+nothing, on any machine.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import List
+
+from shards.errors import UsageError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET_S = 8 * 60
+
+
+def plan(out: str) -> List[dict]:
+    """Each part: a name, the command (run from the repository root) and the seconds it may take."""
+    py = sys.executable
+    tiny = os.path.join(out, "tiny")
+    model, data, shards = (os.path.join(tiny, x) for x in ("model", "data", "shards"))
+    bench = os.path.join(out, "bench")
+    steps = [
+        dict(name="tiny model and data", timeout=60,
+             cmd=f"{py} -m precompute.tiny model {model} && {py} -m precompute.tiny data {data}"),
+        dict(name="tiny precompute on the GPU", timeout=90,
+             cmd=f"{py} -m precompute --config configs/tiny/precompute.yaml model.path={model} data.path={data} "
+                 f"out.dir={shards} out.overwrite=true"),
+    ]
+    for base in ("none", "nf4"):
+        run = os.path.join(tiny, f"train-{base}")
+        train = (f"{py} -m train --config configs/tiny/train.yaml model.path={model} data.shards={shards} "
+                 f"out.dir={run} model.quantize={base} checkpoint.every=10 validation.every=10 validation.steps=4")
+        steps += [
+            dict(name=f"tiny train 10 steps, {base} base", timeout=90, cmd=f"{train} train.max_steps=10"),
+            dict(name=f"tiny train resumed to 20 steps, {base} base", timeout=90, cmd=f"{train} train.max_steps=20"),
+        ]
+    release = os.path.join(tiny, "release")
+    steps += [
+        dict(name="tiny merge", timeout=60,
+             cmd=f"{py} -m merge --config configs/tiny/merge.yaml model.path={model} "
+                 f"lora.path={os.path.join(tiny, 'train-none', 'pytorch_lora_weights.safetensors')} out.dir={release}"),
+        dict(name="tiny release sampled by diffusers on the GPU", timeout=60,
+             cmd=f"{py} -m train.gpu_check --sample {release}"),
+        dict(name="SD3 Medium 1024² LoRA steps", timeout=150,
+             cmd=f"{py} -m train.bench --rows train --models sd3-medium --resolutions 1024 --batches 1,4 "
+                 f"--steps 3 --warmup 1 --out {bench}"),
+        dict(name="SD3.5 Large nf4 1024² batch 1 LoRA steps", timeout=120,
+             cmd=f"{py} -m train.bench --rows train --models sd3.5-large --resolutions 1024 --batches 1 "
+                 f"--bases nf4 --steps 3 --warmup 1 --out {bench}"),
+        dict(name="precompute at real component sizes", timeout=120,
+             cmd=f"{py} -m train.bench --rows precompute --steps 2 --out {bench}"),
+    ]
+    return steps
+
+
+def sample_release(path: str) -> None:
+    """Load a merged release with diffusers on the GPU and sample one image; fail on a non-finite result."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to("cuda")
+    image = pipe("a photo of a cat", num_inference_steps=4, height=128, width=128, output_type="np",
+                 generator=torch.Generator("cuda").manual_seed(0)).images[0]
+    if not np.isfinite(image).all():
+        raise SystemExit(f"gpu_check: the release at {path} samples non-finite pixels on the GPU")
+    print(f"sampled {image.shape} from {path} on {torch.cuda.get_device_name()}")
+
+
+def run(out: str, budget_s: float) -> dict:
+    import torch
+
+    from shards.measure import device_name
+
+    device = torch.device("cuda")
+    started, parts = time.perf_counter(), []
+    for step in plan(out):
+        left = budget_s - (time.perf_counter() - started)
+        if left < 10:
+            parts.append({**step, "status": "not run: out of time"})
+            print(f"gpu_check: {step['name']}: not run, out of time", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(step["cmd"], shell=True, cwd=REPO, capture_output=True, text=True,
+                               timeout=min(step["timeout"], left))
+            status, tail = ("ok" if p.returncode == 0 else f"failed (exit {p.returncode})"), (p.stdout + p.stderr)[-3000:]
+        except subprocess.TimeoutExpired as e:
+            status, tail = "timed out", ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")[-3000:]
+        parts.append({**step, "status": status, "seconds": time.perf_counter() - t0, "output_tail": tail})
+        print(f"gpu_check: {step['name']}: {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    rows = _rows(os.path.join(out, "bench"))
+    rows += modelled_beside(rows, _rows(os.path.join(REPO, "bench")))
+    result = {"device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
+              "seconds": time.perf_counter() - started, "parts": parts, "rows": rows}
+    path = os.path.join(out, f"gpu-check-{device_name(device)}-{result['date']}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    result["path"] = path
+    return result
+
+
+def _rows(folder: str) -> List[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "results-*.json"))):
+        with open(path) as f:
+            rows += json.load(f).get("rows", [])
+    return rows
+
+
+SAME = ("model", "resolution", "batch", "base_dtype", "checkpointing")
+
+
+def modelled_beside(measured: List[dict], known: List[dict]) -> List[dict]:
+    """The newest modelled row for each measured train row's settings (model, size, batch, base, checkpointing)."""
+    modelled = {tuple(r["settings"].get(k) for k in SAME): r for r in known if r.get("row") == "modelled"}
+    out = []
+    for r in measured:
+        match = modelled.get(tuple(r.get("settings", {}).get(k) for k in SAME)) if r.get("row") == "train" else None
+        if match is not None and match not in out:
+            out.append(match)
+    return out
+
+
+def table(result: dict) -> str:
+    from .bench import format_table
+
+    lines = [f"{p['status']:<28} {p.get('seconds', 0):6.0f} s  {p['name']}" for p in result["parts"]]
+    return "\n".join(lines + ["", format_table(result["rows"]) if result["rows"] else "(no rows)"])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m train.gpu_check", description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and do nothing (any machine)")
+    ap.add_argument("--out", default=os.path.join("build", "gpu-check"), help="folder of everything it writes")
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all parts together (default 480)")
+    ap.add_argument("--sample", metavar="RELEASE", help=argparse.SUPPRESS)  # one part: sample a release on the GPU
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.sample:
+        sample_release(a.sample)
+        return
+    out = os.path.abspath(a.out)
+    if a.dry_run:
+        total = 0
+        for i, step in enumerate(plan(out), 1):
+            total += step["timeout"]
+            print(f"{i:2}. {step['name']} (at most {step['timeout']} s)\n    {step['cmd']}")
+        print(f"at most {min(total, a.budget):.0f} s in all (budget {a.budget:.0f} s); writes {out}/gpu-check-<device>-<date>.json")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("gpu_check needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
+                         "`--dry-run` shows the plan anywhere")
+    os.makedirs(out, exist_ok=True)
+    result = run(out, a.budget)
+    print(table(result))
+    print(f"\nwrote {result['path']}")
+
+
+if __name__ == "__main__":
+    from shards.config import run_cli
+
+    run_cli("train.gpu_check", main)

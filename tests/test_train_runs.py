@@ -102,7 +102,10 @@ def test_quantized_base_trains_and_diffusers_loads_the_lora(kind, layer, tiny_mo
     from diffusers import StableDiffusion3Pipeline
 
     r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", f"model.quantize={kind}"))
-    assert type(r["transformer"].transformer_blocks[0].attn.to_q.base_layer).__name__ == layer
+    to_q = r["transformer"].transformer_blocks[0].attn.to_q
+    assert type(to_q.base_layer).__name__ == layer
+    # peft's own bitsandbytes LoRA layer, whose merge requantizes (a plain one would add into packed bytes).
+    assert type(to_q).__module__ == "peft.tuners.lora.bnb" and type(to_q).__name__ == layer.replace("InComputeDtype", "")
     lora = load_file(r["lora"])
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
@@ -137,6 +140,28 @@ def test_a_quantized_base_is_read_tensor_by_tensor_into_the_same_model(kind, tin
     la, lb = (dict(s.named_lora_params()) for s in steps)
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
     assert any(v.abs().sum() > 0 for k, v in la.items() if "lora_B" in k)  # the step moved the LoRA
+
+
+def test_merging_lora_into_an_nf4_base_in_place_requantizes(tiny_model):
+    """peft's merge on the trainer's nf4 model (diffusers' fuse_lora calls it) dequantizes, adds the delta and
+    quantizes again: the merged layer computes what base + LoRA computed, within nf4's rounding."""
+    from train.config import LoraConfig
+    from train.model import add_lora, load_transformer
+
+    t = load_transformer(tiny_model, torch.float32, torch.device("cpu"), "nf4")
+    add_lora(t, LoraConfig(rank=4, alpha=4))
+    layer = t.transformer_blocks[0].attn.to_q
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5)
+    x = torch.randn(8, layer.in_features)
+    with torch.no_grad():
+        with_lora, base = layer(x), layer.base_layer(x)
+        layer.merge()
+        merged = layer(x)
+    delta = (with_lora - base).abs().mean()
+    assert delta > 0.1  # the LoRA changes the output clearly
+    assert (merged - with_lora).abs().mean() < 0.1 * delta  # and the merged layer keeps that change
 
 
 def test_nf4_layers_return_the_compute_dtype():

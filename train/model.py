@@ -237,6 +237,13 @@ def add_lora(transformer, cfg: LoraConfig) -> List[torch.nn.Parameter]:
         if bad:
             raise UsageError(f"lora.blocks: {bad} outside 0..{n - 1} (the transformer has {n} blocks)")
     names = lora_module_names(transformer, cfg)
+    # peft wraps bitsandbytes layers with its own LoRA layers (whose merge dequantizes, adds and requantizes)
+    # only when the model says it is quantized; otherwise a plain LoRA layer would merge into packed bytes.
+    kinds = {type(m).__name__ for m in transformer.modules()}
+    if {"Linear4bit", "Linear4bitInComputeDtype"} & kinds:
+        transformer.is_loaded_in_4bit = True
+    if "Linear8bitLt" in kinds:
+        transformer.is_loaded_in_8bit = True
     transformer.add_adapter(PeftLoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names,
         init_lora_weights="gaussian",

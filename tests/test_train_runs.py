@@ -97,15 +97,17 @@ def test_presets_target_exactly_the_intended_modules(preset, per_block, tiny_mod
     assert all(n.startswith("transformer_blocks.1.") for n in lora_module_names(t, cfg.lora))
 
 
-@pytest.mark.parametrize("kind, layer", [("nf4", "Linear4bitInComputeDtype"), ("int8", "Linear8bitLt")])
-def test_quantized_base_trains_and_diffusers_loads_the_lora(kind, layer, tiny_model, shard_set_fp32, tmp_path):
+@pytest.mark.parametrize("kind, layer, peft_layer", [("nf4", "Linear4bitInComputeDtype", "Linear4bit"),
+                                                     ("int8", "Linear8bitLtNoSavedInput", "Linear8bitLt")])
+def test_quantized_base_trains_and_diffusers_loads_the_lora(kind, layer, peft_layer, tiny_model, shard_set_fp32,
+                                                            tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", f"model.quantize={kind}"))
     to_q = r["transformer"].transformer_blocks[0].attn.to_q
     assert type(to_q.base_layer).__name__ == layer
     # peft's own bitsandbytes LoRA layer, whose merge requantizes (a plain one would add into packed bytes).
-    assert type(to_q).__module__ == "peft.tuners.lora.bnb" and type(to_q).__name__ == layer.replace("InComputeDtype", "")
+    assert type(to_q).__module__ == "peft.tuners.lora.bnb" and type(to_q).__name__ == peft_layer
     lora = load_file(r["lora"])
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model)
@@ -162,6 +164,50 @@ def test_merging_lora_into_an_nf4_base_in_place_requantizes(tiny_model):
     delta = (with_lora - base).abs().mean()
     assert delta > 0.1  # the LoRA changes the output clearly
     assert (merged - with_lora).abs().mean() < 0.1 * delta  # and the merged layer keeps that change
+
+
+def test_int8_layers_keep_nothing_for_backward_so_checkpointing_frees_their_inputs():
+    """bitsandbytes' int8 matmul keeps each input on its autograd context, out of checkpointing's reach. The
+    trainer's int8 layer keeps nothing and gives the same input gradient."""
+    import bitsandbytes as bnb
+    from torch.utils.checkpoint import checkpoint
+
+    from shards.fake_cuda import LiveBytes
+    from train.model import quantized_linear
+
+    torch.manual_seed(0)
+    weights = [(torch.randn(1024, 256) / 16, torch.randn(256, 1024) / 32) for _ in range(6)]
+
+    def blocks(ours: bool):
+        out = []
+        for up, down in weights:
+            if ours:
+                a, b = (quantized_linear("int8", w.clone(), None, torch.float32, torch.device("cpu")) for w in (up, down))
+            else:
+                a, b = (bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
+                        for w in (up, down))
+                a.weight, b.weight = (bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+                                      for w in (up, down))
+                a, b = a.to("cpu"), b.to("cpu")
+            out.append(torch.nn.Sequential(a, torch.nn.GELU(), b))
+        return out
+
+    def run(ours: bool):
+        x = torch.randn(512, 256, requires_grad=True, generator=torch.Generator().manual_seed(1))
+        live = LiveBytes("cpu")
+        with live:
+            h = x
+            for block in blocks(ours):
+                h = checkpoint(block, h, use_reentrant=False)
+            held = live.now  # after the forward: what backward will need
+            h.square().sum().backward()
+        return held, x.grad
+
+    ours_held, ours_grad = run(True)
+    theirs_held, theirs_grad = run(False)
+    assert torch.allclose(ours_grad, theirs_grad, rtol=1e-4, atol=1e-6)
+    # Each block's 512x1024 fp32 hidden input (2 MiB) stays with bitsandbytes' layer, not with ours.
+    assert theirs_held - ours_held >= 6 * 2 * 2 ** 20
 
 
 def test_nf4_layers_return_the_compute_dtype():

@@ -106,7 +106,10 @@ def quantized_linear(kind: str, weight: torch.Tensor, bias, compute_dtype: torch
             q = linear4bit_in_compute_dtype()(in_features, out_features, bias=bias is not None,
                                               compute_dtype=compute_dtype, quant_type="nf4")
         else:
-            q = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None, has_fp16_weights=False)
+            # threshold 6: LLM.int8()'s outlier columns in 16-bit, as transformers' default; 0 would quantize them too.
+            q = linear8bit_saving_no_input()(in_features, out_features, bias=bias is not None,
+                                             has_fp16_weights=False, threshold=6.0)
+            q.compute_dtype = compute_dtype
     if kind == "nf4":
         q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     else:
@@ -193,6 +196,48 @@ def linear4bit_in_compute_dtype():
     return _LINEAR4BIT
 
 
+_LINEAR8BIT = None
+
+
+def linear8bit_saving_no_input():
+    """bitsandbytes' Linear8bitLt, computing in the model's compute dtype and keeping nothing of its input for
+    backward. bitsandbytes' int8 matmul keeps each input (and its outlier columns) on its autograd context for
+    the weight gradient a frozen base never needs, where gradient checkpointing cannot see or free them:
+    a checkpointed int8 run then holds every linear's input of the whole model. Here the int8 matmul runs
+    without autograd, and backward multiplies by the dequantized weight (int8 rows times their scales / 127),
+    the same product bitsandbytes' backward computes for the input's gradient."""
+    global _LINEAR8BIT
+    if _LINEAR8BIT is None:
+        import bitsandbytes as bnb
+
+        class Int8Linear(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, layer):
+                ctx.layer = layer
+                with torch.no_grad():
+                    return bnb.nn.Linear8bitLt.forward(layer, x)
+
+            @staticmethod
+            def backward(ctx, grad):
+                layer = ctx.layer
+                scales = layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
+                w = layer.weight.data.to(grad.dtype) * (scales.to(grad.dtype)[:, None] / 127)
+                return grad @ w, None
+
+        class Linear8bitLtNoSavedInput(bnb.nn.Linear8bitLt):
+            compute_dtype = None
+
+            def forward(self, x):
+                if self.compute_dtype is not None:
+                    x = x.to(self.compute_dtype)
+                if torch.is_grad_enabled() and x.requires_grad:
+                    return Int8Linear.apply(x, self)
+                return super().forward(x)
+
+        _LINEAR8BIT = Linear8bitLtNoSavedInput
+    return _LINEAR8BIT
+
+
 def scheduler_config(root: str) -> dict:
     path = os.path.join(component_dir(root, "scheduler"), "scheduler_config.json")
     with open(path) as f:
@@ -239,8 +284,8 @@ def add_lora(transformer, cfg: LoraConfig) -> List[torch.nn.Parameter]:
     names = lora_module_names(transformer, cfg)
     # peft wraps bitsandbytes layers with its own LoRA layers (whose merge dequantizes, adds and requantizes)
     # only when the model says it is quantized; otherwise a plain LoRA layer would merge into packed bytes.
-    kinds = {type(m).__name__ for m in transformer.modules()}
-    if {"Linear4bit", "Linear4bitInComputeDtype"} & kinds:
+    kinds = {c.__name__ for m in transformer.modules() for c in type(m).__mro__}
+    if "Linear4bit" in kinds:
         transformer.is_loaded_in_4bit = True
     if "Linear8bitLt" in kinds:
         transformer.is_loaded_in_8bit = True

@@ -229,6 +229,28 @@ def test_nf4_layers_return_the_compute_dtype():
     assert torch.equal(ours(x), theirs(x).bfloat16())
 
 
+def test_deterministic_mode_runs_with_deterministic_kernels_only_and_then_lets_go(tiny_model, shard_set_fp32, tmp_path,
+                                                                                 monkeypatch):
+    import train.loop as loop
+
+    seen = []
+    build = loop.build_run
+
+    def recording(cfg, accel):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cuda.flash_sdp_enabled()))
+        return build(cfg, accel)
+
+    monkeypatch.setattr(loop, "build_run", recording)
+    runs = [_train(*_args(tiny_model, shard_set_fp32, tmp_path / name, "train.max_steps=3", *extra))
+            for name, extra in (("plain", ()), ("deterministic", ("train.deterministic=true",)))]
+    assert seen == [(False, True), (True, False)]
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    # Attention runs another kernel (not flash), so the weights agree to rounding.
+    a, b = (load_file(r["lora"]) for r in runs)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert a.keys() == b.keys() and diff < 1e-4
+
+
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor"])
 def test_other_optimizers_train(optimizer, tiny_model, shard_set_fp32, tmp_path):
     r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", f"train.optimizer={optimizer}"))

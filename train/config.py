@@ -94,6 +94,8 @@ HELP = {
                        "metrics.jsonl still gets a line per step, the trackers and the progress bar are updated "
                        "then)",
     "train.device": "cuda if available, else cpu; or cpu, cuda, cuda:N",
+    "train.deterministic": "deterministic kernels only, so two runs (or a resumed one) give bit-identical weights "
+                           "on the same GPU; slower",
     "lora.rank": "rank r of each LoRA pair (B: out x r, A: r x in)",
     "lora.alpha": "the LoRA output is scaled by alpha / rank (the released file holds it in lora_B, so every "
                   "loader applies it)",
@@ -204,6 +206,7 @@ class TrainLoopConfig:
     seed: int = 0
     log_every: int = 10  # steps between bringing logged values to the host (one transfer per interval)
     device: str = "auto"
+    deterministic: bool = False  # deterministic kernels only: bit-identical runs on the same GPU
 
 
 @dataclass

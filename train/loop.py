@@ -43,7 +43,8 @@ def train(cfg: TrainConfig) -> dict:
     accel = run_accelerator(cfg)
     # One writer per out.dir: the main process holds the lock for the whole run (the others write only
     # their own files inside its checkpoints).
-    with out_dir_lock(cfg.out.dir, "train") if accel.is_main_process else contextlib.nullcontext():
+    with out_dir_lock(cfg.out.dir, "train") if accel.is_main_process else contextlib.nullcontext(), \
+            deterministic_kernels() if cfg.train.deterministic else contextlib.nullcontext():
         return _train(cfg, accel, t_start)
 
 
@@ -162,6 +163,29 @@ def _resume_point(cfg: TrainConfig, accel) -> Optional[str]:
     if not accel.is_main_process:  # the main process has cleared or kept out.dir by now; read its decision
         resume_from = None if cfg.out.overwrite else checkpoint.find(cfg.out.dir, cfg.resume)
     return resume_from
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """Only kernels that add in a fixed order, for the run: PyTorch's deterministic algorithms (an op without
+    one raises, naming itself), cuBLAS with a fixed workspace (read when its first handle is made, before the
+    first matmul), no cuDNN autotuning, and no flash attention, whose backward accumulates with atomics; SDPA
+    then uses memory-efficient attention, which has a deterministic backward. The process's settings come
+    back after."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cuda.flash_sdp_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
+        torch.backends.cuda.enable_flash_sdp(saved[2])
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:

@@ -12,7 +12,8 @@ def test_the_dry_run_prints_the_whole_plan_and_does_nothing(tmp_path, capsys):
     gpu_check.main(["--dry-run", "--out", str(tmp_path / "check")])
     out = capsys.readouterr().out
     for part in ("tiny precompute on the GPU", "tiny train resumed to 20 steps, nf4 base", "tiny merge",
-                 "sampled by diffusers on the GPU", "SD3 Medium 1024²", "SD3.5 Large nf4", "precompute at real"):
+                 "sampled by diffusers on the GPU", "SD3 Medium 1024²", "SD3.5 Large nf4", "precompute at real",
+                 "deterministic run, resumed at step 10"):
         assert part in out, part
     assert "budget 480 s" in out
     assert not (tmp_path / "check").exists()
@@ -41,3 +42,15 @@ def test_each_measured_row_gets_the_modelled_row_of_its_settings():
     measured = [row("train", "bf16", True, device="h100"), row("train", "nf4", True, device="h100")]
     known = [row("modelled", "bf16", True), row("modelled", "bf16", False), row("modelled", "nf4", True, nf4_output="x")]
     assert gpu_check.modelled_beside(measured, known) == [known[0], known[2]]
+
+
+def test_the_deterministic_part_compares_bit_for_bit(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3)}, str(tmp_path / "x.safetensors"))
+    save_file({"a": torch.ones(3)}, str(tmp_path / "y.safetensors"))
+    save_file({"a": torch.ones(3) + 1e-7}, str(tmp_path / "z.safetensors"))
+    gpu_check.same_tensors(str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors"))
+    with pytest.raises(SystemExit, match="differ in 1 tensors"):
+        gpu_check.same_tensors(str(tmp_path / "x.safetensors"), str(tmp_path / "z.safetensors"))

@@ -6,7 +6,8 @@ On one CUDA GPU, each part in its own process, within a time budget (default 8 m
      and sampled on the GPU;
   2. measured LoRA-step rows: SD3 Medium 1024², batch 1 and 4, bf16 and nf4 bases, checkpointing off and on;
   3. SD3.5 Large with an nf4 base, 1024², batch 1;
-  4. precompute's encoders at real component sizes.
+  4. precompute's encoders at real component sizes;
+  5. with `train.deterministic=true`, a tiny run resumed at step 10 ends with the same bytes as one run through.
 It writes OUT/gpu-check-<device>-<date>.json (every part's exit status, seconds and output tail, and the
 rows) and prints one table, each measured row beside the modelled row of the same settings from the
 repository's bench/ results (modelled rows need no GPU: `make bench ARGS="--rows modelled"` makes them). Without CUDA it refuses in one line; `--dry-run` prints the plan and does
@@ -65,7 +66,28 @@ def plan(out: str) -> List[dict]:
         dict(name="precompute at real component sizes", timeout=120,
              cmd=f"{py} -m train.bench --rows precompute --steps 2 --out {bench}"),
     ]
+    # train.deterministic: a run resumed at step 10 ends with the same bytes as one that ran through.
+    det = (f"{py} -m train --config configs/tiny/train.yaml model.path={model} data.shards={shards} "
+           f"checkpoint.every=10 validation.enabled=false train.deterministic=true")
+    through, resumed = os.path.join(tiny, "det-through"), os.path.join(tiny, "det-resumed")
+    steps += [
+        dict(name="deterministic run, resumed at step 10, equals one run through", timeout=120,
+             cmd=f"{det} out.dir={through} train.max_steps=20 && {det} out.dir={resumed} train.max_steps=10 && "
+                 f"{det} out.dir={resumed} train.max_steps=20 && {py} -m train.gpu_check --same "
+                 f"{through}/pytorch_lora_weights.safetensors {resumed}/pytorch_lora_weights.safetensors"),
+    ]
     return steps
+
+
+def same_tensors(a: str, b: str) -> None:
+    """Fail unless two safetensors files hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    differ = [k for k in x if k not in y or not x[k].equal(y[k])]
+    if differ or x.keys() != y.keys():
+        raise SystemExit(f"gpu_check: {a} and {b} differ in {len(differ)} tensors, e.g. {differ[:2]}")
+    print(f"identical: {len(x)} tensors")
 
 
 def sample_release(path: str) -> None:
@@ -150,7 +172,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.path.join("build", "gpu-check"), help="folder of everything it writes")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all parts together (default 480)")
     ap.add_argument("--sample", metavar="RELEASE", help=argparse.SUPPRESS)  # one part: sample a release on the GPU
+    ap.add_argument("--same", nargs=2, metavar="FILE", help=argparse.SUPPRESS)  # one part: compare two LoRA files
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.same:
+        same_tensors(*a.same)
+        return
     if a.sample:
         sample_release(a.sample)
         return

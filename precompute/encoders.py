@@ -20,7 +20,10 @@ def _load_t5(root: str, precision: str, device: torch.device):
 
     path = component_dir(root, "text_encoder_3")
     if precision in ("nf4", "int8"):
-        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bf16 where the GPU computes in it (compute capability 8.0 on); T4 and V100 only emulate it. Not fp16:
+        # T5 v1.1's activations exceed its range.
+        native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        compute = torch.bfloat16 if native_bf16 else torch.float32
         if precision == "nf4":
             q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
         else:

@@ -135,3 +135,20 @@ def test_precompute_encoders_run_on_cuda(tiny_model):
         # T5 in bf16, except the feed-forward output layers transformers keeps in fp32 (T5 overflows in half).
         assert matmul_dtypes(t5) == {"bfloat16", "float32"}
         assert matmul_dtypes(vae_audit) == {"float32"}
+
+
+def test_t5_in_fp16_keeps_its_overflowing_layers_in_fp32(tiny_model):
+    """T5 v1.1 (SD3's T5-XXL) overflows fp16 in its feed-forward output layers (`wo`); transformers keeps those
+    in fp32, so an fp16 T5 computes every other matmul in fp16 and those in fp32 (on the GPU's code path)."""
+    from precompute.encoders import TextEncoders
+
+    text = TextEncoders(tiny_model, "fp16", torch.float16, torch.device("cpu"), 32)
+    assert {n.split(".")[-2] for n, p in text.t5.named_parameters() if p.dtype == torch.float32} == {"wo"}
+    with FakeCuda():
+        text.t5.to(CUDA)
+        audit = StepAudit()
+        ids = torch.ones(2, 32, dtype=torch.long).to(CUDA)
+        with audit:
+            out = text.t5(ids)[0]
+        assert out.device == CUDA and audit.syncs == []
+        assert {d for (op, d) in audit.dtypes if op in MATMULS} == {"float16", "float32"}

@@ -24,21 +24,10 @@ import torch
 
 from shards.errors import UsageError
 from shards.format import TORCH_DTYPES
-from shards.measure import MIB, PeakMemory, max_peak, release, sync, timed_calls, unless_oom, write_rows
+from shards.measure import (CLIP_G, CLIP_L, MIB, SD3_VAE, T5_XXL, PeakMemory, max_peak, release, sync, timed_calls,
+                            unless_oom, write_rows)
 
 # Real SD3 component configs (the published config files of the SD3 and SD3.5 repositories).
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-              layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-              decoder_start_token_id=0)
-SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-               norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-               use_quant_conv=False, use_post_quant_conv=False)
 _NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 MAX_SEQUENCE_LENGTH = 256  # the SD3 pipeline's T5 length, so the embeddings match the train rows' 77 + 256 tokens
 GPU_BATCHES = (1, 4, 16)

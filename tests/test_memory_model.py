@@ -51,3 +51,15 @@ def test_modelled_rows_are_labelled_as_a_model(tmp_path):
     assert nf4["modelled_held_mb"] < checkpointed["modelled_held_mb"]
     table = bench.format_table(rows)
     assert table.count("MODELLED") == 3
+
+
+def test_validation_decodes_in_tiles_that_need_a_fraction_of_a_whole_decode():
+    from train.memory_model import modelled_validation
+
+    narrow = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+                  norm_num_groups=8, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)
+    tiled = modelled_validation(None, 1024, vae_config=narrow)
+    whole = modelled_validation(None, 1024, vae_config=narrow, tiled=False)  # diffusers' tile: the whole 1024²
+    assert tiled["status"] == "modelled" and tiled["settings"]["validation_tile"] == 512
+    assert tiled["modelled_decode_mb"] < 0.5 * whole["modelled_decode_mb"]

@@ -556,6 +556,11 @@ def modelled_rows(a: argparse.Namespace) -> Iterator[dict]:
                                              _int_list("batches", a.batches)) if s.get("quantize", "none") in a.bases]
     for s in matrix:
         yield modelled_row(**s)
+    if not a.quick:  # what a validation image adds, at the largest size asked for
+        from .memory_model import modelled_validation
+
+        for m in dict.fromkeys(s["model"] for s in matrix):
+            yield modelled_validation(m, max(_int_list("resolutions", a.resolutions)))
 
 
 def _versions() -> dict:

@@ -19,7 +19,7 @@ outside the allocator), the caching allocator's rounding beyond 512 B and its fr
 allocated; typically 5-15% in training), cuDNN / cuBLAS workspaces (cuBLAS keeps a few MiB per stream).
 """
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -158,3 +158,68 @@ def host_check(config: dict, resolution: int, batch: int, checkpointing: bool, t
     out["ratio"] = out["modelled"] / out["observed"]
     return out
 
+
+
+def modelled_validation(model: str = "sd3-medium", resolution: int = 1024, text_tokens: int = TEXT_TOKENS,
+                        tiled: bool = True, vae_config: Optional[dict] = None) -> dict:
+    """What a validation image adds to the GPU on top of what training holds between steps: the sampler's
+    guided denoising step (inference, batch 2 for guidance) and the VAE decoder, which goes to the GPU only
+    while it decodes one image at a time, tiled, in bf16 (train.sampling). Peaks of live bytes beyond the
+    held state, each modelled alone (they run one after the other)."""
+    from shards.measure import SD3_VAE
+
+    denoise = modelled_denoise(model, resolution, text_tokens) if model else 0
+    vae_config = vae_config or SD3_VAE
+    decoder = modelled_decode(vae_config, resolution, tiled)
+    return {"row": "modelled", "status": "modelled", "what": f"modelled validation image on fake CUDA, {model}",
+            "settings": {"model": model, "resolution": resolution, "batch": 1, "base_dtype": "bf16",
+                         "part": "validation", "validation_tile": 512 if tiled else vae_config["sample_size"],
+                         "device": "fake cuda (modelled)"},
+            "modelled_denoise_mb": denoise / MIB, "modelled_decode_mb": decoder / MIB,
+            "modelled_peak_mb": max(denoise, decoder) / MIB,
+            "modelled_total_mb": max(denoise, decoder) * (1 + MARGIN_ALLOCATOR) / MIB,
+            "margin": f"+{MARGIN_ALLOCATOR:.0%} allocator (the context is already counted in the step's row)"}
+
+
+def modelled_denoise(model: str, resolution: int, text_tokens: int = TEXT_TOKENS) -> int:
+    """Bytes beyond the transformer's own weights of one guided denoising step at `resolution`."""
+    from diffusers import SD3Transformer2DModel
+
+    from shards.fake_cuda import FakeCuda, LiveBytes, StepAudit
+
+    from .fake_gpu import CUDA, denoise_step
+
+    with FakeCuda():
+        transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIGS[model]).requires_grad_(False).to(CUDA, torch.bfloat16)
+        weights = sum(x.untyped_storage().nbytes() for x in list(transformer.parameters()) + list(transformer.buffers()))
+        live = LiveBytes()
+        with live:
+            denoise_step(transformer, resolution, text_tokens, StepAudit(), torch.bfloat16)
+    return live.peak - weights
+
+
+def modelled_decode(vae_config: dict, resolution: int, tiled: bool = True) -> int:
+    """Peak bytes of the bf16 VAE decoder (its weights included) decoding one `resolution`² image, as
+    train.sampling does (tiled: its 512² tiles; else diffusers' own tile size, the config's sample_size)."""
+    from diffusers import AutoencoderKL
+
+    from shards.fake_cuda import FakeCuda, LiveBytes
+
+    from .fake_gpu import CUDA
+    from .sampling import decode_one, tiled_for_validation
+
+    with FakeCuda():
+        vae = AutoencoderKL(**vae_config)
+        vae.encoder = None
+        vae.requires_grad_(False)
+        if tiled:
+            tiled_for_validation(vae)
+        else:
+            vae.enable_tiling()
+        vae.to(torch.bfloat16)
+        live = LiveBytes()
+        with live, torch.no_grad():
+            vae.to(CUDA)
+            f = 2 ** (len(vae_config["block_out_channels"]) - 1)
+            decode_one(vae, torch.zeros(1, vae_config["latent_channels"], resolution // f, resolution // f), CUDA)
+    return live.peak

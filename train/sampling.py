@@ -24,27 +24,43 @@ def load_vae_decoder(root: str, device: torch.device):
     vae = AutoencoderKL.from_pretrained(component_dir(root, "vae"), torch_dtype=dtype)
     vae.encoder = None  # only decoding happens here
     vae.requires_grad_(False)
+    return tiled_for_validation(vae).eval()
+
+
+VALIDATION_TILE = 512  # pixels a side decoded at once
+
+
+def tiled_for_validation(vae):
+    """Tiled decoding in 512² tiles (blended over a quarter of a tile). diffusers' own tile size is the VAE's
+    sample_size, 1024 for SD3, so a 1024² image would decode whole: 1.6 GiB of bf16 activations at once
+    (modelled), where 512² tiles need a quarter of that."""
     vae.enable_tiling()
-    return vae.eval()
+    vae.tile_sample_min_size = VALIDATION_TILE
+    vae.tile_latent_min_size = VALIDATION_TILE // 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae
 
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, device: torch.device) -> List[Image.Image]:
     """Latents to images one at a time (the decoder's activations are those of one image), with the decoder
     on `device` for the duration only."""
-    dtype = next(vae.parameters()).dtype
-    shift = vae.config.shift_factor or 0.0
     vae.to(device)
     try:
         images = []
         for z in latents.split(1):
-            pixels = vae.decode((z.to(device, torch.float32) / vae.config.scaling_factor + shift).to(dtype)).sample
-            a = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
+            a = decode_one(vae, z, device).cpu().numpy()
             images.append(Image.fromarray(np.ascontiguousarray(a)))
-            del pixels
     finally:
         vae.to("cpu")
     return images
+
+
+def decode_one(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One latent [1, C, h, w] to its image as an [H, W, 3] uint8 tensor on `device` (the decoder already there)."""
+    dtype = next(vae.parameters()).dtype
+    shift = vae.config.shift_factor or 0.0
+    pixels = vae.decode((z.to(device, torch.float32) / vae.config.scaling_factor + shift).to(dtype)).sample
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[0].permute(1, 2, 0)
 
 
 def dynamic_shift_mu(image_tokens: int, config: dict) -> float:

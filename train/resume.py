@@ -18,7 +18,7 @@ APPLIED = ("train.lr", "train.weight_decay", "train.adam_beta1", "train.adam_bet
            "train.max_grad_norm", "train.lr_schedule", "train.warmup_steps", "train.max_steps", "train.ema",
            "train.mixed_precision", "model.path", "model.revision", "model.precision", "model.quantize",
            "data.flip", "lora.dropout", "loss.")
-QUIET = ("out.", "resume", "train.device", "train.log_every", "train.trackers", "train.max_bad_steps",
+QUIET = ("out.", "resume", "train.device", "train.deterministic", "train.log_every", "train.trackers", "train.max_bad_steps",
          "model.gradient_checkpointing", "model.compile", "validation.", "checkpoint.")
 # The keys that decide the learning rate of a step: a change is reported as the rate before and after.
 SCHEDULE = ("train.lr", "train.lr_schedule", "train.warmup_steps", "train.max_steps")

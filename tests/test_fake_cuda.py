@@ -152,3 +152,27 @@ def test_t5_in_fp16_keeps_its_overflowing_layers_in_fp32(tiny_model):
             out = text.t5(ids)[0]
         assert out.device == CUDA and audit.syncs == []
         assert {d for (op, d) in audit.dtypes if op in MATMULS} == {"float16", "float32"}
+
+
+def test_fake_cuda_gives_back_everything_it_changes():
+    import torch.cuda.amp.common as amp_common
+    import torch.nn.functional as F
+    from torch._subclasses import fake_tensor as ft
+
+    from shards.fake_cuda import _guard_registry
+
+    def state():
+        return (_guard_registry()[1], torch.utils.swap_tensors, F.scaled_dot_product_attention,
+                torch.amp.autocast_mode.autocast.__enter__, torch.amp.autocast_mode.autocast.__exit__,
+                amp_common.amp_definitely_not_available, torch.cuda.get_device_capability, torch.cuda.is_bf16_supported,
+                ft.FakeTensor.__dict__["__torch_dispatch__"], ft.FakeTensor.__dict__["_normalize_fake_device"],
+                ft._DISPATCH_META_HANDLERS[torch.ops.prim.device.default],
+                torch.autograd.is_multithreading_enabled())
+
+    before = state()
+    with FakeCuda():
+        assert state() != before
+    assert state() == before
+    if not torch.cuda.is_available():  # and real CUDA is as absent as before
+        with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
+            torch.empty(1, device="cuda")

@@ -19,7 +19,7 @@ def test_the_model_counts_what_a_real_run_holds():
 def test_a_modelled_nf4_layer_holds_what_bitsandbytes_holds():
     import bitsandbytes as bnb
 
-    from train.memory_model import ModelledLinear4bit
+    from shards.fake_cuda import ModelledLinear4bit
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 640)
@@ -63,3 +63,18 @@ def test_validation_decodes_in_tiles_that_need_a_fraction_of_a_whole_decode():
     whole = modelled_validation(None, 1024, vae_config=narrow, tiled=False)  # diffusers' tile: the whole 1024²
     assert tiled["status"] == "modelled" and tiled["settings"]["validation_tile"] == 512
     assert tiled["modelled_decode_mb"] < 0.5 * whole["modelled_decode_mb"]
+
+
+def test_modelled_nf4_t5_quantizes_what_transformers_quantizes(tiny_model):
+    """transformers' 4-bit T5 keeps the feed-forward output layers `wo` out of quantization; so does the model."""
+    import bitsandbytes as bnb  # noqa: F401  (transformers' 4-bit load needs it)
+    from transformers import T5EncoderModel
+
+    from precompute.memory_model import _t5_in_nf4
+    from shards.fake_cuda import ModelledLinear4bit
+
+    t5 = T5EncoderModel.from_pretrained(f"{tiny_model}/text_encoder_3")
+    _t5_in_nf4(t5, torch.bfloat16)
+    kinds = {n.split(".")[-1]: type(m) for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds.pop("wo") is torch.nn.Linear
+    assert set(kinds.values()) == {ModelledLinear4bit} and {"q", "k", "v", "o", "wi_0", "wi_1"} <= set(kinds)

@@ -12,7 +12,8 @@ packed 4-bit weight and its statistics at bitsandbytes' sizes (blocksize 64, nes
 forward and backward that hold a dequantized copy of the weight in the compute dtype only for the matmul
 and save nothing of the input, as bitsandbytes' `MatMul4Bit` saves nothing for a frozen weight; the output
 is in the compute dtype, as the trainer's `Linear4bitInComputeDtype` returns it (`out_in_compute_dtype=False`:
-cast back to the input's dtype, as bitsandbytes' own `Linear4bit.forward` does).
+cast back to the input's dtype, as bitsandbytes' own `Linear4bit.forward` does); see
+shards.fake_cuda.ModelledLinear4bit.
 
 Blind spots, added as the explicit `MARGIN_*` below rather than silently: the CUDA context (0.3-0.5 GiB,
 outside the allocator), the caching allocator's rounding beyond 512 B and its fragmentation (reserved vs
@@ -23,47 +24,13 @@ from typing import List, Optional
 
 import torch
 
+from shards.fake_cuda import ModelledLinear4bit
 from shards.measure import MIB, TRANSFORMER_CONFIGS
 
 GIB = 1024 * MIB
 MARGIN_CONTEXT = 0.5 * GIB  # the CUDA context and cuBLAS workspaces (upper end)
 MARGIN_ALLOCATOR = 0.10  # caching-allocator rounding and fragmentation, as a share of the modelled peak
 TEXT_TOKENS = 77 + 256
-NF4_BLOCK = 64
-
-
-class ModelledLinear4bit(torch.nn.Linear):
-    """A frozen nf4 linear layer as bitsandbytes' Linear4bit holds and runs it, for memory modelling only."""
-
-    def __init__(self, linear: torch.nn.Linear, compute_dtype: torch.dtype, out_in_compute_dtype: bool = True):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype, self.out_in_compute_dtype = compute_dtype, out_in_compute_dtype
-        n = self.in_features * self.out_features
-        self.weight = torch.nn.Parameter(torch.empty((n + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
-        # Nested statistics: one uint8 absmax per block of 64, and an fp32 absmax per 256 of those.
-        self.register_buffer("absmax", torch.empty(-(-n // NF4_BLOCK), dtype=torch.uint8))
-        self.register_buffer("absmax2", torch.empty(-(-n // (NF4_BLOCK * 256)), dtype=torch.float32))
-        self.bias = None if linear.bias is None else torch.nn.Parameter(
-            linear.bias.detach().to(compute_dtype), requires_grad=False)
-
-    def forward(self, x):
-        out = _Dequantized4bitMatmul.apply(x.to(self.compute_dtype), self.weight, self.bias, self.out_features,
-                                           self.in_features)
-        return out if self.out_in_compute_dtype else out.to(x.dtype)
-
-
-class _Dequantized4bitMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, packed, bias, out_features, in_features):
-        ctx.shape, ctx.dtype = (out_features, in_features), x.dtype
-        w = torch.empty(out_features, in_features, dtype=x.dtype, device=x.device)  # dequantized for the matmul
-        return torch.nn.functional.linear(x, w, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        w = torch.empty(*ctx.shape, dtype=grad.dtype, device=grad.device)
-        return grad @ w, None, None, None, None
 
 
 def quantize_for_model(transformer, compute_dtype: torch.dtype, out_in_compute_dtype: bool = True) -> int:

@@ -381,3 +381,46 @@ class _Dequantized4bitMatmul(torch.autograd.Function):
     def backward(ctx, grad):
         w = torch.empty(*ctx.shape, dtype=grad.dtype, device=grad.device)
         return grad @ w, None, None, None, None
+
+
+class ModelledLinear8bit(torch.nn.Linear):
+    """A frozen int8 linear layer as bitsandbytes' Linear8bitLt holds it (int8 weight, one fp32 scale per row),
+    for memory modelling only. `keeps_input`: bitsandbytes' own layer, whose int8 matmul keeps its input on the
+    autograd context (an attribute, out of checkpointing's reach) and returns the input's dtype; else the
+    trainer's layer, which keeps nothing and computes in `compute_dtype`. Both cast the input to fp16 for
+    the int8 kernels (a transient, with its int8 copy)."""
+
+    def __init__(self, linear: torch.nn.Linear, keeps_input: bool, compute_dtype: Optional[torch.dtype] = None):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.keeps_input, self.compute_dtype = keeps_input, compute_dtype
+        self.weight = torch.nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=torch.int8),
+                                         requires_grad=False)
+        self.register_buffer("scales", torch.empty(self.out_features, dtype=torch.float32))
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().half(),
+                                                                        requires_grad=False)
+
+    def forward(self, x):
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        return _Int8Matmul.apply(x, self)
+
+
+class _Int8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.dtype = layer, x.dtype
+        a = x.to(torch.float16)
+        q = torch.empty(a.shape, dtype=torch.int8, device=x.device)  # the input quantized per row
+        del q
+        out = torch.empty(*x.shape[:-1], layer.out_features, dtype=x.dtype, device=x.device)
+        del a
+        if layer.keeps_input:  # as MatMul8bitLt's ctx.tensors keeps it
+            ctx.kept = x
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        w = torch.empty(layer.out_features, layer.in_features, dtype=grad.dtype, device=grad.device)
+        return grad @ w, None

@@ -431,8 +431,8 @@ def parse_args(argv) -> argparse.Namespace:
                     help=f"GPU train rows: comma list of {', '.join(GPU_MODELS)} (default: all)")
     ap.add_argument("--resolutions", default=None, help="GPU train rows: comma list of square sizes (default: 512,1024)")
     ap.add_argument("--batches", default=None, help="GPU train rows: comma list of batch sizes (default: 1,4)")
-    ap.add_argument("--bases", default=None, help="train and modelled rows: comma list of base dtypes, none (the "
-                                                  "bf16 base) and nf4 (default: both)")
+    ap.add_argument("--bases", default=None, help="train and modelled rows: comma list of base dtypes: none (the "
+                                                  "bf16 base), nf4, int8 (default: none,nf4)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per train row (default 5; 3 with --quick) and batches per precompute row")
     ap.add_argument("--warmup", type=int, default=2, help="untimed train steps before them (default 2)")
@@ -447,8 +447,8 @@ def parse_args(argv) -> argparse.Namespace:
     a.resolutions = a.resolutions if a.resolutions is not None else "512,1024"
     a.batches = a.batches if a.batches is not None else "1,4"
     a.bases = [b.strip() for b in (a.bases if a.bases is not None else "none,nf4").split(",") if b.strip()]
-    if not a.bases or set(a.bases) - {"none", "nf4"}:
-        raise UsageError("--bases: a comma list of none and nf4")
+    if not a.bases or set(a.bases) - {"none", "nf4", "int8"}:
+        raise UsageError("--bases: a comma list of none, nf4 and int8")
     a.out = a.out if a.out is not None else os.path.join("build", "bench") if a.quick else "bench"
     return a
 
@@ -552,8 +552,8 @@ def modelled_rows(a: argparse.Namespace) -> Iterator[dict]:
         models = [m.strip() for m in a.models.split(",") if m.strip()]
         for m in models:
             model_config(m)
-        matrix = [s for s in modelled_matrix(models, _int_list("resolutions", a.resolutions),
-                                             _int_list("batches", a.batches)) if s.get("quantize", "none") in a.bases]
+        matrix = modelled_matrix(models, _int_list("resolutions", a.resolutions), _int_list("batches", a.batches),
+                                 a.bases)
     for s in matrix:
         yield modelled_row(**s)
     if not a.quick:  # what a validation image adds, at the largest size asked for

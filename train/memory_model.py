@@ -24,7 +24,7 @@ from typing import List, Optional
 
 import torch
 
-from shards.fake_cuda import ModelledLinear4bit
+from shards.fake_cuda import ModelledLinear4bit, ModelledLinear8bit
 from shards.measure import MIB, TRANSFORMER_CONFIGS
 
 GIB = 1024 * MIB
@@ -46,8 +46,18 @@ def quantize_for_model(transformer, compute_dtype: torch.dtype, out_in_compute_d
     return n
 
 
+def quantize_int8_for_model(transformer, keeps_input: bool, compute_dtype: torch.dtype) -> None:
+    for name, parent in list(transformer.named_modules()):
+        if not name.startswith("transformer_blocks."):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, child_name, ModelledLinear8bit(child, keeps_input, None if keeps_input else compute_dtype))
+
+
 def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, quantize: str = "none",
-                 text_tokens: int = TEXT_TOKENS, rank: int = 16, nf4_out: str = "compute") -> dict:
+                 text_tokens: int = TEXT_TOKENS, rank: int = 16, nf4_out: str = "compute",
+                 int8_layer: str = "trainer") -> dict:
     """One modelled row: the step's peak of live bytes on the GPU, what is held between steps, the margin."""
     from diffusers import SD3Transformer2DModel
 
@@ -56,8 +66,8 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
     from .bench import bench_config
     from .fake_gpu import CUDA, lora_step
 
-    if quantize not in ("none", "nf4"):
-        raise ValueError(f"modelled rows cover bf16 and nf4 bases, not {quantize}")
+    if quantize not in ("none", "nf4", "int8"):
+        raise ValueError(f"modelled rows cover bf16, nf4 and int8 bases, not {quantize}")
     t0 = time.perf_counter()
     cfg = bench_config(quantize, checkpointing, batch, rank)
     cfg.model.precision = cfg.train.mixed_precision = "bf16"
@@ -66,6 +76,8 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
         if quantize == "nf4":
             # Before the move, as training quantizes. nf4_out="input": bitsandbytes' own Linear4bit output dtype.
             quantize_for_model(transformer, torch.bfloat16, nf4_out == "compute")
+        elif quantize == "int8":  # int8_layer="bitsandbytes": its own Linear8bitLt, which keeps each input
+            quantize_int8_for_model(transformer, int8_layer == "bitsandbytes", torch.bfloat16)
         transformer.to(CUDA, torch.bfloat16)
         r = lora_step(transformer, cfg, resolution, text_tokens, memory=True)
     peak = r.peak_bytes
@@ -73,6 +85,7 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
     settings = {"model": model, "resolution": resolution, "batch": batch,
                 "base_dtype": quantize if quantize != "none" else "bf16", "checkpointing": checkpointing,
                 **({"nf4_output": nf4_out} if quantize == "nf4" else {}),
+                **({"int8_layer": int8_layer} if quantize == "int8" else {}),
                 "lora_rank": rank, "lora_targets": "attn", "optimizer": "adamw", "text_tokens": text_tokens,
                 "device": "fake cuda (modelled)"}
     return {"row": "modelled", "status": "modelled", "settings": settings,
@@ -84,12 +97,12 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
 
 
 def modelled_matrix(models=("sd3-medium", "sd3.5-medium", "sd3.5-large"), resolutions=(512, 1024),
-                    batches=(1, 4)) -> List[dict]:
-    """bf16 base: every model × resolution × batch × checkpointing; nf4: checkpointing on, batch 1."""
+                    batches=(1, 4), bases=("none", "nf4")) -> List[dict]:
+    """bf16 base: every model × resolution × batch × checkpointing; a quantized base: checkpointing, batch 1."""
     rows = [dict(model=m, resolution=r, batch=b, checkpointing=c)
-            for m in models for r in resolutions for b in batches for c in (False, True)]
-    rows += [dict(model=m, resolution=r, batch=1, checkpointing=True, quantize="nf4")
-             for m in models for r in resolutions]
+            for m in models for r in resolutions for b in batches for c in (False, True)] if "none" in bases else []
+    rows += [dict(model=m, resolution=r, batch=1, checkpointing=True, quantize=q)
+             for q in bases if q != "none" for m in models for r in resolutions]
     return rows
 
 

@@ -68,8 +68,9 @@ demo: $(STAMP)
 	@echo "  validation images   build/train/samples/"
 	@echo "  merged pipeline     build/merged/   (StableDiffusion3Pipeline.from_pretrained)"
 
+# One worker per core; a file's tests stay on one worker (they share module state and session fixtures).
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --dist loadfile
 
 # The train and precompute rows need a CUDA GPU (ARGS=--quick runs tiny versions anywhere); stream and merge run on the CPU.
 bench: $(STAMP)

@@ -167,30 +167,15 @@ def build_transformer(name: str, dtype: torch.dtype, device, quantize: str = "no
     model (15 GiB for SD3.5 Large in bf16), so what fits a card in training fits it here."""
     from diffusers import SD3Transformer2DModel
 
-    from .model import quantized_linear
+    from .model import fill
 
     device = torch.device(device)
     with torch.device("meta"):
         t = SD3Transformer2DModel(**model_config(name))
     t.requires_grad_(False)
     g = torch.Generator(device=device).manual_seed(0)
-
-    def rand(shape):
-        return (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype)
-
-    for parent_name, parent in list(t.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if quantize != "none" and parent_name.startswith("transformer_blocks.") and type(child) is torch.nn.Linear:
-                bias = rand(child.bias.shape) if child.bias is not None else None
-                setattr(parent, child_name, quantized_linear(quantize, rand(child.weight.shape), bias, dtype, device))
-    for module in t.modules():
-        for pname, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                module._parameters[pname] = torch.nn.Parameter(rand(p.shape), requires_grad=False)
-        for bname, b in list(module._buffers.items()):
-            if b is not None and b.is_meta:
-                module._buffers[bname] = rand(b.shape)
-    return t
+    return fill(t, quantize, dtype, device,
+                lambda _, shape: (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype))
 
 
 def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,

@@ -2,7 +2,7 @@
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -67,27 +67,37 @@ def load_quantized(folder: str, files: Dict[str, str], kind: str, dtype: torch.d
         return x.to(dtype) if x.is_floating_point() else x
 
     try:
-        for name, module in list(t.named_modules()):  # the block linears, each quantized as it is read
-            replaced = False
-            for child_name, child in list(module.named_children()):
-                full = f"{name}.{child_name}" if name else child_name
-                if _quantized(full) and type(child) is torch.nn.Linear:
-                    bias = get(f"{full}.bias") if child.bias is not None else None
-                    setattr(module, child_name, quantized_linear(kind, get(f"{full}.weight"), bias, dtype, device))
-                    replaced = True
-            if replaced:
-                release_host_heap()
-        for name, module in t.named_modules():  # everything else, in `dtype` on `device`
-            prefix = name + "." if name else ""
-            for pname, p in list(module._parameters.items()):
-                if p is not None and p.is_meta:
-                    module._parameters[pname] = torch.nn.Parameter(get(prefix + pname).to(device), requires_grad=False)
-            for bname, b in list(module._buffers.items()):
-                if b is not None and b.is_meta:
-                    module._buffers[bname] = get(prefix + bname).to(device)
+        fill(t, kind, dtype, device, lambda name, shape: get(name))
     finally:
         for r in readers.values():
             r.close()
+    return t
+
+
+def fill(t, kind: str, dtype: torch.dtype, device: torch.device, tensor: Callable[[str, tuple], torch.Tensor]):
+    """Give a transformer built on the meta device its tensors, one at a time, from `tensor(name, shape)`: each
+    block linear quantized (`kind` nf4 / int8; "none": kept) as its weight arrives, everything else placed on
+    `device`. Used by the loader (tensors from files) and the benchmarks (random tensors)."""
+    for name, module in list(t.named_modules()):  # the block linears, each quantized as it is made
+        replaced = False
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if kind != "none" and _quantized(full) and type(child) is torch.nn.Linear:
+                bias = tensor(f"{full}.bias", tuple(child.bias.shape)) if child.bias is not None else None
+                weight = tensor(f"{full}.weight", tuple(child.weight.shape))
+                setattr(module, child_name, quantized_linear(kind, weight, bias, dtype, device))
+                replaced = True
+        if replaced:
+            release_host_heap()
+    for name, module in t.named_modules():  # everything else, in `dtype` on `device`
+        prefix = name + "." if name else ""
+        for pname, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                module._parameters[pname] = torch.nn.Parameter(tensor(prefix + pname, tuple(p.shape)).to(device),
+                                                               requires_grad=False)
+        for bname, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[bname] = tensor(prefix + bname, tuple(b.shape)).to(device)
     return t
 
 

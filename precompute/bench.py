@@ -110,8 +110,8 @@ def encode_rows(name: str, root: str, batches: Sequence[int], resolution: int, d
     release(device)
     mem = PeakMemory(device)
     t0 = time.perf_counter()
-    text = TextEncoders(root, t5_precision, clip_dtype, device, max_sequence_length)
-    vae = VaeEncoder(root, vae_dtype, device, VaeConfig.max_pixels)
+    text = TextEncoders.load(root, t5_precision, clip_dtype, device, max_sequence_length)
+    vae = VaeEncoder.load(root, vae_dtype, device, VaeConfig.max_pixels)
     sync(device)
     load = {"load_seconds": time.perf_counter() - t0, **{f"load_{k}": v for k, v in mem.read().items()}}
     weights = {"clip_l": _weights_mb(text.clips[0]), "clip_g": _weights_mb(text.clips[1]),

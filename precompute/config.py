@@ -83,13 +83,13 @@ RANGES = {
     "buckets.resolution": "[16, inf)", "buckets.step": "[16, inf)", "buckets.min_aspect": "(0, 1]",
     "buckets.max_aspect": "[1, inf)", "buckets.min_size": "[0, inf)", "text.max_sequence_length": "[1, 512]",
     "vae.max_pixels": "[1, inf)", "out.samples_per_shard": "[1, inf)", "batch_size": "[1, inf)",
-    "num_workers": "[0, inf)", "seed": "[0, 4294967295]", "part": "[0, inf)", "parts": "[1, inf)",
+    "num_workers": "[0, inf)", "offload_group": "[1, inf)", "seed": "[0, 4294967295]", "part": "[0, inf)", "parts": "[1, inf)",
 }
 
 CHOICES = {
     "data.caption_source": ("file", "instance"), "buckets.crop": ("center", "random"),
     "text.t5_precision": T5_PRECISIONS, "text.clip_precision": PRECISIONS, "vae.precision": PRECISIONS,
-    "out.dtype": ("bf16", "fp16", "fp32"),
+    "out.dtype": ("bf16", "fp16", "fp32"), "offload": ("auto", "idle", "none"),
 }
 REQUIRED = ("model.path", "data.path", "out.dir")
 # What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
@@ -130,6 +130,11 @@ HELP = {
     "validation.prompts": "prompts whose embeddings go into extras.safetensors for validation images",
     "batch_size": "images per encoder batch (part of the set's identity: batched arithmetic rounds differently)",
     "num_workers": "processes decoding and resizing images",
+    "offload": "idle: only the encoder running is on the GPU, the others wait in host memory (fits SD3's "
+               "encoders in 4 GiB with T5 in nf4: 8 GB cards); none: all stay on the GPU (fastest); auto: idle "
+               "when all of them and the VAE's activations would not fit the GPU",
+    "offload_group": "images encoded between two rounds of encoder switches under offload idle (their latents "
+                     "wait in host memory: 4 MB each at 1024² with augment.flip)",
     "device": "cuda if available, else cpu; or cpu, cuda, cuda:N",
     "seed": "random crops",
     "part": "this process's share of the shards: its index",
@@ -149,6 +154,10 @@ class PrecomputeConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 4
     num_workers: int = 2  # processes decoding and resizing images while the encoders run
+    # auto: idle when the encoders together with the VAE's activations would not fit the GPU; idle: only the
+    # encoder running is on the GPU, the others wait in host memory; none: all stay on the GPU.
+    offload: str = "auto"
+    offload_group: int = 256  # images encoded between two rounds of encoder switches when offloading
     device: str = "auto"  # auto: cuda if available, else cpu (cuda:LOCAL_RANK under torchrun)
     seed: int = 0
     part: int = 0  # this process's part of the inputs when `parts` > 1 (set from RANK under torchrun)

@@ -1,7 +1,7 @@
 """CLIP-L, CLIP-G, T5 and the VAE encoder, computing exactly what StableDiffusion3Pipeline computes."""
 import json
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -31,7 +31,76 @@ def _load_t5(root: str, precision: str, device: torch.device):
         # bitsandbytes quantizes while moving weights to the device, so load there directly.
         return T5EncoderModel.from_pretrained(path, quantization_config=q, dtype=compute,
                                               device_map={"": device}).eval()
-    return T5EncoderModel.from_pretrained(path, dtype=_DTYPES[precision]).to(device).eval()
+    return T5EncoderModel.from_pretrained(path, dtype=_DTYPES[precision]).eval()  # placed by the caller
+
+
+class Residency:
+    """Where the encoders' weights are between uses.
+
+    Not `idle`: each encoder stays on the device once there. `idle`: only the encoder running is on the
+    device and the others wait in host memory, so the device holds the largest encoder and its activations
+    instead of all of them (SD3's text encoders are 5.4 GiB with T5 in nf4, of which T5 is 3.9 GiB; the VAE
+    encoder's activations are 2.5 GiB per 1024² image in fp32). Each switch copies one encoder out and the
+    next in; precompute orders the work so that this happens a few times per group of images, not per batch.
+    """
+
+    def __init__(self, device: torch.device, idle: bool = False):
+        self.device, self.idle = torch.device(device), idle
+        self.on_device: Optional[torch.nn.Module] = None
+        self.switches = 0
+
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Where a freshly loaded encoder goes: the host when idle encoders wait there, else the device."""
+        _move(module, HOST if self.idle else self.device)
+        return module
+
+    def use(self, module: torch.nn.Module) -> None:
+        if not self.idle or self.on_device is module:
+            return
+        if self.on_device is not None:
+            _move(self.on_device, HOST)
+        _move(module, self.device)
+        self.on_device = module
+        self.switches += 1
+
+    def keep_all(self, modules) -> None:
+        """Stop moving encoders: all of `modules` go to the device and stay."""
+        self.idle, self.on_device = False, None
+        for m in modules:
+            _move(m, self.device)
+
+
+HOST = torch.device("cpu")
+
+
+def _move(module: torch.nn.Module, device: torch.device) -> None:
+    module.to(device)
+    # bitsandbytes' int8 layer keeps its weight twice after its first forward (the parameter and its matmul
+    # state) and moves each on its own, so after a move they would be two copies: share one again.
+    for m in module.modules():
+        state = getattr(m, "state", None)
+        if getattr(state, "CB", None) is not None and m.weight.data.shape == state.CB.shape:
+            state.CB = m.weight.data
+
+
+def encoders_fit(weights: int, vae_activations: int, total: int) -> bool:
+    """Whether every encoder can stay on a device of `total` bytes: their `weights`, the VAE encoder's
+    activations of one call, a tenth more for the allocator's fragmentation and 1 GiB for the CUDA context and
+    the text encoders' activations."""
+    return 1.1 * (weights + vae_activations) + 2**30 <= total
+
+
+# The VAE encoder's peak activations per pixel of one call, fp32 (modelled at SD3's VAE: 2,572 MiB for a
+# 1024² image, see precompute.memory_model; a test checks this bound against the model).
+VAE_ACTIVATION_BYTES_PER_PIXEL_FP32 = 2600
+
+
+def vae_activation_bytes(pixels: int, dtype: torch.dtype) -> int:
+    return int(pixels * VAE_ACTIVATION_BYTES_PER_PIXEL_FP32 * torch.finfo(dtype).bits / 32)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(t.untyped_storage().nbytes() for t in list(module.parameters()) + list(module.buffers()))
 
 
 class TextEncoders:
@@ -42,30 +111,39 @@ class TextEncoders:
     same shape when T5 is not used (`t5_precision: none`).
     """
 
-    def __init__(self, root: str, t5_precision: str, clip_dtype: torch.dtype, device: torch.device,
-                 max_sequence_length: int):
+    def __init__(self, tokenizers, clips, t5_tokenizer, t5, width: int, max_sequence_length: int,
+                 device: torch.device, residency: Optional[Residency] = None):
+        self.tokenizers, self.clips, self.t5_tokenizer, self.t5 = tokenizers, clips, t5_tokenizer, t5
+        self.width, self.max_sequence_length, self.device = width, max_sequence_length, device
+        self.residency = residency or Residency(device)
+        self.clip_tokens = self.tokenizers[0].model_max_length
+        self.pooled_dim = sum(c.config.projection_dim for c in self.clips)
+
+    @classmethod
+    def load(cls, root: str, t5_precision: str, clip_dtype: torch.dtype, device: torch.device,
+             max_sequence_length: int, residency: Optional[Residency] = None) -> "TextEncoders":
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
         from transformers.utils import logging as tlog
 
         tlog.disable_progress_bar()  # per-component "Loading weights" bars would bury our own
-
-        self.device = device
-        self.max_sequence_length = max_sequence_length
-        self.tokenizers = [CLIPTokenizer.from_pretrained(component_dir(root, n)) for n in ("tokenizer", "tokenizer_2")]
-        self.clips = [
-            CLIPTextModelWithProjection.from_pretrained(component_dir(root, n), dtype=clip_dtype).to(device).eval()
-            for n in ("text_encoder", "text_encoder_2")
-        ]
-        self.t5 = None
+        residency = residency or Residency(device)
+        tokenizers = [CLIPTokenizer.from_pretrained(component_dir(root, n)) for n in ("tokenizer", "tokenizer_2")]
+        clips = [residency.place(CLIPTextModelWithProjection.from_pretrained(component_dir(root, n),
+                                                                             dtype=clip_dtype).eval())
+                 for n in ("text_encoder", "text_encoder_2")]
+        t5_tokenizer = t5 = None
         if t5_precision != "none":
-            self.t5_tokenizer = T5TokenizerFast.from_pretrained(component_dir(root, "tokenizer_3"))
-            self.t5 = _load_t5(root, t5_precision, device)
-            self.width = self.t5.config.d_model
+            t5_tokenizer = T5TokenizerFast.from_pretrained(component_dir(root, "tokenizer_3"))
+            t5 = residency.place(_load_t5(root, t5_precision, device))
+            width = t5.config.d_model
         else:
             with open(os.path.join(component_dir(root, "transformer"), "config.json")) as f:
-                self.width = json.load(f)["joint_attention_dim"]
-        self.clip_tokens = self.tokenizers[0].model_max_length
-        self.pooled_dim = sum(c.config.projection_dim for c in self.clips)
+                width = json.load(f)["joint_attention_dim"]
+        return cls(tokenizers, clips, t5_tokenizer, t5, width, max_sequence_length, device, residency)
+
+    @property
+    def modules(self) -> list:
+        return [*self.clips, *([self.t5] if self.t5 is not None else [])]
 
     def truncated(self, prompts: List[str]) -> List[tuple]:
         """Per prompt: (loses tokens to CLIP's 77, loses tokens to max_sequence_length)."""
@@ -73,46 +151,69 @@ class TextEncoders:
                  self.t5 is not None and len(self.t5_tokenizer(p).input_ids) > self.max_sequence_length)
                 for p in prompts]
 
-    @torch.no_grad()
     def encode(self, prompts: List[str]):
-        hidden, pooled = [], []
+        return self.encode_batches([prompts], on_host=False)[0]
+
+    @torch.no_grad()
+    def encode_batches(self, batches: List[List[str]], on_host: bool = True) -> List[tuple]:
+        """`encode` of each batch of prompts, each encoder over all batches before the next (one switch per
+        encoder when idle encoders wait on the host). `on_host`: results copied to the host as they come, so a
+        group's embeddings do not accumulate on the device."""
+        out = (lambda t: t.float().cpu()) if on_host else (lambda t: t.float())
+        hidden, pooled = [[] for _ in batches], [[] for _ in batches]
         for tok, enc in zip(self.tokenizers, self.clips):
-            ids = tok(prompts, padding="max_length", max_length=self.clip_tokens, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = enc(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2].float())
-            pooled.append(out[0].float())
-        clip = torch.cat(hidden, dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
+            self.residency.use(enc)
+            for k, prompts in enumerate(batches):
+                ids = tok(prompts, padding="max_length", max_length=self.clip_tokens, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device)
+                result = enc(ids, output_hidden_states=True)
+                hidden[k].append(out(result.hidden_states[-2]))
+                pooled[k].append(out(result[0]))
         if self.t5 is None:
-            t5 = torch.zeros(len(prompts), self.max_sequence_length, self.width, device=self.device)
+            device = HOST if on_host else self.device
+            t5 = [torch.zeros(len(p), self.max_sequence_length, self.width, device=device) for p in batches]
         else:
-            ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
-                                    truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
-            t5 = self.t5(ids.to(self.device))[0].float()
-        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+            self.residency.use(self.t5)
+            t5 = [out(self.t5(self.t5_tokenizer(p, padding="max_length", max_length=self.max_sequence_length,
+                                                  truncation=True, add_special_tokens=True,
+                                                  return_tensors="pt").input_ids.to(self.device))[0])
+                  for p in batches]
+        results = []
+        for h, p, t in zip(hidden, pooled, t5):
+            clip = torch.cat(h, dim=-1)
+            clip = torch.nn.functional.pad(clip, (0, self.width - clip.shape[-1]))
+            results.append((torch.cat([clip, t], dim=-2), torch.cat(p, dim=-1)))
+        return results
 
 
 class VaeEncoder:
     """The VAE's encoder half; returns the raw posterior mean and std (no shift/scale applied)."""
 
-    def __init__(self, root: str, dtype: torch.dtype, device: torch.device, max_pixels: int = 1024 * 1024):
-        from diffusers import AutoencoderKL
-
-        self.vae = AutoencoderKL.from_pretrained(component_dir(root, "vae"), torch_dtype=dtype)
-        self.vae.decoder = None  # never used here; frees its memory
-        self.vae.to(device).eval()
-        self.device, self.dtype, self.max_pixels = device, dtype, max_pixels
+    def __init__(self, vae, dtype: torch.dtype, device: torch.device, max_pixels: int = 1024 * 1024,
+                 residency: Optional[Residency] = None):
+        self.vae, self.device, self.dtype, self.max_pixels = vae, device, dtype, max_pixels
+        self.residency = residency or Residency(device)
         cfg = self.vae.config
         self.scaling_factor = cfg.scaling_factor
         self.shift_factor = cfg.shift_factor if cfg.shift_factor is not None else 0.0
         self.latent_channels = cfg.latent_channels
         self.downsample_factor = 2 ** (len(cfg.block_out_channels) - 1)
 
+    @classmethod
+    def load(cls, root: str, dtype: torch.dtype, device: torch.device, max_pixels: int = 1024 * 1024,
+             residency: Optional[Residency] = None) -> "VaeEncoder":
+        from diffusers import AutoencoderKL
+
+        residency = residency or Residency(device)
+        vae = AutoencoderKL.from_pretrained(component_dir(root, "vae"), torch_dtype=dtype)
+        vae.decoder = None  # never used here; frees its memory
+        return cls(residency.place(vae.eval()), dtype, device, max_pixels, residency)
+
     def encode(self, pixels: torch.Tensor):
         """[N, 3, H, W] in [-1, 1] -> (mean, std), fp32; in calls of at most `max_pixels` pixels (vae.max_pixels)."""
         n, _, h, w = pixels.shape
         step = vae_batch(n, self.max_pixels, h, w)
+        self.residency.use(self.vae)
         if step >= n:
             return self._encode(pixels)
         parts = [self._encode(pixels[i:i + step]) for i in range(0, n, step)]

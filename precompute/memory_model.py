@@ -1,17 +1,21 @@
 """Modelled GPU memory of precompute's encoding at real component sizes, on a fake GPU: a model, not a
 measurement (`python -m precompute.memory_model`).
 
-The full-size CLIP-L, CLIP-G, T5-XXL and SD3 VAE encoder (precompute.bench's configs) are built on fake CUDA
-(shards.fake_cuda) in the dtypes precompute loads them in and run the stage's own encoders' calls
-(`TextEncoders.encode`, `VaeEncoder.encode`) on one batch; the peak of live bytes (512-byte blocks) is taken
-per phase. T5 in nf4 as transformers loads it: every linear layer quantized (bitsandbytes' layout,
-`ModelledLinear4bit`, output in the input's dtype) except the feed-forward output layers `wo`, which
-transformers keeps out of quantization, in the compute dtype. Margins as in train.memory_model: the CUDA
-context and the allocator's fragmentation are not in these figures.
+The full-size CLIP-L, CLIP-G, T5-XXL and SD3 VAE encoder (precompute.bench's configs) are built in the dtypes
+precompute loads them in and run through the stage's own `TextEncoders.encode_batches` and `VaeEncoder.encode`
+on fake CUDA (shards.fake_cuda), with the stage's `Residency` deciding what is on the device: every encoder
+(`offload: none`) or only the one running (`offload: idle`, the others moved to the host). Work is done as
+precompute orders it: each batch VAE-encoded as it comes, then a group of batches' captions text-encoded. The
+peak of live bytes (512-byte blocks) is taken per phase. T5 in nf4 as transformers loads it: every linear
+layer quantized (bitsandbytes' layout, `ModelledLinear4bit`, output in the input's dtype) except the
+feed-forward output layers `wo`, which transformers keeps out of quantization, in the compute dtype.
+Margins as in train.memory_model: the CUDA context and the allocator's fragmentation are not in these
+figures, nor is the time the switches take (a GPU measures that: `make gpu-check`).
 """
 import argparse
 import json
 import sys
+import tempfile
 from typing import Optional
 
 import torch
@@ -29,58 +33,61 @@ def _t5_in_nf4(t5, compute_dtype: torch.dtype) -> None:
                 setattr(parent, child_name, ModelledLinear4bit(child, compute_dtype, out_in_compute_dtype=False))
 
 
+def _on_device(modules) -> list:
+    return [x for m in modules for x in list(m.parameters()) + list(m.buffers()) if x.device.type == "cuda"]
+
+
 def modelled_encode(resolution: int = 1024, batch: int = 1, t5_precision: str = "nf4",
                     vae_dtype: torch.dtype = torch.float32, clip_dtype: torch.dtype = torch.float16,
-                    t5_tokens: int = 256, encoders_during_vae: bool = True) -> dict:
-    """Peak live bytes of the text phase and of the VAE phase of one batch, with every component resident
-    (as precompute runs today), or with the text encoders gone during the VAE phase (`encoders_during_vae`
-    False: what running the phases apart would hold)."""
-    from .bench import component
+                    t5_tokens: int = 256, offload: str = "none", group: int = 2) -> dict:
+    """Peak live bytes of the VAE phase and of the text phase over `group` batches of `batch` images, the
+    second time round (so that under `offload: idle` every encoder has been switched in and out once)."""
+    from .bench import captions, component
+    from .encoders import Residency, TextEncoders, VaeEncoder, weight_bytes
+    from .tiny import build_clip_tokenizer, build_t5_tokenizer
 
     compute = torch.bfloat16
-    with FakeCuda():
-        clips = [component(n, "cpu").to(CUDA, clip_dtype) for n in ("text_encoder", "text_encoder_2")]
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_tok, t5_tok = build_clip_tokenizer(f"{tmp}/clip"), build_t5_tokenizer(f"{tmp}/t5")
+    ids = dict(bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+               pad_token_id=clip_tok.pad_token_id)
+    with FakeCuda():  # everything built under it is fake: the host tensors too, so nothing is initialised
+        clips = [component(n, "cpu", ids).to(clip_dtype) for n in ("text_encoder", "text_encoder_2")]
         t5 = component("text_encoder_3", "cpu")
         if t5_precision == "nf4":
             _t5_in_nf4(t5, compute)
-        t5 = t5.to(CUDA, compute)
+        t5 = t5.to(compute)
         vae = component("vae", "cpu")
         vae.decoder = None
-        vae = vae.to(CUDA, vae_dtype)
-
-        def weights(m) -> int:
-            return sum(x.untyped_storage().nbytes() for x in list(m.parameters()) + list(m.buffers()))
-
-        sizes = {"clip_l": weights(clips[0]), "clip_g": weights(clips[1]), "t5": weights(t5),
-                 "vae_encoder": weights(vae)}
-        ids = torch.ones(batch, 77, dtype=torch.long).to(CUDA)
+        vae = vae.to(vae_dtype)
+        modules = [*clips, t5, vae]
+        sizes = dict(zip(("clip_l", "clip_g", "t5", "vae_encoder"), map(weight_bytes, modules)))
+        residency = Residency(CUDA, idle=offload == "idle")
+        if offload != "idle":
+            residency.keep_all(modules)
+        text = TextEncoders([clip_tok, clip_tok], clips, t5_tok, t5, t5.config.d_model, t5_tokens, CUDA, residency)
+        vae_enc = VaeEncoder(vae, vae_dtype, CUDA, resolution * resolution, residency)
+        pixels = torch.zeros(batch, 3, resolution, resolution)
+        prompts = [captions(batch)] * group
         live = LiveBytes()
-        live.hold(x for m in (*clips, t5, vae) for x in list(m.parameters()) + list(m.buffers()))
-        held = live.now
-        with live, torch.no_grad():
-            for clip in clips:
-                clip(ids, output_hidden_states=True)
-            t5(torch.ones(batch, t5_tokens, dtype=torch.long).to(CUDA))
-        text_peak = live.peak
-        if not encoders_during_vae:
-            del clips, t5
-        live2 = LiveBytes()
-        live2.hold(x for x in list(vae.parameters()) + list(vae.buffers()))
-        if encoders_during_vae:
-            live2.now += held - live2.now  # the text encoders stay resident
-            live2.peak = live2.now
-        with live2, torch.no_grad():
-            dist = vae.encode(torch.zeros(batch, 3, resolution, resolution).to(CUDA, vae_dtype)).latent_dist
-            dist.mean.float(), dist.std.float()
-        vae_peak = live2.peak
+        live.hold(_on_device(modules))
+        peaks = {}
+        with live:
+            for _ in range(2):
+                live.reset_peak()
+                for _ in range(group):
+                    mean, std = (t.cpu() for t in vae_enc.encode(pixels))
+                peaks["vae"] = live.peak
+                live.reset_peak()
+                text.encode_batches(prompts)
+                peaks["text"] = live.peak
     return {"row": "modelled", "status": "modelled", "what": "modelled precompute encoders on fake CUDA, SD3 sizes",
             "settings": {"model": "sd3 encoders", "resolution": resolution, "batch": batch,
                          "base_dtype": f"t5 {t5_precision}, clip {str(clip_dtype)[6:]}, vae {str(vae_dtype)[6:]}",
-                         "t5_tokens": t5_tokens, "encoders_during_vae": encoders_during_vae,
-                         "device": "fake cuda (modelled)"},
+                         "t5_tokens": t5_tokens, "offload": offload, "device": "fake cuda (modelled)"},
             "modelled_weights_mb": {k: v / MIB for k, v in sizes.items()},
-            "modelled_text_peak_mb": text_peak / MIB, "modelled_vae_peak_mb": vae_peak / MIB,
-            "modelled_peak_mb": max(text_peak, vae_peak) / MIB}
+            "modelled_text_peak_mb": peaks["text"] / MIB, "modelled_vae_peak_mb": peaks["vae"] / MIB,
+            "modelled_peak_mb": max(peaks.values()) / MIB, "encoder_switches": residency.switches}
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -89,8 +96,8 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
     for vae_dtype in (torch.float32, torch.bfloat16):
-        for together in (True, False):
-            r = modelled_encode(a.resolution, a.batch, vae_dtype=vae_dtype, encoders_during_vae=together)
+        for offload in ("none", "idle"):
+            r = modelled_encode(a.resolution, a.batch, vae_dtype=vae_dtype, offload=offload)
             print(json.dumps(r), flush=True)
 
 

@@ -29,7 +29,8 @@ from .data import Item, decode_rgb, list_inputs, load_rgb, sample_key, why_unrea
 from . import tars
 from .outdir import read_json, part_lock, prepare_out_dir
 from .tars import expand, is_webdataset, stream_items, tar_signature
-from .encoders import TextEncoders, VaeEncoder, numerics, resolve_dtype
+from .encoders import (Residency, TextEncoders, VaeEncoder, encoders_fit, numerics, resolve_dtype,
+                       vae_activation_bytes, vae_batch, weight_bytes)
 
 # What precompute reads from a pipeline folder: never the transformer weights.
 MODEL_FILES = ["model_index.json", "text_encoder*/*", "tokenizer*/*", "vae/*", "transformer/config.json",
@@ -38,7 +39,7 @@ MODEL_FILES = ["model_index.json", "text_encoder*/*", "tokenizer*/*", "vae/*", "
 # batch_size is content: batched matmuls and convolutions round differently, and a resumed run must
 # give bit-identical tensors, so batches are cut the same way inside each shard every time.
 NOT_CONTENT = ("model.path", "model.revision", "data.path", "out.dir", "out.overwrite", "num_workers", "device",
-               "part", "parts")
+               "part", "parts", "offload", "offload_group")
 
 
 def content_config(cfg: PrecomputeConfig) -> Dict:
@@ -185,8 +186,16 @@ def _distributed(cfg: PrecomputeConfig):
     return part, parts, resolve_device("device", device)
 
 
+def _largest_vae_call(cfg: PrecomputeConfig) -> int:
+    """Pixels of the largest VAE call this config makes (vae.max_pixels, but at least one image)."""
+    b = cfg.buckets
+    return max(vae_batch(cfg.batch_size, cfg.vae.max_pixels, h, w) * h * w
+               for h, w in make_buckets(b.resolution, b.step, b.min_aspect, b.max_aspect))
+
+
 def _encode_latents(vae: VaeEncoder, ready: List[dict], batch: int, flip: bool) -> None:
-    """VAE-encode in same-bucket batches (images of one bucket share a size), in place."""
+    """VAE-encode in same-bucket batches (images of one bucket share a size), in place; the latents go to the
+    host (under offload they wait there for their group's captions)."""
     by_bucket: Dict[tuple, List[dict]] = {}
     for r in ready:
         by_bucket.setdefault(tuple(r["meta"]["bucket"]), []).append(r)
@@ -194,11 +203,12 @@ def _encode_latents(vae: VaeEncoder, ready: List[dict], batch: int, flip: bool) 
         for k in range(0, len(group), batch):
             chunk = group[k:k + batch]
             pixels = torch.stack([r["pixels"] for r in chunk])
-            mean, std = vae.encode(pixels)
+            mean, std = (t.cpu() for t in vae.encode(pixels))
             if flip:
-                mean_f, std_f = vae.encode(pixels.flip(-1))
+                mean_f, std_f = (t.cpu() for t in vae.encode(pixels.flip(-1)))
             for j, r in enumerate(chunk):
                 r["tensors"] = {"latent_mean": mean[j], "latent_std": std[j]}
+                del r["pixels"]
                 if flip:
                     r["tensors"].update(latent_mean_flip=mean_f[j], latent_std_flip=std_f[j])
 
@@ -233,18 +243,30 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
     stats, load_seconds = {"images": 0, "seconds": 0.0}, 0.0
     if todo or need_extras:
         t_load = time.time()
-        text = TextEncoders(root, cfg.text.t5_precision, resolve_dtype(cfg.text.clip_precision, device), device,
-                            cfg.text.max_sequence_length)
+        # Under offload auto each encoder goes to the host once loaded until all are there to be weighed, so a
+        # GPU too small to hold them all still loads them.
+        residency = Residency(device, idle=cfg.offload == "idle" or (cfg.offload == "auto" and device.type == "cuda"))
+        text = TextEncoders.load(root, cfg.text.t5_precision, resolve_dtype(cfg.text.clip_precision, device), device,
+                                 cfg.text.max_sequence_length, residency)
         if need_extras:
             _write_extras(cfg, text, computed["numerics"])
         if todo:
-            vae = VaeEncoder(root, resolve_dtype(cfg.vae.precision, device), device, cfg.vae.max_pixels)
+            vae = VaeEncoder.load(root, resolve_dtype(cfg.vae.precision, device), device, cfg.vae.max_pixels,
+                                  residency)
+            if cfg.offload == "auto" and device.type == "cuda":
+                modules = [*text.modules, vae.vae]
+                need = vae_activation_bytes(_largest_vae_call(cfg), vae.dtype)
+                if encoders_fit(sum(map(weight_bytes, modules)), need,
+                                torch.cuda.get_device_properties(device).total_memory):
+                    residency.keep_all(modules)
             load_seconds = time.time() - t_load
             stats = _process(cfg, plan, todo, text, vae, computed)
+            stats.update(offload="idle" if residency.idle else "none", encoder_switches=residency.switches)
     progress = {"part": part, "parts": parts, "shards_done_here": len(todo), "shards": plan.n,
                 "seconds": round(time.time() - t0, 2), "seconds_loading_models": round(load_seconds, 2),
                 "seconds_encoding": round(stats["seconds"], 2), "images": stats["images"],
                 "images_per_second": round(stats["images"] / max(stats["seconds"], 1e-9), 2),
+                **{k: stats[k] for k in ("offload", "encoder_switches") if k in stats},
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if device.type == "cuda":
         progress["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -264,8 +286,8 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
 
 def _write_extras(cfg: PrecomputeConfig, text: TextEncoders, computed_with: dict) -> None:
     prompts = list(cfg.validation.prompts)
-    empty_embeds, empty_pooled = text.encode([""])
-    val_embeds, val_pooled = text.encode(prompts) if prompts else (empty_embeds[:0], empty_pooled[:0])
+    (empty_embeds, empty_pooled), *val = text.encode_batches([[""]] + ([prompts] if prompts else []))
+    val_embeds, val_pooled = val[0] if val else (empty_embeds[:0], empty_pooled[:0])
     write_extras(cfg.out.dir, {"empty_prompt_embeds": empty_embeds[0], "empty_pooled_prompt_embeds": empty_pooled[0],
                                "validation_prompt_embeds": val_embeds, "validation_pooled_prompt_embeds": val_pooled},
                  cfg.out.dtype, {"validation_prompts": prompts, "numerics": computed_with})
@@ -290,8 +312,20 @@ def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, v
     bar = tqdm(total=total, desc="precompute", unit="img", dynamic_ncols=True)
     failed: Dict[int, str] = {}
     in_shard: Dict[int, int] = {}
+    # Batches whose latents are done and whose captions wait for the text encoders: one batch at a time when
+    # every encoder stays on the device, a group when they take turns (each switch is a host-device copy).
+    waiting: List[List[dict]] = []
+    group = cfg.offload_group if text.residency.idle else 1
+
+    def flush():
+        if waiting:
+            _encode_text_and_add(waiting, text, writers, truncated)
+            waiting.clear()
+
     try:
         for batch in loader:
+            if batch[0].get("end") or batch[0].get("restart") or batch[0].get("failed"):
+                flush()  # a shard's samples are all added before it ends or is dropped
             if batch[0].get("end"):
                 i = batch[0]["shard"]
                 w = writers.pop(i, None) or ShardWriter(cfg.out.dir, i, cfg.out.dtype)  # an empty input tar
@@ -321,10 +355,14 @@ def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, v
                     seen[r["meta"]["sha256"]] = r["item"].source
                     ready.append(r)
             if ready:
-                _encode_batch(cfg, ready, text, vae, writers, truncated)
+                _encode_latents(vae, ready, cfg.batch_size, cfg.augment.flip)
+                waiting.append(ready)
+                if sum(map(len, waiting)) >= group:
+                    flush()
             images += len(batch)
             in_shard[batch[0]["shard"]] = in_shard.get(batch[0]["shard"], 0) + len(batch)
             bar.update(len(batch))
+        flush()
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -339,21 +377,21 @@ def _process(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, v
     return {"images": images, "seconds": time.time() - t0}
 
 
-def _encode_batch(cfg, ready: List[dict], text: TextEncoders, vae: VaeEncoder, writers, truncated) -> None:
-    captions = [r["meta"]["caption"] for r in ready]
-    flags = text.truncated(captions)
-    embeds, pooled = text.encode(captions)
-    _encode_latents(vae, ready, cfg.batch_size, cfg.augment.flip)
-    for j, r in enumerate(ready):
-        t = truncated.setdefault(r["shard"], {"clip": 0, "t5": 0})
-        t["clip"] += flags[j][0]
-        t["t5"] += flags[j][1]
-        tensors = {**r["tensors"], "prompt_embeds": embeds[j], "pooled_prompt_embeds": pooled[j]}
-        bad = [n for n, x in tensors.items() if not torch.isfinite(x).all()]
-        if bad:
-            writers[r["shard"]].reject(r["item"].source, f"non-finite values: in {', '.join(bad)} (fp16 overflow?)")
-            continue
-        writers[r["shard"]].add(sample_key(r["item"].source, r["meta"]["sha256"]), tensors, r["meta"])
+def _encode_text_and_add(batches: List[List[dict]], text: TextEncoders, writers, truncated) -> None:
+    """Text-encode the captions of `batches` (their latents are done) and add each sample to its shard."""
+    results = text.encode_batches([[r["meta"]["caption"] for r in ready] for ready in batches])
+    for ready, (embeds, pooled) in zip(batches, results):
+        flags = text.truncated([r["meta"]["caption"] for r in ready])
+        for j, r in enumerate(ready):
+            t = truncated.setdefault(r["shard"], {"clip": 0, "t5": 0})
+            t["clip"] += flags[j][0]
+            t["t5"] += flags[j][1]
+            tensors = {**r["tensors"], "prompt_embeds": embeds[j], "pooled_prompt_embeds": pooled[j]}
+            bad = [n for n, x in tensors.items() if not torch.isfinite(x).all()]
+            if bad:
+                writers[r["shard"]].reject(r["item"].source, f"non-finite values: in {', '.join(bad)} (fp16 overflow?)")
+                continue
+            writers[r["shard"]].add(sample_key(r["item"].source, r["meta"]["sha256"]), tensors, r["meta"])
 
 
 def summary(result: dict, out_dir: str) -> str:

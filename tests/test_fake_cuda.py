@@ -98,8 +98,8 @@ def test_precompute_encoders_run_on_cuda(tiny_model):
 
     clip_dtype = resolve_dtype("auto", CUDA)
     assert clip_dtype == torch.float16
-    text = TextEncoders(tiny_model, "bf16", clip_dtype, torch.device("cpu"), 32)  # loaded on the host, as from disk
-    vae = VaeEncoder(tiny_model, torch.float32, torch.device("cpu"))
+    text = TextEncoders.load(tiny_model, "bf16", clip_dtype, torch.device("cpu"), 32)  # loaded on the host, as from disk
+    vae = VaeEncoder.load(tiny_model, torch.float32, torch.device("cpu"))
     with FakeCuda():
         for m in text.clips:
             m.to(CUDA)
@@ -142,7 +142,7 @@ def test_t5_in_fp16_keeps_its_overflowing_layers_in_fp32(tiny_model):
     in fp32, so an fp16 T5 computes every other matmul in fp16 and those in fp32 (on the GPU's code path)."""
     from precompute.encoders import TextEncoders
 
-    text = TextEncoders(tiny_model, "fp16", torch.float16, torch.device("cpu"), 32)
+    text = TextEncoders.load(tiny_model, "fp16", torch.float16, torch.device("cpu"), 32)
     assert {n.split(".")[-2] for n, p in text.t5.named_parameters() if p.dtype == torch.float32} == {"wo"}
     with FakeCuda():
         text.t5.to(CUDA)
@@ -176,3 +176,52 @@ def test_fake_cuda_gives_back_everything_it_changes():
     if not torch.cuda.is_available():  # and real CUDA is as absent as before
         with pytest.raises((RuntimeError, AssertionError), match="CUDA"):
             torch.empty(1, device="cuda")
+
+
+def test_idle_encoders_wait_on_the_host(tiny_model):
+    """`offload: idle` on the GPU's code path: only the encoder running is on the device, the others in host
+    memory; the results come back to the host."""
+    from precompute.encoders import Residency, TextEncoders, VaeEncoder
+
+    residency = Residency(CUDA, idle=True)
+    text = TextEncoders.load(tiny_model, "bf16", torch.float16, CUDA, 32, residency)
+    vae = VaeEncoder.load(tiny_model, torch.float32, CUDA, residency=residency)
+    modules = {"clip_l": text.clips[0], "clip_g": text.clips[1], "t5": text.t5, "vae": vae.vae}
+
+    def on_device():
+        places = {n: {p.device.type for p in m.parameters()} for n, m in modules.items()}
+        assert all(len(p) == 1 for p in places.values())
+        return [n for n, p in places.items() if p == {"cuda"}]
+
+    assert on_device() == []  # loaded straight to the host
+    with FakeCuda():
+        mean, _ = vae.encode(torch.zeros(2, 3, 64, 64))
+        assert on_device() == ["vae"] and mean.device == CUDA
+        (embeds, pooled), = text.encode_batches([["a photo of a cat", "a red rocket"]])
+        assert on_device() == ["t5"] and embeds.device.type == pooled.device.type == "cpu"
+        assert embeds.shape[:2] == (2, 77 + 32) and residency.switches == 4
+        residency.keep_all(modules.values())
+        assert on_device() == list(modules)
+
+
+def test_an_int8_layer_moved_to_the_device_holds_its_weight_once():
+    """bitsandbytes' int8 layer keeps its weight as the parameter and, after its first forward, as its matmul
+    state too; `Module.to` onto the GPU moves the two apart into two copies (`Linear8bitLt.to` copies the
+    state on its own). The encoders' move shares one again. bitsandbytes' parameter class cannot be moved onto
+    fake or meta tensors, so the test makes the two copies such a move leaves and moves on the host."""
+    import bitsandbytes as bnb
+
+    from precompute.encoders import _move
+
+    m = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False).to("cpu")  # quantized on the host
+    x = torch.randn(4, 64, dtype=torch.float16)
+    before = m(x)  # the weight now is also the matmul state
+
+    def storages():
+        return {t.untyped_storage().data_ptr() for t in (m.weight, m.state.CB)}
+
+    assert len(storages()) == 1
+    m.state.CB = m.state.CB.clone()  # as after `Module.to("cuda")`
+    assert len(storages()) == 2
+    _move(m, torch.device("cpu"))
+    assert len(storages()) == 1 and torch.equal(m(x), before)

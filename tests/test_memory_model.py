@@ -78,3 +78,31 @@ def test_modelled_nf4_t5_quantizes_what_transformers_quantizes(tiny_model):
     kinds = {n.split(".")[-1]: type(m) for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
     assert kinds.pop("wo") is torch.nn.Linear
     assert set(kinds.values()) == {ModelledLinear4bit} and {"q", "k", "v", "o", "wi_0", "wi_1"} <= set(kinds)
+
+
+def test_modelled_precompute_peak_with_idle_encoders_on_the_host(monkeypatch):
+    """The stage's own encoders and `Residency` on fake CUDA, with narrow text encoders and SD3's real VAE:
+    with `offload: idle` the peak is the largest encoder's phase, not everything at once; and the VAE
+    encoder's modelled activations stay within the per-pixel figure `offload: auto` decides with (and near it,
+    so the rule is not needlessly cautious)."""
+    from precompute import bench as pb
+    from precompute.encoders import VAE_ACTIVATION_BYTES_PER_PIXEL_FP32, vae_activation_bytes
+    from precompute.memory_model import modelled_encode
+    from shards.measure import MIB
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
+    monkeypatch.setattr(pb, "CLIP_L", {**pb.CLIP_L, **small})
+    monkeypatch.setattr(pb, "CLIP_G", {**pb.CLIP_G, **small})
+    monkeypatch.setattr(pb, "T5_XXL", {**pb.T5_XXL, "d_model": 1024, "d_ff": 4096, "num_layers": 6, "num_heads": 16})
+    rows = {o: modelled_encode(256, 1, t5_tokens=64, offload=o) for o in ("none", "idle")}
+    weights = rows["none"]["modelled_weights_mb"]
+    everything = sum(weights.values())
+    assert rows["none"]["status"] == "modelled" and rows["none"]["encoder_switches"] == 0
+    vae_activations = rows["none"]["modelled_vae_peak_mb"] - everything
+    assert 0.9 * vae_activation_bytes(256 * 256, torch.float32) / MIB < vae_activations <= \
+        VAE_ACTIVATION_BYTES_PER_PIXEL_FP32 * 256 * 256 / MIB
+    idle = rows["idle"]
+    assert idle["encoder_switches"] == 8  # two rounds of VAE, CLIP-L, CLIP-G, T5
+    largest = max(weights["t5"], weights["vae_encoder"] + vae_activations)
+    assert 0.98 * largest <= idle["modelled_peak_mb"] < largest + 0.25 * weights["t5"]
+    assert idle["modelled_peak_mb"] < rows["none"]["modelled_peak_mb"] - weights["clip_l"] - weights["clip_g"]

@@ -321,3 +321,28 @@ def cli_ok(*args) -> bool:
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     return True
+
+
+def test_idle_encoders_wait_on_the_host_and_write_the_same_set(tiny_model, sample_data, tmp_path, monkeypatch):
+    """`offload: idle`: the VAE encodes each batch as it comes and the text encoders take turns over a group's
+    captions (groups never cross a shard's end). The set is the same tensor for tensor as with every encoder
+    resident, and offload is not part of the set's identity (a rerun with the other setting is up to date)."""
+    from precompute.encoders import TextEncoders
+
+    t5 = {"text.t5_precision": "bf16", "out.samples_per_shard": 3, "batch_size": 2,
+          "validation.prompts": ["a photo of a cat"]}
+    resident = str(tmp_path / "resident")
+    m = _run(tiny_model, sample_data, resident, offload="none", **t5)
+    assert m["stats"]["offload"] == "none" and m["stats"]["encoder_switches"] == 0
+    calls = []
+    real = TextEncoders.encode_batches
+    monkeypatch.setattr(TextEncoders, "encode_batches",
+                        lambda self, batches, on_host=True: calls.append([len(b) for b in batches]) or
+                        real(self, batches, on_host))
+    idle = str(tmp_path / "idle")
+    m = _run(tiny_model, sample_data, idle, offload="idle", offload_group=3, **t5)
+    extras, *groups = calls
+    assert extras == [1, 1] and groups == [[2, 1]] * (len(m["shards"]) - 1) + [[2]]  # 8 images, 3 per shard
+    assert m["stats"]["offload"] == "idle" and m["stats"]["encoder_switches"] == 3 + 4 * len(groups)
+    _same_set(resident, idle)
+    assert _run(tiny_model, sample_data, idle, offload="none", **t5)["up_to_date"]

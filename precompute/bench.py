@@ -31,6 +31,7 @@ from shards.measure import (CLIP_G, CLIP_L, MIB, SD3_VAE, T5_XXL, PeakMemory, ma
 _NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 MAX_SEQUENCE_LENGTH = 256  # the SD3 pipeline's T5 length, so the embeddings match the train rows' 77 + 256 tokens
 GPU_BATCHES = (1, 4, 16)
+GROUP_BATCHES = 4  # batches per timed group with idle encoders on the host
 
 
 def _weights_mb(module: torch.nn.Module) -> float:
@@ -97,10 +98,12 @@ def captions(n: int) -> List[str]:
 
 
 def encode_rows(name: str, root: str, batches: Sequence[int], resolution: int, device, t5_precision: str = "nf4",
-                max_sequence_length: int = MAX_SEQUENCE_LENGTH, steps: int = 3, warmup: int = 1) -> List[dict]:
-    """Load the encoders from `root` the way precompute does, then one row per batch size."""
+                max_sequence_length: int = MAX_SEQUENCE_LENGTH, steps: int = 3, warmup: int = 1,
+                offload: str = "none") -> List[dict]:
+    """Load the encoders from `root` the way precompute does, then one row per batch size. `offload`: "none"
+    (every encoder resident) or "idle" (each on the device only while it runs, as precompute's `offload: idle`)."""
     from .config import TextConfig, VaeConfig
-    from .encoders import TextEncoders, VaeEncoder, resolve_dtype
+    from .encoders import Residency, TextEncoders, VaeEncoder, resolve_dtype
 
     device = torch.device(device)
     if resolution <= 0 or resolution % 16:
@@ -110,8 +113,9 @@ def encode_rows(name: str, root: str, batches: Sequence[int], resolution: int, d
     release(device)
     mem = PeakMemory(device)
     t0 = time.perf_counter()
-    text = TextEncoders.load(root, t5_precision, clip_dtype, device, max_sequence_length)
-    vae = VaeEncoder.load(root, vae_dtype, device, VaeConfig.max_pixels)
+    residency = Residency(device, idle=offload == "idle")
+    text = TextEncoders.load(root, t5_precision, clip_dtype, device, max_sequence_length, residency)
+    vae = VaeEncoder.load(root, vae_dtype, device, VaeConfig.max_pixels, residency)
     sync(device)
     load = {"load_seconds": time.perf_counter() - t0, **{f"load_{k}": v for k, v in mem.read().items()}}
     weights = {"clip_l": _weights_mb(text.clips[0]), "clip_g": _weights_mb(text.clips[1]),
@@ -119,6 +123,7 @@ def encode_rows(name: str, root: str, batches: Sequence[int], resolution: int, d
     settings = {"model": f"{name} encoders", "resolution": resolution,
                 "base_dtype": f"t5 {t5_precision}, clip {_NAMES[clip_dtype]}, vae {_NAMES[vae_dtype]}",
                 "max_sequence_length": max_sequence_length, "vae_max_pixels": VaeConfig.max_pixels,
+                "offload": offload,
                 "steps": steps, "warmup": warmup,
                 "device": str(device)}
     rows = []
@@ -137,19 +142,41 @@ def _batch_row(text, vae, batch: int, resolution: int, device, steps: int, warmu
     stages = unless_oom(lambda: _measure_batch(text, vae, batch, resolution, device, steps, warmup), device)
     if stages is None:
         return {**row, "status": "OOM", **extra}
-    seconds = stages["text"]["seconds"] + stages["vae"]["seconds"]
-    return {**row, "status": "ok", "seconds": seconds, "images_per_s": batch / seconds,
-            **max_peak(stages["text"]["peak"], stages["vae"]["peak"]), "stages": stages, **extra}
+    if "group" in stages:
+        # A group of GROUP_BATCHES batches paid one round of switches; precompute pays one per offload_group
+        # images, so the batch's share of a round is batch / offload_group of it.
+        from .config import PrecomputeConfig
+
+        round_s, group = stages["switches"]["seconds"], PrecomputeConfig.offload_group
+        seconds = (stages["group"]["seconds"] - round_s) / GROUP_BATCHES + round_s * batch / group
+        peak = max_peak(stages["group"]["peak"], stages["switches"]["peak"])
+        extra = {**extra, "switch_round_seconds": round_s, "offload_group": group, "group_batches": GROUP_BATCHES}
+    else:
+        seconds = stages["text"]["seconds"] + stages["vae"]["seconds"]
+        peak = max_peak(stages["text"]["peak"], stages["vae"]["peak"])
+    return {**row, "status": "ok", "seconds": seconds, "images_per_s": batch / seconds, **peak, "stages": stages,
+            **extra}
 
 
 def _measure_batch(text, vae, batch: int, resolution: int, device, steps: int, warmup: int) -> dict:
-    """Median seconds and peak memory of each stage on one batch, every encoder resident as in precompute."""
+    """Median seconds and peak memory of each stage on one batch, as precompute runs them: every encoder
+    resident, text then VAE; or, with idle encoders on the host, GROUP_BATCHES batches VAE-encoded one by one
+    and then their captions text-encoded (one round of switches), beside one round of switches alone."""
     g = torch.Generator().manual_seed(batch)
     pixels = torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1  # as the loader hands them over
     prompts = captions(batch)
-    stages = (("text", lambda: text.encode(prompts), {"clip_l": text.clips[0], "clip_g": text.clips[1],
-                                                       "t5": text.t5}),
-              ("vae", lambda: vae.encode(pixels), {"vae_encoder": vae.vae.encoder}))
+    text_parts = {"clip_l": text.clips[0], "clip_g": text.clips[1], "t5": text.t5}
+    if text.residency.idle:
+        def group():
+            for _ in range(GROUP_BATCHES):
+                vae.encode(pixels)
+            text.encode_batches([prompts] * GROUP_BATCHES)
+
+        stages = (("group", group, {**text_parts, "vae_encoder": vae.vae.encoder}),
+                  ("switches", lambda: [text.residency.use(m) for m in (*text.modules, vae.vae)], {}))
+    else:
+        stages = (("text", lambda: text.encode(prompts), text_parts),
+                  ("vae", lambda: vae.encode(pixels), {"vae_encoder": vae.vae.encoder}))
     out = {}
     for stage, fn, parts in stages:
         release(device, collect=False)
@@ -186,7 +213,7 @@ def _component_peaks(fn: Callable, parts: Dict[str, Optional[torch.nn.Module]], 
 
 
 def rows(quick: bool, device=None, tiny_model: Optional[str] = None, batches: Optional[Sequence[int]] = None,
-         steps: Optional[int] = None, warmup: int = 1) -> List[dict]:
+         steps: Optional[int] = None, warmup: int = 1, offload: str = "none") -> List[dict]:
     """The precompute rows: `sd3` at 1024² (needs a GPU), or with `quick` the tiny pipeline at 128²
     and T5 length 77 (`tiny_model`: an existing tiny pipeline folder; else one is built in a temporary folder)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -196,7 +223,7 @@ def rows(quick: bool, device=None, tiny_model: Optional[str] = None, batches: Op
     length = 77 if quick else MAX_SEQUENCE_LENGTH  # quick: precompute's default T5 length
     if tiny_model and quick:
         return encode_rows(name, tiny_model, batches, resolution, device, max_sequence_length=length, steps=steps,
-                           warmup=warmup)
+                           warmup=warmup, offload=offload)
     if not quick and device.type != "cuda":
         raise UsageError("the full-size precompute rows need a CUDA GPU (T5-XXL alone is 4.76B parameters); "
                          "use --quick for the tiny version")
@@ -204,12 +231,12 @@ def rows(quick: bool, device=None, tiny_model: Optional[str] = None, batches: Op
     try:
         root = write_pipeline(name, os.path.join(tmp, name), device)
         return encode_rows(name, root, batches, resolution, device, max_sequence_length=length, steps=steps,
-                           warmup=warmup)
+                           warmup=warmup, offload=offload)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv: List[str]) -> None:
+def parse_args(argv: List[str]):
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m precompute.bench", description="Precompute throughput and peak "
@@ -218,18 +245,25 @@ def main(argv: List[str]) -> None:
     ap.add_argument("--tiny-model", default=None, help="--quick: an existing tiny pipeline folder (default: build one)")
     ap.add_argument("--batches", default=None, help="comma list of batch sizes (default: 1,4,16; --quick: 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed batches per row (default 3; --quick 2)")
+    ap.add_argument("--offload", choices=("none", "idle"), default="none",
+                    help="idle: each encoder on the GPU only while it runs, as precompute's offload: idle")
     ap.add_argument("--json", help="also write the rows to this file (python -m train.bench reads it)")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: List[str]) -> None:
+    a = parse_args(argv)
     try:
         batches = [int(b) for b in a.batches.split(",")] if a.batches else None
     except ValueError:
         raise UsageError(f"--batches: '{a.batches}' is not a comma list of whole numbers") from None
     if (batches is not None and min(batches) < 1) or (a.steps is not None and a.steps < 1):
         raise UsageError("--batches and --steps need positive numbers")
-    out = rows(a.quick, tiny_model=a.tiny_model, batches=batches, steps=a.steps)
+    out = rows(a.quick, tiny_model=a.tiny_model, batches=batches, steps=a.steps, offload=a.offload)
     for r in out:
         peak = r.get("peak_mem_mb", r.get("peak_rss_mb"))
-        print(f"precompute {r['settings']['model']}, {r['settings']['resolution']}², batch {r['settings']['batch']}: "
+        idle = ", idle encoders on the host" if r["settings"]["offload"] == "idle" else ""
+        print(f"precompute {r['settings']['model']}{idle}, {r['settings']['resolution']}², batch {r['settings']['batch']}: "
               + ("OOM" if r["status"] == "OOM" else f"{r['images_per_s']:.3g} images/s, peak {peak:.0f} MiB"))
     if a.json:
         write_rows(a.json, out)

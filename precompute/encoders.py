@@ -6,6 +6,7 @@ from typing import List, Optional
 import torch
 
 from shards.format import TORCH_DTYPES as _DTYPES
+from shards.measure import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT
 from shards.modelpath import component_dir
 
 
@@ -84,10 +85,10 @@ def _move(module: torch.nn.Module, device: torch.device) -> None:
 
 
 def encoders_fit(weights: int, vae_activations: int, total: int) -> bool:
-    """Whether every encoder can stay on a device of `total` bytes: their `weights`, the VAE encoder's
-    activations of one call, a tenth more for the allocator's fragmentation and 1 GiB for the CUDA context and
+    """Whether every encoder can stay on a device of `total` bytes: their `weights` and the VAE encoder's
+    activations of one call, with the margins of the memory models (allocator, CUDA context) and 0.5 GiB for
     the text encoders' activations."""
-    return 1.1 * (weights + vae_activations) + 2**30 <= total
+    return (weights + vae_activations) * (1 + MARGIN_ALLOCATOR) + MARGIN_CONTEXT + 0.5 * GIB <= total
 
 
 # The VAE encoder's peak activations per pixel of one call, fp32 (modelled at SD3's VAE: 2,572 MiB for a

@@ -9,8 +9,9 @@ precompute orders it: each batch VAE-encoded as it comes, then a group of batche
 peak of live bytes (512-byte blocks) is taken per phase. T5 in nf4 as transformers loads it: every linear
 layer quantized (bitsandbytes' layout, `ModelledLinear4bit`, output in the input's dtype) except the
 feed-forward output layers `wo`, which transformers keeps out of quantization, in the compute dtype.
-Margins as in train.memory_model: the CUDA context and the allocator's fragmentation are not in these
-figures, nor is the time the switches take (a GPU measures that: `make gpu-check`).
+The CUDA context and the allocator's fragmentation are not in the live bytes; they are added as the
+memory models' explicit margins (`modelled_total_mb`). The time the switches take is not modelled (a GPU
+measures it: `make gpu-check`).
 """
 import argparse
 import json
@@ -21,7 +22,7 @@ from typing import Optional
 import torch
 
 from shards.fake_cuda import FakeCuda, LiveBytes, ModelledLinear4bit
-from shards.measure import MIB
+from shards.measure import MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB, write_rows
 
 CUDA = torch.device("cuda", 0)
 
@@ -87,18 +88,25 @@ def modelled_encode(resolution: int = 1024, batch: int = 1, t5_precision: str = 
                          "t5_tokens": t5_tokens, "offload": offload, "device": "fake cuda (modelled)"},
             "modelled_weights_mb": {k: v / MIB for k, v in sizes.items()},
             "modelled_text_peak_mb": peaks["text"] / MIB, "modelled_vae_peak_mb": peaks["vae"] / MIB,
-            "modelled_peak_mb": max(peaks.values()) / MIB, "encoder_switches": residency.switches}
+            "modelled_peak_mb": max(peaks.values()) / MIB,
+            "modelled_total_mb": (max(peaks.values()) * (1 + MARGIN_ALLOCATOR) + MARGIN_CONTEXT) / MIB,
+            "margin": f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / 2**30:.1f} GiB CUDA context",
+            "encoder_switches": residency.switches}
 
 
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m precompute.memory_model", description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--json", help="also write the rows to this file (python -m train.bench reads it)")
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    rows = []
     for vae_dtype in (torch.float32, torch.bfloat16):
         for offload in ("none", "idle"):
-            r = modelled_encode(a.resolution, a.batch, vae_dtype=vae_dtype, offload=offload)
-            print(json.dumps(r), flush=True)
+            rows.append(modelled_encode(a.resolution, a.batch, vae_dtype=vae_dtype, offload=offload))
+            print(json.dumps(rows[-1]), flush=True)
+    if a.json:
+        write_rows(a.json, rows)
 
 
 if __name__ == "__main__":

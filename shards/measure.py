@@ -13,6 +13,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 MIB = 2 ** 20
+GIB = 2 ** 30
+# What a model of live bytes leaves out, added to modelled peaks as explicit margins.
+MARGIN_CONTEXT = 0.5 * GIB  # the CUDA context and cuBLAS workspaces (upper end)
+MARGIN_ALLOCATOR = 0.10  # caching-allocator rounding and fragmentation, as a share of the modelled peak
 
 # Exact SD3Transformer2DModel configs of the published models; `tiny` is precompute/tiny.py's.
 _SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,

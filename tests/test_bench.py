@@ -254,3 +254,18 @@ def test_quick_runs_are_marked_and_kept_apart(tmp_path):
             bench.main(["--rows", "train", "--out", str(tmp_path)])
     r = {"row": "train", "what": "x", "settings": {"model": "tiny", "quick": True}}
     assert "quick: tiny" in bench.format_table([r])
+
+
+def test_precompute_row_with_idle_encoders_on_the_host(tiny_model):
+    """`--offload idle`: a group of batches VAE-encoded then text-encoded (one round of switches) and a round of
+    switches alone; the row's time per batch carries a batch's share of a round at precompute's offload_group."""
+    from precompute import bench as pb
+    from precompute.config import PrecomputeConfig
+
+    (r,) = pb.encode_rows("tiny", tiny_model, [2], 64, CPU, max_sequence_length=16, steps=1, warmup=0,
+                          offload="idle")
+    assert r["status"] == "ok" and r["settings"]["offload"] == "idle" and set(r["stages"]) == {"group", "switches"}
+    g, round_s = r["stages"]["group"]["seconds"], r["switch_round_seconds"]
+    assert 0 < round_s < g and r["offload_group"] == PrecomputeConfig.offload_group
+    assert r["seconds"] == pytest.approx((g - round_s) / pb.GROUP_BATCHES + round_s * 2 / r["offload_group"])
+    assert set(r["stages"]["group"]["component_peaks"]) == {"clip_l", "clip_g", "t5", "vae_encoder"}

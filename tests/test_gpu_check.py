@@ -20,10 +20,19 @@ def test_the_dry_run_prints_the_whole_plan_and_does_nothing(tmp_path, capsys):
 
 
 def test_every_benchmark_command_of_the_plan_parses():
+    from precompute import bench as precompute_bench
+
+    parsed = 0
     for step in gpu_check.plan("/tmp/x"):
         if "-m train.bench" in step["cmd"]:
             a = bench.parse_args(shlex.split(step["cmd"].split("-m train.bench", 1)[1]))
             bench._matrix(a)  # the rows it asks for exist
+            parsed += 1
+        elif "-m precompute.bench" in step["cmd"]:
+            a = precompute_bench.parse_args(shlex.split(step["cmd"].split("-m precompute.bench", 1)[1]))
+            assert a.offload == "idle" and a.json.endswith(".json") and "results-" in a.json  # read back as rows
+            parsed += 1
+    assert parsed == 4
 
 
 def test_without_a_gpu_it_refuses_in_one_line(capsys):

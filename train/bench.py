@@ -548,6 +548,8 @@ def modelled_rows(a: argparse.Namespace) -> Iterator[dict]:
 
         for m in dict.fromkeys(s["model"] for s in matrix):
             yield modelled_validation(m, max(_int_list("resolutions", a.resolutions)))
+        # precompute's encoders, with every encoder resident and with idle ones on the host
+        yield from stage_rows("precompute.memory_model", "--resolution", str(max(_int_list("resolutions", a.resolutions))))
 
 
 def _versions() -> dict:

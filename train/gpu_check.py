@@ -6,7 +6,7 @@ On one CUDA GPU, each part in its own process, within a time budget (default 8 m
      and sampled on the GPU;
   2. measured LoRA-step rows: SD3 Medium 1024², batch 1 and 4, bf16 and nf4 bases, checkpointing off and on;
   3. SD3.5 Large with an nf4 base, 1024², batch 1;
-  4. precompute's encoders at real component sizes;
+  4. precompute's encoders at real component sizes, every encoder resident and idle ones on the host;
   5. with `train.deterministic=true`, a tiny run resumed at step 10 ends with the same bytes as one run through.
 It writes OUT/gpu-check-<device>-<date>.json (every part's exit status, seconds and output tail, and the
 rows) and prints one table, each measured row beside the modelled row of the same settings from the
@@ -65,6 +65,9 @@ def plan(out: str) -> List[dict]:
                  f"--bases nf4 --steps 3 --warmup 1 --out {bench}"),
         dict(name="precompute at real component sizes", timeout=120,
              cmd=f"{py} -m train.bench --rows precompute --steps 2 --out {bench}"),
+        dict(name="precompute at real component sizes, idle encoders on the host", timeout=120,
+             cmd=f"{py} -m precompute.bench --offload idle --batches 4 --steps 2 "
+                 f"--json {os.path.join(bench, 'results-precompute-idle.json')}"),
     ]
     # train.deterministic: a run resumed at step 10 ends with the same bytes as one that ran through.
     det = (f"{py} -m train --config configs/tiny/train.yaml model.path={model} data.shards={shards} "

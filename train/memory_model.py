@@ -25,11 +25,7 @@ from typing import List, Optional
 import torch
 
 from shards.fake_cuda import ModelledLinear4bit, ModelledLinear8bit
-from shards.measure import MIB, TRANSFORMER_CONFIGS
-
-GIB = 1024 * MIB
-MARGIN_CONTEXT = 0.5 * GIB  # the CUDA context and cuBLAS workspaces (upper end)
-MARGIN_ALLOCATOR = 0.10  # caching-allocator rounding and fragmentation, as a share of the modelled peak
+from shards.measure import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB, TRANSFORMER_CONFIGS
 TEXT_TOKENS = 77 + 256
 
 

@@ -1,6 +1,6 @@
 import sys
 
-from shards.config import run_cli
+from shards.common.config import run_cli
 
 from .config import MergeConfig
 from .run import main

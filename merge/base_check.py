@@ -8,7 +8,7 @@ difference is a warning, not an error. Files without the record (other tools' Lo
 import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from shards.fingerprint import transformer_fingerprint
+from shards.common.fingerprint import transformer_fingerprint
 
 from .sources import Source
 

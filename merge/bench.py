@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 from shards.measure import TRANSFORMER_CONFIGS, rows_cli
 
 from .sd3_keys import plan
@@ -185,6 +185,6 @@ def main(argv: List[str]) -> None:
 
 
 if __name__ == "__main__":
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     run_cli("merge.bench", main)

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 from safetensors import SafetensorError, safe_open
 
-from shards.atomic import atomic_open
-from shards.errors import DataError
+from shards.common.atomic import atomic_open
+from shards.common.errors import DataError
 
 from .config import MergeConfig, is_single_file
 from .lora import METADATA_KEY

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List
 
-from shards.config import check, check_choices, check_ranges
+from shards.common.config import check, check_choices, check_ranges
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LINKS = ("auto", "copy", "reflink", "hardlink")

@@ -5,9 +5,9 @@ from typing import List
 
 from safetensors.torch import save
 
-from shards.atomic import write_bytes
-from shards.config import command_argv, load_config
-from shards.errors import UsageError
+from shards.common.atomic import write_bytes
+from shards.common.config import command_argv, load_config
+from shards.common.errors import UsageError
 
 from .kohya import to_diffusers, to_kohya
 from .lora import LORA_FILE_NAME, read_lora

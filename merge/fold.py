@@ -7,17 +7,17 @@ from typing import List, Sequence
 import torch
 from tqdm import tqdm
 
-from shards.errors import DataError
-from shards.format import TORCH_DTYPES
+from shards.common.errors import DataError
+from shards.common.dtypes import STORAGE_DTYPES
 
 from .lora import LoraModule, Updates
 from .sources import DIFFUSERS_WEIGHTS, Source
-from shards.tensorfile import TORCH_DTYPES as TENSORFILE_DTYPES
+from shards.common.dtypes import SAFETENSORS_DTYPES
 from shards.tensorfile import Planned, nbytes, write_tensor_file
 
 WEIGHTS_NAME = DIFFUSERS_WEIGHTS
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-OUT_DTYPES = TORCH_DTYPES
+OUT_DTYPES = STORAGE_DTYPES
 FILE_METADATA = {"format": "pt"}  # what diffusers writes; nothing run-specific, so reruns give the same bytes
 
 
@@ -44,9 +44,9 @@ def check_targets(updates: Updates, source: Source) -> None:
 
 def out_dtype(stored: str, dtype: str, name: str) -> torch.dtype:
     """The dtype a tensor stored as `stored` (safetensors dtype string) gets in the release under out.dtype."""
-    if stored not in TENSORFILE_DTYPES:
+    if stored not in SAFETENSORS_DTYPES:
         raise DataError(f"the base tensor '{name}' has dtype {stored}, which merge cannot write")
-    t = TENSORFILE_DTYPES[stored]
+    t = SAFETENSORS_DTYPES[stored]
     return OUT_DTYPES.get(dtype, t) if t.is_floating_point else t
 
 
@@ -137,7 +137,7 @@ def fold_model(source: Source, updates: Updates, out_dir: str, dtype: str = "aut
 
 def unchanged(source: Source, name: str, modules: Sequence[LoraModule], to: torch.dtype) -> bool:
     """Whether the tensor goes into the release byte for byte: no LoRA on it and its stored dtype kept."""
-    return not modules and TENSORFILE_DTYPES[source.dtype(name)] == to
+    return not modules and SAFETENSORS_DTYPES[source.dtype(name)] == to
 
 
 def _planned(source: Source, updates: Updates, name: str, dtype: str) -> Planned:

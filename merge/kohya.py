@@ -32,10 +32,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 
-from .lora import LoraModule, checked_pair, key_error
-from .sd3_keys import _BLOCK, _QKV, _TOP, CAT, COPY, SWAP, original_name, swap_halves
+from .lora_module import LoraModule, checked_pair, key_error
+from .sd3_keys import BLOCK_KEYS, CAT, COPY, QKV_KEYS, SWAP, TOP_KEYS, original_name, swap_halves
 
 KOHYA_PREFIX = "lora_unet_"
 # sd-scripts' text encoder LoRAs: CLIP-L, CLIP-G, T5 (merge/text_encoders.py maps them to the encoders).
@@ -45,9 +45,9 @@ _PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _SPLIT_PARTS = tuple(f".lora_{d}.{i}.weight" for d in ("down", "up") for i in range(3))
 
 # Original module paths (no prefix) -> (diffusers module path or q/k/v paths, rule), by kohya name.
-_KOHYA_TOP = {orig.replace(".", "_"): (orig, diff, rule) for diff, (orig, rule) in _TOP.items()}
-_KOHYA_BLOCK = {orig.replace(".", "_"): (orig, diff, COPY) for diff, orig in _BLOCK.items()}
-_KOHYA_BLOCK.update({fused.replace(".", "_"): (fused, parts, CAT) for parts, fused in _QKV.values()})
+_KOHYA_TOP = {orig.replace(".", "_"): (orig, diff, rule) for diff, (orig, rule) in TOP_KEYS.items()}
+_KOHYA_BLOCK = {orig.replace(".", "_"): (orig, diff, COPY) for diff, orig in BLOCK_KEYS.items()}
+_KOHYA_BLOCK.update({fused.replace(".", "_"): (fused, parts, CAT) for parts, fused in QKV_KEYS.values()})
 _KOHYA_BLOCK_RE = re.compile(r"joint_blocks_(\d+)_(.+)")
 
 

@@ -12,7 +12,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
-from shards.errors import DataError, UsageError
+from shards.common.errors import DataError, UsageError
+
+from .kohya import is_kohya, kohya_file
+from .lora_module import TEXT_ENCODER_PREFIXES, LoraModule, checked_pair, key_error
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 METADATA_KEY = "lora_adapter_metadata"
@@ -21,39 +24,7 @@ PEFT_DEFAULT_R = 8
 PEFT_DEFAULT_ALPHA = 8
 # peft.save_pretrained and diffusers' pipeline save add these in front of the transformer's module names.
 KEY_PREFIXES = ("transformer.", "base_model.model.")
-TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # diffusers' and kohya's
 OTHER_COMPONENTS = TEXT_ENCODER_PREFIXES + ("lora_unet_",)  # kohya's transformer keys use original SD3 names
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    name: str  # module path inside the transformer (e.g. transformer_blocks.0.attn.to_q) or a text encoder
-    # lora_A, [rank, in_features]; for a conv LoRA (pos_embed.proj) the down kernel [rank, in, kh, kw]
-    down: torch.Tensor
-    up: torch.Tensor  # lora_B, [out_features, rank]; for a conv LoRA the 1x1 up kernel [out, rank, 1, 1]
-    scale: float  # everything that multiplies up @ down: lora.scale * alpha / rank (or / sqrt(rank))
-
-    def delta(self) -> torch.Tensor:
-        """The fp32 weight update; fp32 so bf16 LoRAs do not lose the small products.
-
-        A conv LoRA is a kh x kw conv to `rank` channels followed by a 1x1 conv, which is one conv whose
-        kernel is delta[o, i, h, w] = sum_r up[o, r] * down[r, i, h, w]."""
-        if self.down.dim() == 4:
-            return (self.up.float().flatten(1) @ self.down.float().flatten(1)).mul_(self.scale).reshape(self.shape)
-        return (self.up.float() @ self.down.float()).mul_(self.scale)
-
-    def add_to(self, w: torch.Tensor) -> torch.Tensor:
-        """`w += delta()` for an fp32 `w`, rounded exactly as `delta()` is (verify recomputes it)."""
-        return w.add_(self.delta())
-
-    @property
-    def shape(self) -> Tuple[int, ...]:
-        """The shape of the weight it updates: (out_features, in_features), or (out, in, kh, kw) for a conv."""
-        return (self.up.shape[0],) + tuple(self.down.shape[1:])
-
-    @property
-    def conv(self) -> bool:
-        return self.down.dim() == 4
 
 
 # Module name -> the LoRA modules that update it, in the order of lora.path (one per LoRA that has it).
@@ -86,18 +57,6 @@ def split_key(key: str) -> Optional[Tuple[str, str]]:
         if name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)], part
     return None
-
-
-def key_error(path: str, key: str, kohya: bool = False) -> DataError:
-    if key.startswith(TEXT_ENCODER_PREFIXES):
-        return DataError(f"{path}: '{key}' is a diffusers-format text encoder LoRA weight, which is not supported "
-                        "(kohya / sd-scripts text encoder LoRAs, lora_te1_* / lora_te2_* / lora_te3_*, are)")
-    if kohya:
-        return DataError(f"{path}: '{key}' is not a kohya SD3 transformer LoRA weight (expected "
-                        "lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha); a file cannot mix "
-                        "kohya and diffusers keys")
-    return DataError(f"{path}: '{key}' is not a transformer LoRA weight (expected "
-                    "transformer.<module>.lora_A.weight / .lora_B.weight; DoRA and LoRA biases are not supported)")
 
 
 def adapter_config(header: Optional[Dict[str, str]], path: str) -> Optional[dict]:
@@ -140,24 +99,6 @@ def module_scale(config: Optional[dict], module: str, rank: int, scale: float, p
     return scale * float(alpha) / divisor
 
 
-def checked_pair(path: str, name: str, down: torch.Tensor, up: torch.Tensor,
-                 a: str = "lora_A", b: str = "lora_B") -> Tuple[torch.Tensor, torch.Tensor]:
-    """down, up after checking they are one linear LoRA's two finite matrices, or one conv LoRA's two kernels
-    (a kh x kw down, a 1x1 up: what peft and sd-scripts put on a Conv2d)."""
-    linear = down.dim() == 2 and up.dim() == 2
-    conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
-    if not (linear or conv) or up.shape[1] != down.shape[0]:
-        raise DataError(f"{path}: module '{name}' has {a} {tuple(down.shape)} and {b} {tuple(up.shape)}, "
-                        "which are not the two matrices of one linear LoRA (nor the kh x kw and 1x1 kernels of "
-                        "one conv LoRA)")
-    for part, t in ((a, down), (b, up)):
-        # Checked here, as folding would blame lora.scale or out.dtype for it.
-        if not torch.isfinite(t).all():
-            raise DataError(f"{path}: module '{name}' {part} holds non-finite values "
-                            "(the LoRA itself is broken: retrain it)")
-    return down, up
-
-
 @dataclass
 class LoraFile:
     """What one LoRA file holds, each module with its final scale."""
@@ -180,8 +121,6 @@ def read_lora_file(path: str, scale: float = 1.0) -> LoraFile:
         raise DataError(f"cannot read LoRA file {path}: {e}") from None
     if not tensors:
         raise DataError(f"{path}: the LoRA file holds no tensors")
-    from .kohya import is_kohya, kohya_file  # kohya.py builds on this module
-
     if is_kohya(tensors):  # kohya files carry their alphas as tensors; the header plays no part
         transformer, text, fused = kohya_file(tensors, path, scale)
         return LoraFile(path, header, transformer, text, fused)

@@ -17,7 +17,8 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
-from shards.errors import DataError, UsageError
+from shards.common.atomic import fsync, fsync_tree, link_or_copy
+from shards.common.errors import DataError, UsageError
 
 from .rerun import INPUTS_FILE
 
@@ -123,11 +124,7 @@ def place_file(src: str, dst: str, link: str = "auto") -> str:
                             "(copy-on-write clones need btrfs, XFS or the like, with both on the same one); "
                             "use out.link=auto or out.link=copy")
     if link == "hardlink" or (link == "auto" and os.path.getsize(src) >= HARDLINK_MIN_BYTES):
-        try:
-            os.link(src, dst, follow_symlinks=True)  # hub caches hold symlinks to blobs: link the blob
-            return HARDLINKED
-        except OSError:
-            pass  # another filesystem, or one without hard links: a copy is the same release
+        return HARDLINKED if link_or_copy(src, dst) else COPIED  # a copy is the same release
     shutil.copyfile(src, dst)
     return COPIED
 
@@ -156,21 +153,6 @@ def placed_summary(placed: Dict[str, int]) -> str:
         return ""
     (n, how), rest = parts[0], parts[1:]
     return ", ".join([f"{n} file{'' if n == 1 else 's'} {how}"] + [f"{k} {h}" for k, h in rest])
-
-
-def _fsync(path: str, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(top: str) -> None:
-    for root, _, files in os.walk(top):
-        for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root, directory=True)
 
 
 def _staging_pattern(out_dir: str) -> "re.Pattern":
@@ -235,7 +217,7 @@ def clean_leftovers(out_dir: str) -> None:
 def publish(tmp_dir: str, out_dir: str, staging: str) -> None:
     """Make tmp_dir durable, then put it at out_dir in one rename; an earlier release goes into `staging` (removed
     with it afterwards) and is put back if the rename fails."""
-    _fsync_tree(tmp_dir)
+    fsync_tree(tmp_dir)
     previous = None
     if os.path.isdir(out_dir):
         if os.listdir(out_dir):
@@ -249,7 +231,7 @@ def publish(tmp_dir: str, out_dir: str, staging: str) -> None:
         if previous:
             os.replace(previous, out_dir)
         raise
-    _fsync(os.path.dirname(os.path.abspath(out_dir)), directory=True)
+    fsync(os.path.dirname(os.path.abspath(out_dir)))
 
 
 @contextmanager

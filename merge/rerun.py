@@ -2,16 +2,16 @@
 finds it up to date instead of refusing or redoing the work.
 
 The record is `shardtune-merge.json` in the release: the content settings (every key but those that only
-say where or how files are placed), a fingerprint of the base as merge reads it (shards.fingerprint:
+say where or how files are placed), a fingerprint of the base as merge reads it (shards.common.fingerprint:
 whole small files, sampled multi-GB ones) and the sha256 of every LoRA file.
 """
 import json
 import os
 from typing import Optional, Sequence
 
-from shards.atomic import write_bytes
-from shards.config import flat_keys, to_dict
-from shards.fingerprint import file_sha256, folder_fingerprint
+from shards.common.atomic import write_bytes
+from shards.common.config import flat_keys, to_dict
+from shards.common.fingerprint import file_sha256, folder_fingerprint
 
 from .config import MergeConfig
 

@@ -13,10 +13,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from shards.config import load_config
-from shards.errors import UsageError
-from shards.lock import sibling_lock
-from shards.modelpath import resolve_model
+from shards.common.config import load_config
+from shards.common.errors import UsageError
+from shards.common.lock import sibling_lock
+from shards.common.hub import resolve_model
 
 from .base_check import other_base_warnings
 from .card import CARD_NAME, lora_header, write_card

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 
 from shards.tensorfile import Span, slice_spans, spans_size
 
@@ -26,7 +26,7 @@ PREFIX = "model.diffusion_model."
 COPY, SWAP, CAT = "copy", "swap", "cat"
 
 # Non-block modules: diffusers module path -> (original module path, rule).
-_TOP = {
+TOP_KEYS = {
     "pos_embed.proj": ("x_embedder.proj", COPY),
     "time_text_embed.timestep_embedder.linear_1": ("t_embedder.mlp.0", COPY),
     "time_text_embed.timestep_embedder.linear_2": ("t_embedder.mlp.2", COPY),
@@ -38,7 +38,7 @@ _TOP = {
 }
 
 # Inside transformer_blocks.i: diffusers module path -> original module path under joint_blocks.i.
-_BLOCK = {
+BLOCK_KEYS = {
     "attn.norm_q": "x_block.attn.ln_q",
     "attn.norm_k": "x_block.attn.ln_k",
     "attn.norm_added_q": "context_block.attn.ln_q",
@@ -57,12 +57,12 @@ _BLOCK = {
 }
 
 # Inside transformer_blocks.i: the projections fused into one qkv, in order q, k, v.
-_QKV = {
+QKV_KEYS = {
     "attn": (("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.attn.qkv"),
     "context": (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "context_block.attn.qkv"),
     "attn2": (("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.qkv"),
 }
-_QKV_PART = {part: (fused, i) for parts, fused in _QKV.values() for i, part in enumerate(parts)}
+_QKV_PART = {part: (fused, i) for parts, fused in QKV_KEYS.values() for i, part in enumerate(parts)}
 
 _BLOCK_RE = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
 
@@ -89,8 +89,8 @@ def original_name(name: str, layers: int) -> Tuple[str, str, Optional[int]]:
     if name == "pos_embed.pos_embed":
         return "pos_embed", COPY, None
     module, _, param = name.rpartition(".")
-    if module in _TOP:
-        new, rule = _TOP[module]
+    if module in TOP_KEYS:
+        new, rule = TOP_KEYS[module]
         return f"{new}.{param}", rule, None
     m = _BLOCK_RE.fullmatch(module)
     if m:
@@ -98,10 +98,10 @@ def original_name(name: str, layers: int) -> Tuple[str, str, Optional[int]]:
         if inner in _QKV_PART:
             fused, pos = _QKV_PART[inner]
             return f"joint_blocks.{i}.{fused}.{param}", CAT, pos
-        if inner in _BLOCK:
+        if inner in BLOCK_KEYS:
             # The last block is context_pre_only: its context modulation is an AdaLayerNormContinuous.
             rule = SWAP if inner == "norm1_context.linear" and i == layers - 1 else COPY
-            return f"joint_blocks.{i}.{_BLOCK[inner]}.{param}", rule, None
+            return f"joint_blocks.{i}.{BLOCK_KEYS[inner]}.{param}", rule, None
     raise DataError(f"the base transformer tensor '{name}' has no place in the original SD3 single-file "
                     "layout; out.format=single_file supports SD3 / SD3.5 transformers only")
 
@@ -132,9 +132,9 @@ def plan(names: Iterable[str]) -> List[Group]:
 
 
 # The same tables backwards: original module path -> diffusers module path(s) and rule.
-_TOP_BACK = {orig: (diff, rule) for diff, (orig, rule) in _TOP.items()}
-_BLOCK_BACK = {orig: diff for diff, orig in _BLOCK.items()}
-_QKV_BACK = {fused: parts for parts, fused in _QKV.values()}
+_TOP_BACK = {orig: (diff, rule) for diff, (orig, rule) in TOP_KEYS.items()}
+_BLOCK_BACK = {orig: diff for diff, orig in BLOCK_KEYS.items()}
+_QKV_BACK = {fused: parts for parts, fused in QKV_KEYS.values()}
 _JOINT_RE = re.compile(r"joint_blocks\.(\d+)\.(.+)")
 _LAST_CONTEXT_MODULATION = "context_block.adaLN_modulation.1"
 

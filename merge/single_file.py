@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from tqdm import tqdm
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 
 from .fold import FILE_METADATA, FoldResult, _out_tensor, check_targets, modules_for, out_dtype, unchanged
 from .lora import Updates

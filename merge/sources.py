@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 
 from .sd3_keys import CAT, PREFIX, Group, groups_from_original, split, split_spans
 from shards.tensorfile import Span, TensorFile

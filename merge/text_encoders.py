@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 
 from .fold import fold_model, modules_for
 from .kohya import split_qkv_warning

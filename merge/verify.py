@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 
 from .fold import OUT_DTYPES, modules_for
 from .lora import Updates

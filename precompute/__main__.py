@@ -1,4 +1,4 @@
-from shards.config import load_config, run_cli
+from shards.common.config import load_config, run_cli
 
 from .config import PrecomputeConfig
 

@@ -22,13 +22,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from shards.errors import UsageError
-from shards.format import TORCH_DTYPES
+from shards.common.errors import UsageError
+from shards.common.dtypes import STORAGE_DTYPES
 from shards.measure import (CLIP_G, CLIP_L, MIB, SD3_VAE, T5_XXL, PeakMemory, max_peak, release, sync, timed_calls,
                             unless_oom, write_rows)
 
 # Real SD3 component configs (the published config files of the SD3 and SD3.5 repositories).
-_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 MAX_SEQUENCE_LENGTH = 256  # the SD3 pipeline's T5 length, so the embeddings match the train rows' 77 + 256 tokens
 GPU_BATCHES = (1, 4, 16)
 GROUP_BATCHES = 4  # batches per timed group with idle encoders on the host
@@ -270,6 +270,6 @@ def main(argv: List[str]) -> None:
 
 
 if __name__ == "__main__":
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     run_cli("precompute.bench", main)

@@ -3,19 +3,13 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from shards.config import check, check_choices, check_ranges
-from shards.modelpath import check_model_path
+from shards.common.config import check, check_choices, check_ranges
+from shards.common.hub import check_model_path
+
+from .inputs import is_webdataset
 
 T5_PRECISIONS = ("nf4", "int8", "bf16", "fp16", "fp32", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-# Every extension PIL decodes as a picture (GIF: first frame; TIFF: first page; case is ignored).
-IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
-# Image files we see but do not read (PIL cannot, or gets no single right picture from them: layers,
-# icons, raw sensor data); each is listed in rejected.jsonl, as is every file of an unknown type.
-OTHER_IMAGE_EXTS = (".heic", ".heif", ".jxl", ".svg", ".ico", ".psd", ".raw", ".dng", ".cr2", ".nef", ".arw",
-                    ".exr", ".hdr")
-
-
 @dataclass
 class ModelConfig:
     path: str = ""  # diffusers SD3 pipeline folder or hub id
@@ -166,8 +160,6 @@ class PrecomputeConfig:
     def __post_init__(self):
         p = []
         check_model_path("model.path", self.model.path, p)
-        from .tars import is_webdataset
-
         if not self.data.path:
             p.append("config key 'data.path' is required (a folder of images and .txt captions, or webdataset tars)")
         elif not is_webdataset(self.data.path) and not os.path.isdir(self.data.path):

@@ -5,9 +5,9 @@ from typing import List, Optional
 
 import torch
 
-from shards.format import TORCH_DTYPES as _DTYPES
+from shards.common.dtypes import STORAGE_DTYPES as _DTYPES
 from shards.measure import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT
-from shards.modelpath import component_dir
+from shards.common.hub import component_dir
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

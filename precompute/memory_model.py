@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from shards.fake_cuda import FakeCuda, LiveBytes, ModelledLinear4bit
+from shards.fake_cuda import FakeCuda, LiveBytes
+from shards.modelled_layers import ModelledLinear4bit
 from shards.measure import MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB, write_rows
 
 CUDA = torch.device("cuda", 0)

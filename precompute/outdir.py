@@ -10,15 +10,15 @@ import os
 from typing import Dict, List, Optional
 
 from shards import format as F
-from shards.atomic import write_json
-from shards.config import to_dict
-from shards.errors import UsageError
-from shards.fingerprint import file_sha256
-from shards.lock import live_holders, out_dir_lock
+from shards.common.atomic import write_json
+from shards.common.config import to_dict
+from shards.common.errors import UsageError
+from shards.common.fingerprint import file_sha256
+from shards.common.lock import live_holders, out_dir_lock
 from shards.writer import clear_set, read_sidecar, shard_name, sidecar_path
 
 from .config import PrecomputeConfig
-from .data import Item
+from .inputs import Item
 
 
 def read_json(path: str) -> dict:

@@ -19,10 +19,11 @@ import urllib.request
 import zlib
 from typing import Iterator, List
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 
-from .config import IMAGE_EXTS, DataConfig
-from .data import Item, display_name, read_caption
+from .config import DataConfig
+from .data import read_caption
+from .inputs import IMAGE_EXTS, Item, display_name, with_prefix
 
 # A streamed tar is read this many times at most; the waits between tries double from RETRY_DELAY_S
 # (1 + 2 + 4 s: enough for a dropped connection or a restarted server, short next to a shard).
@@ -35,11 +36,6 @@ URL_TIMEOUT_S = 60
 
 class StreamError(Exception):
     """A streamed input tar could not be read to its end; the message is one readable line."""
-
-
-def is_webdataset(path: str) -> bool:
-    return path.startswith(("pipe:", "http://", "https://", "s3://", "gs://")) or \
-        path.endswith((".tar", ".tar}")) or ("{" in path and ".tar" in path)
 
 
 def expand(path: str) -> List[str]:
@@ -203,8 +199,7 @@ def _sample_item(url: str, key: str, members: dict, cfg: DataConfig) -> Item:
     if not images:
         return Item(source, url, reject=f"no image: the sample has only {display_name(', '.join(sorted(members)))}")
     caption, why = _caption(key, members, cfg)
-    if caption is not None and cfg.caption_prefix:
-        caption = f"{cfg.caption_prefix.rstrip()} {caption}"
+    caption = with_prefix(caption, cfg)
     return Item(f"{source}.{display_name(images[0])}", url, caption=caption, reject=why, data=members[images[0]])
 
 

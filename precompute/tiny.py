@@ -220,7 +220,7 @@ def build_sample_dataset(out_dir: str):
 
 
 def main(argv=None):
-    from shards.config import quiet_libraries
+    from shards.common.config import quiet_libraries
 
     quiet_libraries()
     ap = argparse.ArgumentParser(prog="python -m precompute.tiny", description=__doc__.splitlines()[0])

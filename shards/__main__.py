@@ -3,9 +3,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import List
 
-from .config import command_argv, load_config, run_cli
-from .errors import DataError, UsageError
-from .verify import inspect, verify
+from .common.config import command_argv, load_config, run_cli
+from .common.errors import DataError, UsageError
 
 COMMANDS = ("inspect", "verify", "combine")
 USAGE = ("python -m shards inspect|verify|combine PATH [PART ...] [--quick] [--overwrite] "
@@ -47,15 +46,18 @@ def main(argv):
         print(f"{a.path}: {m['counts']['written']} samples in {len(m['shards'])} shard(s) from {len(a.parts)} part folder(s)")
         return
     if a.command == "inspect":
+        from .inspect import inspect
+
         print(inspect(a.path))
         return
+    from .verify import verify
+
     problems = verify(a.path, deep=not a.quick)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
         raise DataError(f"{a.path}: {len(problems)} problem(s) found")
-    from .reader import read_manifest
-    from .verify import absent_run_state, unchecked
+    from .manifest import absent_run_state, read_manifest, unchecked
 
     manifest = read_manifest(a.path)
     older, absent = unchecked(manifest), absent_run_state(a.path, manifest)

@@ -5,24 +5,12 @@ the combined set is what a single run would have written.
 """
 import json
 import os
-import shutil
 from typing import List
 
 from . import format as F
-from .errors import DataError, UsageError
-from .atomic import write_json
+from .common.errors import DataError, UsageError
+from .common.atomic import link_or_copy, write_json
 from .writer import assemble, clear_set, read_sidecar, shard_name, sidecar_path
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    if os.path.abspath(src) == os.path.abspath(dst):
-        return
-    if os.path.exists(dst):
-        os.remove(dst)
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem
-        shutil.copy2(src, dst)
 
 
 def _state(folder: str) -> dict:
@@ -53,8 +41,8 @@ def combine(out_dir: str, parts: List[str], overwrite: bool = False) -> dict:
     for p in parts:
         for i in range(n):
             if i not in found and read_sidecar(p, i) is not None:
-                _link_or_copy(os.path.join(p, shard_name(i)), os.path.join(out_dir, shard_name(i)))
-                _link_or_copy(sidecar_path(p, i), sidecar_path(out_dir, i))
+                link_or_copy(os.path.join(p, shard_name(i)), os.path.join(out_dir, shard_name(i)))
+                link_or_copy(sidecar_path(p, i), sidecar_path(out_dir, i))
                 found.add(i)
     missing = sorted(set(range(n)) - found)
     if missing:
@@ -63,7 +51,7 @@ def combine(out_dir: str, parts: List[str], overwrite: bool = False) -> dict:
     extras = next((os.path.join(p, F.EXTRAS) for p in parts if os.path.exists(os.path.join(p, F.EXTRAS))), None)
     if extras is None:
         raise DataError(f"none of the part folders holds {F.EXTRAS}")
-    _link_or_copy(extras, os.path.join(out_dir, F.EXTRAS))
+    link_or_copy(extras, os.path.join(out_dir, F.EXTRAS))
     state = dict(states[0])
     write_json(os.path.join(out_dir, F.RUN_STATE), state)
     facts = dict(state["facts"])

@@ -2,8 +2,6 @@
 import hashlib
 import json
 
-import torch
-
 FORMAT_NAME = "shardtune-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,16 +33,6 @@ MANIFEST_FIELDS = (
     "format", "format_version", "producer", "model", "vae", "latent_channels", "embeddings",
     "max_sequence_length", "precisions", "dtype", "buckets", "shards", "counts", "extras", "config",
 )
-
-# The storage / precision names every stage accepts.
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# safetensors header dtype names <-> torch dtypes (shard reader and merge's tensor files).
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
 
 def producer() -> str:
     try:

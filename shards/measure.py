@@ -160,7 +160,7 @@ def write_rows(path: str, rows: List[dict]) -> None:
     its own process (stages do not import each other, and each row's peak memory is then its process's own)."""
     import json
 
-    from .atomic import write_json
+    from .common.atomic import write_json
 
     write_json(path, json.loads(json.dumps({"rows": rows}, default=str)))
 

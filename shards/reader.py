@@ -19,75 +19,14 @@ import torch
 from safetensors.torch import load as st_load
 
 from . import format as F
-from .errors import DataError, UsageError
-
-
-def is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
-
-
-def _join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name if is_url(base) else os.path.join(base, name)
-
-
-def _open(path: str):
-    if is_url(path):
-        from webdataset.gopen import gopen
-        return gopen(path, "rb")
-    return open(path, "rb")
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        with _open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing; the shard set is damaged: run `python -m shards verify` on it") from None
-    except Exception as e:  # a URL stream reports failures as many types with long reprs
-        raise DataError(f"cannot read {path} ({type(e).__name__}); check the path or URL and the network") from None
-
-
-def read_manifest(path_or_url: str) -> dict:
-    """The manifest of a complete shard set; a set without one is incomplete and refused."""
-    where = _join(path_or_url, F.MANIFEST)
-    if not is_url(path_or_url):
-        if not os.path.isdir(path_or_url):
-            raise UsageError(f"no such shard set folder: {path_or_url}")
-        if not os.path.exists(where):
-            if any(n.startswith("shard-") for n in os.listdir(path_or_url)):
-                raise DataError(f"{path_or_url} has no {F.MANIFEST}: the shard set is incomplete "
-                                "(precompute did not finish); run the same precompute command again")
-            raise DataError(f"{path_or_url} is not a shard set (no {F.MANIFEST}); "
-                            "give a folder written by `python -m precompute`")
-    try:
-        manifest = json.loads(_read_bytes(where))
-    except ValueError as e:
-        raise DataError(f"{where} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != F.FORMAT_NAME:
-        raise DataError(f"{where} is not a shardtune shard set manifest")
-    if manifest.get("format_version") != F.FORMAT_VERSION:
-        raise DataError(f"{where} has format version {manifest.get('format_version')}, "
-                        f"this shardtune reads version {F.FORMAT_VERSION}; recompute the set")
-    # Manifests written before the self-hash existed have none and are read as they are.
-    if F.MANIFEST_HASH in manifest and manifest[F.MANIFEST_HASH] != F.manifest_digest(manifest):
-        raise DataError(f"{where} was edited after it was written (its {F.MANIFEST_HASH} does not match its "
-                        "content); rerun precompute to rebuild the set, or run `python -m shards verify` on it")
-    return manifest
-
-
-def set_files(manifest: dict) -> Dict[str, dict]:
-    """{name: {"sha256", and "bytes" where known}} of the set's files other than the manifest and its shards.
-    A manifest from before `files` existed still has the extras' sha256 in its `extras` record."""
-    files = {k: dict(v) for k, v in manifest.get("files", {}).items()}
-    extras_sha = manifest.get("extras", {}).get("sha256")
-    if F.EXTRAS not in files and extras_sha:
-        files[F.EXTRAS] = {"sha256": extras_sha}
-    return files
+from .common.dtypes import SAFETENSORS_DTYPES
+from .common.errors import DataError
+from .manifest import is_url, join, open_stream, read_bytes, read_manifest, set_files
 
 
 def shard_urls(path_or_url: str, manifest: dict = None) -> List[str]:
     manifest = manifest or read_manifest(path_or_url)
-    return [_join(path_or_url, s["name"]) for s in manifest["shards"]]
+    return [join(path_or_url, s["name"]) for s in manifest["shards"]]
 
 
 def check_shard_files(path: str, manifest: dict) -> None:
@@ -114,7 +53,7 @@ def check_shard_files(path: str, manifest: dict) -> None:
 def load_tensors(data) -> Dict[str, torch.Tensor]:
     """A safetensors buffer -> tensors that view `data` instead of copying it (a 1024² sample is ~5 MB,
     and one copy fewer per sample is a large part of the stream's CPU time). A read-only buffer
-    (`bytes`) or a dtype not in shards.format.SAFETENSORS_DTYPES goes through `safetensors.torch.load`, which copies."""
+    (`bytes`) or a dtype not in shards.common.dtypes.SAFETENSORS_DTYPES goes through `safetensors.torch.load`, which copies."""
     mv = memoryview(data).cast("B")
     if len(mv) < 8:
         raise ValueError("shorter than a safetensors header")
@@ -123,7 +62,7 @@ def load_tensors(data) -> Dict[str, torch.Tensor]:
         raise ValueError("safetensors header runs past the end of the data")
     header = json.loads(bytes(mv[8:8 + n]))
     specs = {k: v for k, v in header.items() if k != "__metadata__"}
-    known = F.SAFETENSORS_DTYPES
+    known = SAFETENSORS_DTYPES
     if mv.readonly or sys.byteorder != "little" or any(v.get("dtype") not in known for v in specs.values()):
         return st_load(bytes(mv))
     base, size, out, spans = 8 + n, len(mv) - 8 - n, {}, []
@@ -286,7 +225,7 @@ def iter_tar(url: str, sha256: Optional[str] = None, stats: Optional[dict] = Non
     name = os.path.basename(url)
     hasher = _Sha256Thread()
     try:
-        with _open(url) as raw:
+        with open_stream(url) as raw:
             stream = _HashedStream(raw, hasher, stats=stats)
             sample = {}
             for member, data, at in _tar_members(stream):
@@ -343,7 +282,7 @@ def read_samples_at(url: str, wanted: List[tuple], stats: Optional[dict] = None)
     found = {}
     try:
         if is_url(url):
-            with _open(url) as raw:
+            with open_stream(url) as raw:
                 _collect(_HashedStream(raw, None, stats=stats), dict(wanted), found, last=wanted[-1][0] if wanted else -1)
         else:
             with open(url, "rb") as f:
@@ -395,7 +334,7 @@ def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:
         shards = [(path_or_url, None)]
     else:
         manifest = read_manifest(path_or_url)
-        shards = [(_join(path_or_url, s["name"]), s["sha256"]) for s in manifest["shards"]]
+        shards = [(join(path_or_url, s["name"]), s["sha256"]) for s in manifest["shards"]]
         excluded = manifest.get("excluded", {})
     for url, sha in shards:
         for sample in _decoded(url, sha):
@@ -408,8 +347,8 @@ def read_extras(path_or_url: str, manifest: Optional[dict] = None) -> Dict[str, 
     against the manifest's sha256 (read from the set when `manifest` is not given): it is small, and a
     changed byte would otherwise reach every caption-dropout step and validation image unnoticed."""
     manifest = manifest if manifest is not None else read_manifest(path_or_url)
-    where = _join(path_or_url, F.EXTRAS)
-    data = _read_bytes(where)
+    where = join(path_or_url, F.EXTRAS)
+    data = read_bytes(where)
     expected = set_files(manifest).get(F.EXTRAS, {}).get("sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise DataError(f"{where}: its sha256 differs from the manifest (corrupt or replaced); the shard set "
@@ -418,11 +357,3 @@ def read_extras(path_or_url: str, manifest: Optional[dict] = None) -> Dict[str, 
         return st_load(data)
     except Exception as e:
         raise DataError(f"{where} cannot be read ({type(e).__name__}); the shard set is damaged") from None
-
-
-def read_rejected(path: str) -> List[dict]:
-    p = os.path.join(path, F.REJECTED)
-    if not os.path.exists(p):
-        return []
-    with open(p) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -21,11 +21,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from shards.errors import DataError
-from shards.format import SAFETENSORS_DTYPES
+from shards.common.errors import DataError
+from shards.common.dtypes import SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 
-TORCH_DTYPES = SAFETENSORS_DTYPES  # safetensors name -> torch dtype
-ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 MAX_HEADER = 100_000_000  # what the safetensors library accepts
 
 
@@ -81,11 +79,11 @@ class TensorFile:
         self._f.seek(self._data + e.begin)
         if self._f.readinto(buf) != len(buf):
             raise DataError(f"{self.path} is truncated: '{name}' ends past the end of the file")
-        if e.dtype not in TORCH_DTYPES:
+        if e.dtype not in SAFETENSORS_DTYPES:
             raise DataError(f"{self.path}: '{name}' has dtype {e.dtype}, which shardtune cannot read")
         if not buf:
-            return torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype])
-        return torch.frombuffer(buf, dtype=TORCH_DTYPES[e.dtype]).reshape(e.shape)
+            return torch.empty(e.shape, dtype=SAFETENSORS_DTYPES[e.dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[e.dtype]).reshape(e.shape)
 
     def spans(self, name: str) -> List[Span]:
         """Where `name`'s bytes lie in the file."""
@@ -121,7 +119,7 @@ def _read_header(f, path: str):
     for name, e in entries.items():
         if not 0 <= e.begin <= e.end or data + e.end > size:
             raise DataError(f"{path} is truncated or corrupt: '{name}' lies outside the file")
-        if e.dtype in TORCH_DTYPES and e.end - e.begin != nbytes(TORCH_DTYPES[e.dtype], e.shape):
+        if e.dtype in SAFETENSORS_DTYPES and e.end - e.begin != nbytes(SAFETENSORS_DTYPES[e.dtype], e.shape):
             raise DataError(f"{path} is corrupt: '{name}' holds {e.end - e.begin} bytes, not the {e.dtype} "
                             f"{list(e.shape)} its header says")
     return entries, metadata, data
@@ -232,7 +230,7 @@ def write_tensor_file(path: str, tensors: List[Planned], metadata: Optional[Dict
     offset = 0
     for name, dtype, shape, _ in tensors:
         size = nbytes(dtype, shape)
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the safetensors library pads the header to 8 bytes too

@@ -17,9 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from . import format as F
-from .atomic import write_bytes, write_json
-from .errors import UsageError
-from .fingerprint import file_sha256
+from .common.atomic import write_bytes, write_json
+from .common.dtypes import STORAGE_DTYPES
+from .common.errors import UsageError
+from .common.fingerprint import file_sha256
 
 
 
@@ -42,9 +43,9 @@ def encode_sample(tensors: Dict[str, torch.Tensor], dtype: torch.dtype, metadata
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in F.TORCH_DTYPES:
-        raise UsageError(f"shard dtype '{name}' is not one of {', '.join(F.TORCH_DTYPES)}")
-    return F.TORCH_DTYPES[name]
+    if name not in STORAGE_DTYPES:
+        raise UsageError(f"shard dtype '{name}' is not one of {', '.join(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[name]
 
 
 def shard_name(index: int) -> str:

@@ -50,7 +50,7 @@ def sample_data(tmp_path_factory):
 
 def precompute_cfg(model, data, out, **over):
     from precompute.config import PrecomputeConfig
-    from shards.config import load_config
+    from shards.common.config import load_config
 
     args = [f"model.path={model}", f"data.path={data}", f"out.dir={out}", "buckets.resolution=128",
             "buckets.step=32", "buckets.min_size=64", "validation.prompts=[a photo of a cat,a red apple]"]

@@ -10,8 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import run_module
-from shards.errors import DataError, UsageError
-from train import bench
+from shards.common.errors import DataError, UsageError
+from train import bench, flops
 
 CPU = torch.device("cpu")
 
@@ -53,7 +53,7 @@ def test_forward_flops_match_flop_counter(tiny_model, variant):
         model = SD3Transformer2DModel.from_pretrained(os.path.join(tiny_model, "transformer"))
     for height, width, text in ((256, 256, 333), (128, 256, 20)):  # square with SD3's 77+256, and not
         counted = _counted_flops(model.eval(), config, height, width, text)
-        assert abs(bench.forward_flops(config, height, width, text) / counted - 1) < 0.01
+        assert abs(flops.forward_flops(config, height, width, text) / counted - 1) < 0.01
 
 
 def test_real_configs_match_published_sizes_and_flops():
@@ -66,12 +66,12 @@ def test_real_configs_match_published_sizes_and_flops():
             m = SD3Transformer2DModel(**bench.MODELS[name])
         n = sum(t.numel() for t in list(m.parameters()) + list(m.buffers()))
         assert abs(n / size - 1) < 0.005, name
-    assert abs(bench.forward_flops(bench.MODELS["sd3-medium"], 1024, 1024, 154) / 8.4e12 - 1) < 0.01  # the reference count for SD3 Medium at 1024², 154 tokens
+    assert abs(flops.forward_flops(bench.MODELS["sd3-medium"], 1024, 1024, 154) / 8.4e12 - 1) < 0.01  # the reference count for SD3 Medium at 1024², 154 tokens
     config = bench.MODELS["sd3.5-medium"]  # dual attention and qk_norm at full size, 1024²
     with torch.device("meta"):
         m = SD3Transformer2DModel(**config)
         counted = _counted_flops(m, config, 1024, 1024, bench.TEXT_TOKENS)
-    assert abs(bench.forward_flops(config, 1024, 1024) / counted - 1) < 0.01
+    assert abs(flops.forward_flops(config, 1024, 1024) / counted - 1) < 0.01
 
 
 def test_real_encoder_configs_match_published_sizes():
@@ -90,18 +90,18 @@ def test_step_flops_match_counted_forward_and_backward(tiny_model):
     config = {**_tiny_config(tiny_model), "num_layers": 4}
     model = SD3Transformer2DModel.from_config(config).requires_grad_(False)
     counted = _counted_flops(model, config, 256, 256, 20, batch=2, backward=True)
-    assert abs(bench.train_step_flops(config, 256, 256, 20, batch=2) / counted - 1) < 0.01
+    assert abs(flops.train_step_flops(config, 256, 256, 20, batch=2) / counted - 1) < 0.01
 
 
 def test_bad_size_is_one_line_error():
     with pytest.raises(UsageError, match="multiples of 16"):
-        bench.forward_flops(bench.MODELS["tiny"], 200, 256)
+        flops.forward_flops(bench.MODELS["tiny"], 200, 256)
     with pytest.raises(UsageError, match="unknown model"):
         bench.train_row("sd4", 256, 1, device=CPU)
 
 
 def test_matmul_peak_is_a_rate():
-    peak = bench.matmul_peak_flops(CPU, size=256, repeats=2)
+    peak = flops.matmul_peak_flops(CPU, size=256, repeats=2)
     assert math.isfinite(peak) and peak > 1e8
 
 
@@ -140,7 +140,7 @@ def test_train_row_on_cpu():
     for key in ("seconds", "samples_per_s", "peak_rss_mb", "forward_flops", "step_flops", "peak_flops"):
         assert math.isfinite(r[key]) and r[key] > 0, key
     assert 0 < r["mfu"] <= 1
-    assert r["forward_flops"] == bench.forward_flops(bench.MODELS["tiny"], 128, 128, 154)
+    assert r["forward_flops"] == flops.forward_flops(bench.MODELS["tiny"], 128, 128, 154)
     assert r["samples_per_s"] == pytest.approx(2 / r["seconds"])
 
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from shards.config import command_argv
-from shards.errors import UsageError
+from shards.common.config import command_argv
+from shards.common.errors import UsageError
 
 
 def test_tool_arguments_are_keys_written_the_usual_way():
@@ -26,7 +26,7 @@ def test_tool_arguments_are_keys_written_the_usual_way():
 
 
 def test_every_command_runs_through_shardtune(shard_set_fp32, tmp_path, capsys):
-    from shards.cli import COMMANDS, main
+    from shards.common.cli import COMMANDS, main
 
     assert set(COMMANDS) == {"precompute", "train", "merge", "shards", "convert"}
     with pytest.raises(SystemExit) as e:

@@ -32,8 +32,8 @@ def test_every_stage_has_a_tiny_and_a_real_preset():
 def test_shipped_config_loads(path, tiny_model, tmp_path):
     from omegaconf import OmegaConf
 
-    from shards.config import load_config
-    from shards.modelpath import looks_like_hub_id
+    from shards.common.config import load_config
+    from shards.common.hub import looks_like_hub_id
 
     stage = os.path.splitext(os.path.basename(path))[0]
     # Paths in the presets point at outputs that need not exist yet; every other value must load as is.
@@ -50,7 +50,7 @@ def test_shipped_config_loads(path, tiny_model, tmp_path):
 def _err(capsys, *argv):
     from precompute.__main__ import main
     from precompute.config import PrecomputeConfig
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli("precompute", main, list(argv), schema=PrecomputeConfig)
@@ -74,7 +74,7 @@ def test_messages_say_where_the_mistake_is(capsys, tmp_path):
 def test_help_lists_every_key(capsys):
     from precompute.__main__ import main
     from precompute.config import PrecomputeConfig
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     run_cli("precompute", main, ["--help"], schema=PrecomputeConfig)
     out = capsys.readouterr().out
@@ -87,8 +87,8 @@ def test_help_lists_every_key(capsys):
 def test_unknown_or_absent_device_is_a_usage_error():
     import torch
 
-    from shards.config import resolve_device
-    from shards.errors import UsageError
+    from shards.common.config import resolve_device
+    from shards.common.errors import UsageError
 
     assert resolve_device("device", "cpu") == torch.device("cpu")
     with pytest.raises(UsageError, match="is not a device"):
@@ -102,8 +102,8 @@ def test_unknown_or_absent_device_is_a_usage_error():
 def test_every_numeric_key_has_a_range_and_values_outside_it_are_refused(stage, tiny_model, tmp_path):
     import importlib
 
-    from shards.config import load_config, numeric_keys
-    from shards.errors import UsageError
+    from shards.common.config import load_config, numeric_keys
+    from shards.common.errors import UsageError
 
     schema = _schema(stage)
     ranges = importlib.import_module(f"{stage}.config").RANGES
@@ -132,8 +132,8 @@ def test_every_numeric_key_has_a_range_and_values_outside_it_are_refused(stage, 
 
 
 def test_data_shuffle_buffer_of_zero_is_refused(tiny_model, tmp_path):
-    from shards.config import load_config
-    from shards.errors import UsageError
+    from shards.common.config import load_config
+    from shards.common.errors import UsageError
     from train.config import TrainConfig
 
     with pytest.raises(UsageError, match=r"config key 'data.shuffle_buffer' must be at least 1, not 0"):
@@ -143,8 +143,8 @@ def test_data_shuffle_buffer_of_zero_is_refused(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("text", ["- train.max_steps: 3\n", "- - a\n  - b\n"])
 def test_a_yaml_file_that_is_not_sections_of_keys_is_one_line(text, tmp_path):
-    from shards.config import load_config
-    from shards.errors import UsageError
+    from shards.common.config import load_config
+    from shards.common.errors import UsageError
     from train.config import TrainConfig
 
     path = tmp_path / "c.yaml"
@@ -156,8 +156,8 @@ def test_a_yaml_file_that_is_not_sections_of_keys_is_one_line(text, tmp_path):
 def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, capsys):
     import errno
 
-    from shards import atomic
-    from shards.config import run_cli
+    from shards.common import atomic
+    from shards.common.config import run_cli
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -186,7 +186,7 @@ def test_help_says_what_every_key_means_and_may_be(name):
 
     from omegaconf import OmegaConf
 
-    from shards.config import describe_keys, flat_keys
+    from shards.common.config import describe_keys, flat_keys
 
     schema = _schema(name) if name in ("precompute", "train", "merge") else \
         {"shards": _tool_schemas()[0], "convert": _tool_schemas()[1]}[name]
@@ -207,8 +207,8 @@ def test_help_says_what_every_key_means_and_may_be(name):
 def test_every_value_outside_a_keys_choices_is_refused(stage, tiny_model, tmp_path):
     import importlib
 
-    from shards.config import load_config
-    from shards.errors import UsageError
+    from shards.common.config import load_config
+    from shards.common.errors import UsageError
 
     choices = importlib.import_module(f"{stage}.config").CHOICES
     for key in choices:
@@ -242,7 +242,7 @@ def test_readme_tables_name_the_schemas_keys_with_its_defaults(stage):
 
     from omegaconf import OmegaConf
 
-    from shards.config import flat_keys
+    from shards.common.config import flat_keys
 
     schema = flat_keys(OmegaConf.to_container(OmegaConf.structured(_schema(stage))))
     required = importlib.import_module(f"{stage}.config").REQUIRED
@@ -260,7 +260,7 @@ def test_readme_tables_name_the_schemas_keys_with_its_defaults(stage):
 def test_bitsandbytes_int8_cast_notice_is_silenced_once(caplog):
     import logging
 
-    from shards.config import quiet_libraries
+    from shards.common.config import quiet_libraries
 
     quiet_libraries()
     quiet_libraries()

@@ -30,7 +30,7 @@ def test_batches_hold_one_bucket_are_seeded_and_cover_every_sample(shard_set_fp3
 
 def test_caption_dropout_trains_on_the_empty_prompt(tiny_model, shard_set_fp32):
     from shards import read_extras, read_manifest
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.model import load_transformer, scheduler_config
     from train.objective import Objective
@@ -61,7 +61,7 @@ def test_several_shard_sets_are_read_together(shard_set_fp32, tiny_model, tmp_pa
 
     from shards import read_samples
     from train.loop import combined_manifest
-    from shards.errors import DataError
+    from shards.common.errors import DataError
 
     keys = {s["key"] for s in read_samples(shard_set_fp32)}
     seen = []
@@ -93,7 +93,7 @@ def test_sets_from_other_model_components_are_refused_naming_both(shard_set_fp32
     import copy
     import json
 
-    from shards.errors import DataError
+    from shards.common.errors import DataError
     from train.loop import combined_manifest
 
     first = json.load(open(f"{shard_set_fp32}/manifest.json"))

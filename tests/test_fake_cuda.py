@@ -39,7 +39,7 @@ def _on_cuda(tensors) -> list:
 @pytest.mark.parametrize("precision,checkpointing", [("bf16", False), ("bf16", True), ("fp32", False),
                                                      ("fp32", True)])
 def test_the_lora_step_runs_on_cuda_in_the_dtypes_it_means(precision, checkpointing):
-    from train.bench import bench_config
+    from train.synthetic import bench_config
     from train.fake_gpu import denoise_step, lora_step
     from train.objective import resolve_dtypes
 

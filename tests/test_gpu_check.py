@@ -4,7 +4,7 @@ import shlex
 
 import pytest
 
-from shards.config import run_cli
+from shards.common.config import run_cli
 from train import bench, gpu_check
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import precompute_cfg, write_tar
 from shards import read_manifest, read_rejected, read_samples
-from shards.errors import DataError
+from shards.common.errors import DataError
 
 FAST = {"text.t5_precision": "none", "num_workers": 0, "buckets.min_size": 0}
 
@@ -51,7 +51,7 @@ def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 def test_every_pixel_mode_becomes_8bit_rgb_with_its_real_range():
     """16-bit integer samples keep their high byte (v >> 8, what PIL does for 16-bit RGB PNGs), floats are
     0..1; references are computed here with numpy, never with PIL's convert()."""
-    from precompute.data import decode_rgb, why_unreadable
+    from precompute.images import decode_rgb, why_unreadable
 
     rng = np.random.RandomState(0)
     ramp = (np.arange(64 * 8, dtype=np.int64).reshape(8, 64) * 128 + 37).astype(np.uint16)  # 37 .. 65445
@@ -182,7 +182,7 @@ def test_caption_prefix_is_not_put_on_class_images(tmp_path):
 
 def test_every_file_under_the_data_folder_is_in_the_shards_or_rejected_once(tiny_model, tmp_path):
     """A folder holding every kind of entry; nothing hangs, nothing raises, nothing is lost or doubled."""
-    from precompute.data import display_name
+    from precompute.inputs import display_name
 
     d = tmp_path / "data"
     (d / "nested" / "deeper").mkdir(parents=True)

@@ -94,7 +94,7 @@ def test_image_modes_and_orientation(tiny_model, sample_data, tmp_path):
     assert set(metas) == {"grey.png", "palette.png", "cmyk.jpg", "transparent.png", "animated.webp", "rotated.jpg"}
     assert metas["grey.png"]["original_size"] == [160, 96]
     assert metas["rotated.jpg"]["original_size"] == [96, 160]  # EXIF orientation applied
-    from precompute.data import load_rgb
+    from precompute.images import load_rgb
     im, _ = load_rgb(str(d / "transparent.png"))
     assert im.getpixel((5, 5)) == (255, 255, 255)  # transparent composited on white
 
@@ -230,7 +230,7 @@ def test_unreadable_file_is_rejected(tiny_model, sample_data, tmp_path, monkeypa
 
 
 def test_metadata_that_is_not_utf8_is_named(tiny_model, sample_data, tmp_path):
-    from shards.errors import DataError
+    from shards.common.errors import DataError
 
     d = tmp_path / "latin1"
     _images(sample_data, d, ("camera.png",))

@@ -9,15 +9,15 @@ import sys
 import pytest
 
 from conftest import REPO
-from shards.errors import UsageError
-from shards.lock import LOCK_NAME, exclusive, out_dir_lock, sibling_lock
+from shards.common.errors import UsageError
+from shards.common.lock import LOCK_NAME, exclusive, out_dir_lock, sibling_lock
 
 ENV = {**os.environ, "PYTHONPATH": REPO}
 
 
 def _holder(code: str):
     """A real process that takes a lock (`code` is the with-statement's expression) and keeps it."""
-    p = subprocess.Popen([sys.executable, "-c", "import time\nfrom shards.lock import *\nfrom precompute.outdir import "
+    p = subprocess.Popen([sys.executable, "-c", "import time\nfrom shards.common.lock import *\nfrom precompute.outdir import "
                           f"part_lock\nwith {code}:\n    print('held', flush=True)\n    time.sleep(600)"],
                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -42,7 +42,7 @@ def test_a_second_writer_is_refused_until_the_holder_dies_even_by_sigkill(tmp_pa
 
 
 def test_without_flock_the_lock_file_is_the_lock_and_a_dead_holder_is_stale(tmp_path, monkeypatch):
-    import shards.lock as lock
+    import shards.common.lock as lock
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -81,7 +81,7 @@ def test_precompute_parts_share_a_folder_but_not_a_part_or_another_split(tmp_pat
 def test_a_second_merge_into_the_same_out_dir_is_refused(tmp_path):
     from merge.config import MergeConfig
     from merge.run import run_merge
-    from shards.config import load_config
+    from shards.common.config import load_config
 
     out = str(tmp_path / "release")
     p = _holder(f"sibling_lock({out!r}, 'merge')")

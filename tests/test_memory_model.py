@@ -19,7 +19,7 @@ def test_the_model_counts_what_a_real_run_holds():
 def test_a_modelled_nf4_layer_holds_what_bitsandbytes_holds():
     import bitsandbytes as bnb
 
-    from shards.fake_cuda import ModelledLinear4bit
+    from shards.modelled_layers import ModelledLinear4bit
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 640)
@@ -71,7 +71,7 @@ def test_modelled_nf4_t5_quantizes_what_transformers_quantizes(tiny_model):
     from transformers import T5EncoderModel
 
     from precompute.memory_model import _t5_in_nf4
-    from shards.fake_cuda import ModelledLinear4bit
+    from shards.modelled_layers import ModelledLinear4bit
 
     t5 = T5EncoderModel.from_pretrained(f"{tiny_model}/text_encoder_3")
     _t5_in_nf4(t5, torch.bfloat16)

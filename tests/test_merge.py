@@ -16,7 +16,7 @@ from conftest import cli
 from merge.config import MergeConfig
 from merge.lora import split_key
 from merge.run import main, run_merge
-from shards.config import load_config, run_cli
+from shards.common.config import load_config, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -455,7 +455,7 @@ def test_finiteness_check_catches_nan_and_inf_in_every_float_dtype(dtype):
 
 def test_a_header_whose_sizes_disagree_is_one_line(tmp_path):
     from shards.tensorfile import TensorFile
-    from shards.errors import DataError
+    from shards.common.errors import DataError
 
     h = json.dumps({"a.weight": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
     h += b" " * (-len(h) % 8)

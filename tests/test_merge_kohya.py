@@ -156,7 +156,7 @@ def test_bad_convert_input_is_one_line(lora, kohya, tmp_path, capsys, case, code
     if case == "exists":
         out.write_bytes(b"keep me")
     from merge.convert import main as convert_main
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # in this process: test_command_line_convert proves the entry point

@@ -19,7 +19,7 @@ from merge.run import TEXT_ENCODERS
 from merge.single_file import copy_jobs, transformer_jobs, vae_jobs, write_single_file
 from merge.sources import TRANSFORMERS_WEIGHTS, OriginalSource, folder_source
 from merge.verify import forward_probe, verify_tensors
-from shards.errors import DataError
+from shards.common.errors import DataError
 from test_merge import _run, make_lora, merge, merged_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_verify_on_the_command_line(base, loras, tmp_path):
 def test_verify_numbers(base, loras, tmp_path):
     from merge.config import MergeConfig
     from merge.run import run_merge
-    from shards.config import load_config
+    from shards.common.config import load_config
 
     argv = [f"model.path={base}", f"lora.path=[{loras[0]},{loras[2]}]", "lora.scale=[1,0.5]", "merge.verify=true"]
     r = run_merge(load_config(MergeConfig, argv + [f"out.dir={tmp_path / 'a'}"]), progress=False).verify
@@ -202,7 +202,7 @@ def test_verify_catches_a_wrong_release(base, loras, tmp_path):
 def test_model_card_from_a_training_run(tiny_model, sample_data, model_without_text_encoders, tmp_path, capsys):
     from conftest import precompute_cfg
     from precompute.run import run as precompute
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 

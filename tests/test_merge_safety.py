@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import merge.release as release
 from merge.sources import OriginalSource, folder_source
-from shards.errors import DataError
-from shards.fingerprint import transformer_fingerprint
+from shards.common.errors import DataError
+from shards.common.fingerprint import transformer_fingerprint
 from test_merge import LORA_FILE, _run, make_lora, merge, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ def test_by_default_editing_the_release_leaves_the_base_unchanged(base, lora, tm
 def _run_main(argv, capsys):
     """merge's main() as the command line runs it; (exit code, stdout, stderr)."""
     from merge.run import main
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     code = 0
     try:
@@ -234,11 +234,11 @@ def _merge_side(source, dtype):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_train_and_merge_fingerprints_agree_for_folder_and_single_file(base, tmp_path, dtype):
-    from shards.format import TORCH_DTYPES
+    from shards.common.dtypes import STORAGE_DTYPES
     from train.model import base_fingerprint, load_transformer
 
-    loaded = load_transformer(base, TORCH_DTYPES[dtype], torch.device("cpu"))
-    trained_on = base_fingerprint(loaded, TORCH_DTYPES[dtype])
+    loaded = load_transformer(base, STORAGE_DTYPES[dtype], torch.device("cpu"))
+    trained_on = base_fingerprint(loaded, STORAGE_DTYPES[dtype])
     assert trained_on["dtype"] == dtype
     assert _merge_side(folder_source(os.path.join(base, "transformer"), "t"), dtype) == trained_on
     assert _merge_side(OriginalSource(_single_file(base, tmp_path / "fp32.safetensors")), dtype) == trained_on

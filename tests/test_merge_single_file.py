@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from merge.sd3_keys import PREFIX, VAE_PREFIX, groups_from_original, original_name, plan, split, to_original, vae_to_original
 from merge.single_file import SINGLE_FILE_METADATA
-from shards.errors import DataError
+from shards.common.errors import DataError
 from test_merge import _run, make_lora, merge, merged_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_command_line_single_file(base, lora, tmp_path, capsys):
     # refused without out.overwrite=true, which replaces the earlier single-file release (in this process:
     # the entry point's wiring is proven above).
     from merge.run import main
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     made = os.stat(out / "release.safetensors").st_ino
     capsys.readouterr()

@@ -219,7 +219,7 @@ def test_progress_strip_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_a_training_run_writes_readable_plots_and_the_progress_strip(tiny_model, shard_set_fp32, tmp_path):
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
     from test_train import train_args

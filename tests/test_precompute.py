@@ -55,7 +55,7 @@ def test_extras_hold_empty_and_validation_prompts(pipe, shard_set_fp32):
 
 def test_latents_equal_vae_encode(pipe, shard_set_fp32, sample_data):
     from precompute.buckets import resize_and_crop
-    from precompute.data import load_rgb
+    from precompute.images import load_rgb
 
     for s in read_samples(shard_set_fp32):
         meta = s["meta"]
@@ -201,7 +201,7 @@ def test_buckets_fit_the_grid():
 ])
 def test_config_errors_are_one_line_exit_2(argv, needle, tiny_model, sample_data, tmp_path, capsys):
     from precompute.__main__ import main
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     base = [f"model.path={tiny_model}", f"data.path={sample_data}", f"out.dir={tmp_path}"]
     with pytest.raises(SystemExit) as e:
@@ -213,7 +213,7 @@ def test_config_errors_are_one_line_exit_2(argv, needle, tiny_model, sample_data
 
 def test_refuses_to_overwrite_a_complete_set(tiny_model, sample_data, shard_set_fp32, capsys):
     from precompute.__main__ import main
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli("precompute", main, [f"model.path={tiny_model}", f"data.path={sample_data}", f"out.dir={shard_set_fp32}"])
@@ -241,7 +241,7 @@ def test_tiny_model_keeps_the_real_shape_relations(tiny_model):
 
 def test_nothing_usable_is_an_error_with_the_reasons(tiny_model, tmp_path, capsys):
     from precompute.__main__ import main
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     data = tmp_path / "data"
     data.mkdir()
@@ -265,7 +265,7 @@ def test_nothing_usable_is_an_error_with_the_reasons(tiny_model, tmp_path, capsy
 
 def test_out_dir_must_differ_from_data_path(tiny_model, sample_data, capsys):
     from precompute.__main__ import main
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli("precompute", main, [f"model.path={tiny_model}", f"data.path={sample_data}", f"out.dir={sample_data}"])

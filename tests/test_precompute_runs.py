@@ -92,7 +92,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_model, many_images,
 
 
 def test_changes_are_detected_and_only_affected_shards_redone(tiny_model, sample_data, tmp_path):
-    from shards.errors import UsageError
+    from shards.common.errors import UsageError
 
     data = tmp_path / "data"
     shutil.copytree(sample_data, data)
@@ -157,7 +157,7 @@ def test_flip_random_crop_and_min_size(tiny_model, sample_data, tmp_path):
     from diffusers import AutoencoderKL
 
     from precompute.buckets import resize_and_crop
-    from precompute.data import load_rgb
+    from precompute.images import load_rgb
 
     out = str(tmp_path / "aug")
     over = {"augment.flip": "true", "buckets.crop": "random", "out.dtype": "fp32", "buckets.min_size": 400}
@@ -186,7 +186,7 @@ def test_flip_random_crop_and_min_size(tiny_model, sample_data, tmp_path):
 
 
 def test_an_edited_caption_is_a_change(tiny_model, sample_data, tmp_path):
-    from shards.errors import UsageError
+    from shards.common.errors import UsageError
 
     data = tmp_path / "data"
     shutil.copytree(sample_data, data)

@@ -7,7 +7,7 @@ import pytest
 from conftest import cli
 from shards import format as F
 from shards import read_extras, read_manifest
-from shards.errors import DataError
+from shards.common.errors import DataError
 from shards.reader import check_shard_files
 from shards.verify import verify
 

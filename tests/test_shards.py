@@ -1,6 +1,8 @@
 """Shard set format v1: round trip, manifest fields, verification, refusing broken sets."""
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -8,7 +10,7 @@ import torch
 
 from shards import ShardSetWriter, read_extras, read_manifest, read_rejected, read_samples
 from shards import format as F
-from shards.errors import DataError
+from shards.common.errors import DataError
 from shards.verify import verify
 
 
@@ -112,10 +114,17 @@ def test_keys_must_be_unique_and_webdataset_safe(tmp_path):
 
 
 def test_cli_inspect_and_verify(shard_set_fp32, tmp_path):
-    from conftest import cli, run_module
+    from conftest import REPO, cli, run_module
 
     r = cli("shards", "inspect", shard_set_fp32)
     assert r.returncode == 0 and "8 written" in r.stdout and "128x128" in r.stdout
+    # inspect reads JSON: the command, as a user runs it, starts without importing torch
+    check = ("import runpy, sys; sys.argv = ['shards', 'inspect', sys.argv[1]]\n"
+             "try:\n    runpy.run_module('shards', run_name='__main__')\n"
+             "finally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", check, shard_set_fp32], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+    assert r.returncode == 0 and "8 written" in r.stdout and r.stderr.strip().endswith("no torch"), r.stderr
     assert cli("shards", "verify", shard_set_fp32).returncode == 0
     broken = tmp_path / "broken"
     shutil.copytree(shard_set_fp32, broken)

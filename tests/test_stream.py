@@ -5,7 +5,7 @@ import os
 import pytest
 
 from conftest import small_set
-from shards.errors import DataError
+from shards.common.errors import DataError
 from train.data import BatchStream, SampleStream, epoch_plan, set_shards
 
 
@@ -167,7 +167,7 @@ def test_a_changed_shard_set_is_refused_at_resume(tmp_path):
 
 
 def test_a_stream_position_from_other_sets_is_refused(tmp_path):
-    from shards.errors import UsageError
+    from shards.common.errors import UsageError
 
     small_set(tmp_path / "a", 20, 5)
     small_set(tmp_path / "b", 30, 5, prefix="b")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 from shards.reader import iter_tar, load_tensors, read_samples
 
 

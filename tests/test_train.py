@@ -21,7 +21,7 @@ def train_args(model, shards, out, *extra):
 
 @pytest.fixture(scope="module")
 def trained(model_without_text_encoders, shard_set_fp32, tmp_path_factory):
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 
@@ -111,7 +111,7 @@ def test_lora_loads_in_diffusers_with_the_trained_effect(trained, tiny_model):
 
 
 def test_refuses_a_shard_set_for_another_model(tiny_model, shard_set_fp32, tmp_path, capsys):
-    from shards.config import run_cli
+    from shards.common.config import run_cli
     from shards.writer import write_manifest
     from train.__main__ import main
 
@@ -135,7 +135,7 @@ def test_refuses_a_shard_set_for_another_model(tiny_model, shard_set_fp32, tmp_p
     ("loss.weighting=cos", "config key 'loss.weighting'"),
 ])
 def test_config_errors_are_one_line(arg, needle, tiny_model, shard_set_fp32, tmp_path, capsys):
-    from shards.config import run_cli
+    from shards.common.config import run_cli
     from train.__main__ import main
 
     with pytest.raises(SystemExit) as e:
@@ -145,7 +145,7 @@ def test_config_errors_are_one_line(arg, needle, tiny_model, shard_set_fp32, tmp
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_model, shard_set_fp32, tmp_path, capsys):
-    from shards.config import run_cli
+    from shards.common.config import run_cli
     from train.__main__ import main
 
     with pytest.raises(SystemExit) as e:
@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_model, shard_set_fp32, 
 def test_bf16_weights_autocast_accumulation_and_checkpointing(tiny_model, shard_set_fp32, tmp_path):
     from safetensors.torch import load_file
 
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 
@@ -178,7 +178,7 @@ def test_bf16_weights_autocast_accumulation_and_checkpointing(tiny_model, shard_
 
 
 def test_an_earlier_run_is_not_overwritten_silently(tiny_model, shard_set_fp32, tmp_path, capsys):
-    from shards.config import run_cli
+    from shards.common.config import run_cli
     from train.__main__ import main
 
     # A finished run whose checkpoints were deleted: its LoRA is worth keeping (a run stopped before its first
@@ -194,7 +194,7 @@ def test_an_earlier_run_is_not_overwritten_silently(tiny_model, shard_set_fp32, 
 
 
 def test_validation_size_is_checked_before_training(tiny_model, shard_set_fp32, tmp_path, capsys):
-    from shards.config import run_cli
+    from shards.common.config import run_cli
     from train.__main__ import main
 
     with pytest.raises(SystemExit) as e:

@@ -94,7 +94,7 @@ def test_killed_before_a_checkpoint_restarts_and_ctrl_c_saves_one_to_resume_from
 
 def test_a_second_train_into_the_same_out_dir_is_refused(tiny_model, shard_set_fp32, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shards.lock import out_dir_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shards.common.lock import out_dir_lock\n"
                                f"with out_dir_lock({str(out)!r}, 'train'):\n    print('held', flush=True)\n"
                                "    time.sleep(600)"], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -110,7 +110,7 @@ def test_a_second_train_into_the_same_out_dir_is_refused(tiny_model, shard_set_f
 
 
 def _train(*argv):
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 
@@ -123,10 +123,10 @@ def _lora_info(path) -> dict:
 
 
 def test_resume_decides_per_key_and_the_lora_records_what_ran(tiny_model, shard_set_fp32, tmp_path, capsys):
-    from shards.errors import UsageError
+    from shards.common.errors import UsageError
     from train.config import TrainConfig
     from train.optim import lr_factor
-    from shards.config import flat_keys
+    from shards.common.config import flat_keys
     from train.resume import rule
 
     from omegaconf import OmegaConf
@@ -167,8 +167,8 @@ def test_resume_decides_per_key_and_the_lora_records_what_ran(tiny_model, shard_
 
 
 def test_files_not_marked_as_a_runs_own_are_never_restarted_over(tmp_path):
-    from shards.config import load_config
-    from shards.errors import UsageError
+    from shards.common.config import load_config
+    from shards.common.errors import UsageError
     from train.config import TrainConfig
     from train.loop import prepare_out_dir
 
@@ -185,7 +185,7 @@ def test_non_finite_shard_data_is_named_not_blamed_on_the_learning_rate(tiny_mod
     import torch
 
     from shards import read_extras, read_manifest, read_samples
-    from shards.config import run_cli
+    from shards.common.config import run_cli
     from shards.writer import ShardSetWriter
     from train.__main__ import main
 
@@ -211,7 +211,7 @@ def test_non_finite_shard_data_is_named_not_blamed_on_the_learning_rate(tiny_mod
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(
         tiny_model, shard_set_fp32, tmp_path, capsys, monkeypatch):
-    from shards.config import run_cli
+    from shards.common.config import run_cli
     from train import checkpoint
     from train.__main__ import main
 
@@ -233,7 +233,7 @@ def test_a_second_signal_quits_at_once_and_old_saved_keys_are_not_changes(tmp_pa
     import signal as sig
     from types import SimpleNamespace
 
-    from shards.config import load_config, to_dict
+    from shards.common.config import load_config, to_dict
     from train.config import TrainConfig
     from train.resume import changes
     from train.stop import StopRequest

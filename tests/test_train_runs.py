@@ -21,7 +21,7 @@ def _args(model, shards, out, *extra):
 
 
 def _train(*argv):
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 
@@ -66,7 +66,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, shard_set_fp32, tmp_pa
 
 
 def test_resume_with_other_lora_settings_is_refused(tiny_model, shard_set_fp32, tmp_path):
-    from shards.errors import UsageError
+    from shards.common.errors import UsageError
 
     _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=2"))
     with pytest.raises(UsageError, match=r"lora.rank 4 -> 8"):
@@ -81,7 +81,7 @@ def test_resume_with_other_lora_settings_is_refused(tiny_model, shard_set_fp32, 
 def test_presets_target_exactly_the_intended_modules(preset, per_block, tiny_model):
     from diffusers import SD3Transformer2DModel
 
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.model import lora_module_names
 
@@ -123,7 +123,7 @@ def test_a_quantized_base_is_read_tensor_by_tensor_into_the_same_model(kind, tin
     first); the model, its LoRA module names and a training step are exactly those of loading it whole."""
     from diffusers import SD3Transformer2DModel
 
-    from train.bench import bench_config
+    from train.synthetic import bench_config
     from train.fake_gpu import lora_step
     from train.model import freeze_and_place, load_transformer
 
@@ -277,7 +277,7 @@ def test_validation_images_change_as_the_lora_learns(tiny_model, shard_set_fp32,
 
 
 def test_non_finite_run_stops_with_a_checkpoint(tiny_model, shard_set_fp32, tmp_path):
-    from shards.errors import DataError
+    from shards.common.errors import DataError
 
     with pytest.raises(DataError, match="the state is saved in"):
         _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=20", "train.lr=1e30",
@@ -287,7 +287,7 @@ def test_non_finite_run_stops_with_a_checkpoint(tiny_model, shard_set_fp32, tmp_
 
 def test_flip_and_prior_weight_in_the_objective(tiny_model, shard_set_fp32):
     from shards import read_extras, read_manifest
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.data import bucket_batches
     from train.model import load_transformer, scheduler_config
@@ -324,7 +324,7 @@ def test_sd35_medium_layout_dual_attention_and_qk_norm(tmp_path_factory, shard_s
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from precompute.tiny import build_tiny_model
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.model import lora_module_names
 
@@ -412,7 +412,7 @@ def test_shard_sets_by_url_pipe_and_brace_pattern(tiny_model, shard_set_fp32, tm
         assert all(torch.equal(ref[k], got[k]) for k in ref)
     for i in (0, 1):
         shutil.copytree(shard_set_fp32, tmp_path / f"set-{i}")
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
 
     cfg = load_config(TrainConfig, _args(tiny_model, f"{tmp_path}/set-{{0,1}}@2,{shard_set_fp32}", tmp_path / "x"))

@@ -71,7 +71,7 @@ import json, os, sys
 sys.path.insert(0, {REPO!r})
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from shards.config import load_config
+from shards.common.config import load_config
 from train.config import TrainConfig
 from train.loop import build_run, run_accelerator, train
 
@@ -127,7 +127,7 @@ def test_two_processes_sigkill_then_resume_bit_identical_and_resume_with_one(tin
     assert _same_lora(straight, killed)
     assert [json.loads(x)["step"] for x in open(killed / "metrics.jsonl")] == list(range(1, 9))
     # The same checkpoint resumed by one process: it takes over both processes' share of the data.
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 
@@ -146,7 +146,7 @@ def test_only_the_last_micro_batch_of_a_step_all_reduces(two_processes):
 
 
 def test_fp16_on_cpu_trains_with_a_gradient_scaler(tiny_model, shard_set_fp32, tmp_path):
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 
@@ -164,7 +164,7 @@ def test_fp16_on_cpu_trains_with_a_gradient_scaler(tiny_model, shard_set_fp32, t
 
 
 def test_host_syncs_one_per_step_and_one_transfer_per_log_interval(tiny_model, shard_set_fp32, tmp_path, monkeypatch):
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     import train.loop as loop
 
@@ -242,7 +242,7 @@ def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
 def test_a_tracker_that_cannot_log_is_refused_with_its_key():
     import importlib.util
 
-    from shards.errors import UsageError
+    from shards.common.errors import UsageError
     from train.step import make_accelerator
 
     with pytest.raises(UsageError, match="'train.trackers'.*nosuch"):
@@ -278,7 +278,7 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(tiny_mode
 def test_auto_precision_follows_the_gpu_and_ddp_never_rebroadcasts_buffers(tiny_model, shard_set_fp32, monkeypatch):
     """bf16 where the GPU computes in it, fp16 (with the scaler) on T4 / V100 class GPUs that only emulate it;
     DDP without the per-forward broadcast of the constant position-embedding buffer."""
-    from shards.config import load_config
+    from shards.common.config import load_config
     from train.config import TrainConfig
     from train.objective import resolve_dtypes
     from train.step import make_accelerator

@@ -36,122 +36,21 @@ import json
 import os
 import statistics
 import sys
-import time
-from types import SimpleNamespace
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
-from shards.errors import DataError, UsageError
-from shards.measure import (TRANSFORMER_CONFIGS, PeakMemory, default_device, device_name, release, sync, timed_calls,
+from shards.common.errors import DataError, UsageError
+from shards.measure import (TRANSFORMER_CONFIGS, PeakMemory, default_device, device_name, release, timed_calls,
                             unless_oom)
 
+from .bench_results import check_row, format_table, results_path, save_results, table_cells
+from .flops import MFU_DEFINITION, TEXT_TOKENS, forward_flops, matmul_peak_flops, train_step_flops
+from .synthetic import BENCH_MANIFEST, LORA_RANK, SD3_SCHEDULER, bench_config, random_batch
 ROW_KINDS = ("train", "precompute", "stream", "merge", "modelled")
-TEXT_TOKENS = 77 + 256  # CLIP's 77 + T5's 256 (the SD3 pipeline's max_sequence_length)
-LORA_RANK = 16
 
 MODELS = TRANSFORMER_CONFIGS
 GPU_MODELS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
-# What the trainer's objective reads from a shard set's manifest and the scheduler config (SD3's values).
-BENCH_MANIFEST = {"vae": {"shift_factor": 0.0609, "scaling_factor": 1.5305}, "flipped_latents": False}
-SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
-
-MFU_DEFINITION = ("MFU = B·(2·F_dense + 3·F_attn) / (t_step · peak): F per sample from train.bench.flop_parts "
-                  "(2 FLOPs per multiply-add); the frozen base needs only activation gradients (one matmul per "
-                  "linear, two per attention matmul); LoRA and checkpoint recompute not counted; peak = "
-                  "a measured square matmul on this device")
-
-
-# ---------------------------------------------------------------- FLOPs
-
-def flop_parts(config, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> Dict[str, int]:
-    """Forward FLOPs per sample of diffusers' SD3Transformer2DModel, split into "dense" (linear layers and
-    the patchify conv) and "attention" (the two batched matmuls QKᵀ and softmax·V); 2 FLOPs per multiply-add.
-
-    Norms, activations, softmax, the position-table add and qk_norm are elementwise and not counted.
-    """
-    c = dict(config)
-    p, d = c["patch_size"], c["num_attention_heads"] * c["attention_head_dim"]
-    if height <= 0 or width <= 0 or height % (8 * p) or width % (8 * p):
-        raise UsageError(f"image size {height}x{width} must be positive multiples of {8 * p} "
-                         f"(VAE factor 8 × patch size {p})")
-    n_img = (height // 8 // p) * (width // 8 // p)  # image tokens
-    n_txt, s = text_tokens, n_img + text_tokens  # text tokens; the joint sequence
-    dual = set(c.get("dual_attention_layers") or ())
-    out_channels = c.get("out_channels") or c["in_channels"]
-
-    def linear(tokens: int, fan_in: int, fan_out: int) -> int:
-        return 2 * tokens * fan_in * fan_out
-
-    dense = (linear(n_img, c["in_channels"] * p * p, d)  # patchify conv = one linear per p×p patch
-             + linear(n_txt, c["joint_attention_dim"], c["caption_projection_dim"])  # context_embedder
-             + linear(1, 256, d) + linear(1, d, d)  # timestep MLP on the 256-wide sinusoidal embedding
-             + linear(1, c["pooled_projection_dim"], d) + linear(1, d, d))  # pooled-text MLP
-    attention = 0
-    for i in range(c["num_layers"]):
-        last = i == c["num_layers"] - 1  # context_pre_only: no to_add_out, no ff_context
-        dense += linear(1, d, (9 if i in dual else 6) * d)  # norm1: AdaLayerNormZero (SD35 ...ZeroX: 9 chunks)
-        dense += linear(1, d, (2 if last else 6) * d)  # norm1_context: AdaLayerNormContinuous in the last block
-        dense += linear(n_img, d, 4 * d)  # to_q, to_k, to_v, to_out.0
-        dense += linear(n_txt, d, (3 if last else 4) * d)  # add_q/k/v_proj (+ to_add_out)
-        dense += 2 * linear(n_img, d, 4 * d)  # ff: d -> 4d -> d
-        if not last:
-            dense += 2 * linear(n_txt, d, 4 * d)  # ff_context
-        attention += 2 * 2 * s * s * d  # QKᵀ and softmax·V over the joint sequence, all heads together
-        if i in dual:  # attn2: image-only self-attention
-            dense += linear(n_img, d, 4 * d)
-            attention += 2 * 2 * n_img * n_img * d
-    dense += linear(1, d, 2 * d) + linear(n_img, d, p * p * out_channels)  # norm_out modulation, proj_out
-    return {"dense": dense, "attention": attention}
-
-
-def forward_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> int:
-    """Forward FLOPs per sample (matmuls and attention, 2 per multiply-add); SD3 Medium, 1024², 154 text
-    tokens: 8.44 TFLOP."""
-    return sum(flop_parts(config, height, width, text_tokens).values())
-
-
-def train_step_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKENS, batch: int = 1) -> int:
-    """Model FLOPs of one LoRA training step: forward + backward of the frozen base, B·(2·F_dense + 3·F_attn).
-
-    The base weights get no gradient, so backward costs one matmul per linear layer (the activation
-    gradient) and, for attention, the four matmuls of dQ, dK, dV and dP against the forward's two. This is
-    the work a step must do however it is run: LoRA's own FLOPs (about 2·rank/width of the targeted layers)
-    and the forward that gradient checkpointing runs again are not counted, as MFU conventionally does.
-    (The "3 × forward" rule of full fine-tuning would count weight gradients this step never computes.)
-    """
-    f = flop_parts(config, height, width, text_tokens)
-    return batch * (2 * f["dense"] + 3 * f["attention"])
-
-
-def matmul_peak_flops(device, dtype: Optional[torch.dtype] = None, size: Optional[int] = None,
-                      repeats: int = 5) -> float:
-    """Measured FLOP/s of a square matmul on `device`: the best of `repeats` timed batches after a warm-up.
-
-    CUDA: bf16 (the dtype of the train rows) at 8192², ten matmuls per timed batch. CPU: fp32 (what the
-    trainer uses there) at 1024², one per batch, so it takes well under a second.
-    """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-    n, inner = size or (8192 if cuda else 1024), 10 if cuda else 1
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(2 if cuda else 1):  # warm-up: kernel choice, clocks, allocator
-        torch.matmul(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            torch.matmul(a, b, out=out)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 * inner / best
-
-
 # ---------------------------------------------------------------- the train-step row
 
 def model_config(name: str) -> dict:
@@ -176,32 +75,6 @@ def build_transformer(name: str, dtype: torch.dtype, device, quantize: str = "no
     g = torch.Generator(device=device).manual_seed(0)
     return fill(t, quantize, dtype, device,
                 lambda _, shape: (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype))
-
-
-def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,
-                 seed: int = 0) -> SimpleNamespace:
-    """The sections of a TrainConfig that `LoraStep`, `Objective`, `prepare_lora` and `resolve_dtypes` read, at the
-    trainer's defaults (a TrainConfig itself insists on a model folder and a shard set)."""
-    from .config import DataConfig, LoraConfig, LossConfig, ModelConfig, TrainLoopConfig
-
-    return SimpleNamespace(model=ModelConfig(quantize=quantize, gradient_checkpointing=checkpointing),
-                           train=TrainLoopConfig(batch_size=batch, seed=seed), lora=LoraConfig(rank=rank),
-                           loss=LossConfig(), data=DataConfig())
-
-
-def random_batch(config, resolution: int, batch: int, text_tokens: int, seed: int = 0, pin: bool = False) -> dict:
-    """One batch as the trainer's loader yields it: bf16 tensors (the shard set's storage dtype) on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    side = resolution // 8
-    latent = (batch, config.in_channels, side, side)
-    shapes = {"latent_mean": latent, "latent_std": latent, "prompt_embeds": (batch, text_tokens, config.joint_attention_dim),
-              "pooled_prompt_embeds": (batch, config.pooled_projection_dim)}
-    out = {k: torch.randn(shape, generator=g).to(torch.bfloat16) for k, shape in shapes.items()}
-    out["latent_std"] = out["latent_std"].abs() * 0.1
-    if pin:
-        out = {k: v.pin_memory() for k, v in out.items()}
-    out["keys"] = [f"random-{i}" for i in range(batch)]
-    return out
 
 
 class BenchRun:
@@ -309,98 +182,6 @@ QUICK_MATRIX = [dict(model="tiny", quantize=q, resolution=128, batch=2, checkpoi
 def train_rows(matrix: List[dict], device, peak_flops: float, steps: int, warmup: int) -> Iterator[dict]:
     for s in matrix:
         yield train_row(device=device, peak_flops=peak_flops, steps=steps, warmup=warmup, **s)
-
-
-# ---------------------------------------------------------------- table and results file
-
-def _fmt_seconds(s: float) -> str:
-    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
-
-
-def _table_cells(r: dict) -> List[str]:
-    s = r.get("settings", {})
-    oom = r.get("status") == "OOM"
-
-    def get(key, fmt=str):
-        return fmt(s[key]) if s.get(key) is not None else "-"
-
-    if oom:
-        mem = "OOM"
-    elif "modelled_peak_mb" in r:
-        mem = f"{r['modelled_peak_mb'] / 1024:.2f} GiB MODELLED (+margin {r['modelled_total_mb'] / 1024:.2f})"
-    elif "peak_mem_mb" in r:
-        mem = f"{r['peak_mem_mb'] / 1024:.1f} GiB ({r.get('peak_reserved_mb', 0) / 1024:.1f} resv)"
-    elif "peak_rss_mb" in r:
-        mem = f"{r['peak_rss_mb']:.0f} MiB RSS"
-    else:
-        mem = "-"
-    rate = "-"
-    for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):
-        if key in r:
-            rate = f"{r[key]:.3g} {unit}"
-    what = r.get("label") or (str(s.get("model") or r.get("what", "-")) + (f", {s['layout']}" if s.get("layout") else ""))
-    if s.get("quick"):
-        what = "quick: " + what
-    return [r["row"], what[:56], get("resolution"),
-            get("batch" if "batch" in s else "batch_size"),
-            get("base_dtype"), get("checkpointing", lambda v: "on" if v else "off"), mem,
-            "OOM" if oom else (_fmt_seconds(r["seconds"]) if "seconds" in r else "-"),
-            "OOM" if oom else rate, "OOM" if oom else (f"{r['mfu']:.1%}" if "mfu" in r else "-"),
-            f"{r['ratio']:.2f}x of {_fmt_seconds(r['baseline']['seconds'])}" if "ratio" in r
-            and isinstance(r.get("baseline"), dict) and "seconds" in r["baseline"] else "-"]
-
-
-TABLE_HEADER = ["row", "model / what", "resolution", "batch", "base dtype", "checkpointing", "peak mem",
-                "step/median time", "samples/s or images/s", "MFU*", "vs baseline**"]
-
-
-def format_table(rows: List[dict]) -> str:
-    """One text table of every row, with the MFU definition under it."""
-    lines = [TABLE_HEADER] + [_table_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text + ["", "* " + MFU_DEFINITION, "** time / the baseline's time: the same bytes read raw (stream), "
-                                                     "the checkpoint copied (merge); details in the JSON"])
-
-
-def results_path(out_dir: str, device, day: Optional[datetime.date] = None) -> str:
-    day = day or datetime.date.today()
-    return os.path.join(out_dir, f"results-{device_name(device)}-{day.isoformat()}.json")
-
-
-def _row_key(r: dict) -> str:
-    return json.dumps([r["row"], r.get("what"), r.get("settings")], sort_keys=True, default=str)
-
-
-def save_results(path: str, rows: List[dict], header: dict) -> None:
-    """Write header + rows atomically; rows already in the file with other settings are kept (a GPU session
-    may run the matrix in several commands on one day), rows with the same settings are replaced."""
-    from shards.atomic import write_json
-
-    kept, commands = [], []
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except ValueError:
-            raise DataError(f"{path} is not a results file (bad JSON); move it away and run again") from None
-        new_keys = {_row_key(r) for r in rows}
-        kept = [r for r in old.get("rows", []) if _row_key(r) not in new_keys]
-        commands = old.get("commands", [])
-        if header.get("matmul_peak_flops") is None and old.get("matmul_peak_flops") is not None:
-            header = {**header, "matmul_peak_flops": old["matmul_peak_flops"]}  # measured by an earlier train run
-    if header["command"] not in commands:
-        commands = commands + [header["command"]]
-    # default=str: a row from another stage may hold a value JSON has no type for (a path object, a dtype).
-    write_json(path, json.loads(json.dumps({**header, "commands": commands, "rows": kept + rows}, default=str)))
-
-
-def check_row(r, source: str) -> None:
-    """A row from another stage's bench must follow the contract in this module's docstring."""
-    if not isinstance(r, dict) or not isinstance(r.get("row"), str) or not isinstance(r.get("what"), str) \
-            or not isinstance(r.get("settings"), dict):
-        raise DataError(f"{source} returned a row without the keys row (str), what (str), settings (dict): {r!r}"[:300])
 
 
 # ---------------------------------------------------------------- orchestrator
@@ -565,7 +346,7 @@ def _versions() -> dict:
 
 
 def _progress(r: dict) -> None:
-    print("bench: " + "  ".join(c for c in _table_cells(r) if c != "-"), file=sys.stderr, flush=True)
+    print("bench: " + "  ".join(c for c in table_cells(r) if c != "-"), file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> str:
@@ -601,6 +382,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     run_cli("train.bench", main)

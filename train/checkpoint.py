@@ -14,8 +14,8 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from shards.atomic import fsync_dir, write_json
-from shards.errors import DataError, UsageError
+from shards.common.atomic import fsync, write_json
+from shards.common.errors import DataError, UsageError
 
 from .resume import changes
 
@@ -103,13 +103,12 @@ def _save(out_dir: str, step: int, accel, lora, shared: Dict, per_rank: Dict, st
         torch.save({name: part.state_dict() for name, part in shared.items()}, os.path.join(tmp, "shared.pt"))
         write_json(os.path.join(tmp, "state.json"), {**state, "processes": accel.num_processes})
         for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+            fsync(os.path.join(tmp, name))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(final, MARKER), "w") as f:
             f.write(f"{step}\n")
-        fsync_dir(root)
+        fsync(root)
         for _, old in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accel.wait_for_everyone()

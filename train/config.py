@@ -4,9 +4,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from shards.config import check, check_choices, check_ranges, one_of
-from shards.modelpath import check_model_path
-from shards.reader import is_url
+from shards.common.config import check, check_choices, check_ranges, one_of
+from shards.common.hub import check_model_path
+from shards.manifest import is_url
 
 from .flow import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 

@@ -59,7 +59,7 @@ def lora_step(transformer, cfg, resolution: int, text_tokens: int, memory: bool 
 
 
 def _run_steps(accel, transformer, cfg, resolution, text_tokens, memory, audit, device, weight_dtype, amp):
-    from .bench import BENCH_MANIFEST, SD3_SCHEDULER, random_batch
+    from .synthetic import BENCH_MANIFEST, SD3_SCHEDULER, random_batch
     from .objective import Objective, prepare_lora
     from .step import LoraStep
 
@@ -105,7 +105,7 @@ def _nothing():
 def denoise_step(transformer, resolution: int, text_tokens: int, audit: StepAudit, dtype: torch.dtype):
     """One step of the validation sampler's denoising loop (`train.sampling.denoise`: the guided model call
     and the scheduler step) on `transformer` as training leaves it, on fake CUDA."""
-    from .bench import SD3_SCHEDULER
+    from .synthetic import SD3_SCHEDULER
     from .sampling import denoise
 
     c = transformer.config

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import List
 
-from shards.errors import UsageError
+from shards.common.errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_S = 8 * 60
@@ -203,6 +203,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     run_cli("train.gpu_check", main)

@@ -12,16 +12,17 @@ import torch
 from tqdm import tqdm
 
 from shards import read_extras, read_manifest
-from shards.atomic import write_json
-from shards.config import resolve_device, to_dict
-from shards.errors import DataError, Interrupted, UsageError
-from shards.lock import out_dir_lock
-from shards.modelpath import resolve_model
+from shards.common.atomic import write_json
+from shards.common.config import resolve_device, to_dict
+from shards.common.errors import DataError, Interrupted, UsageError
+from shards.common.lock import out_dir_lock
+from shards.common.hub import resolve_model
 from shards.reader import check_shard_files
 
 from . import checkpoint, resume
 from .config import TrainConfig
-from .data import BatchStream, TrainStream
+from .data import BatchStream
+from .prefetch import TrainStream
 from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME
 from .model import base_fingerprint, check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
 from .objective import Objective, prepare_lora, resolve_dtypes

@@ -15,8 +15,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import save
 
-from shards.atomic import write_bytes
-from shards.errors import DataError
+from shards.common.atomic import write_bytes
+from shards.common.errors import DataError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EMA_WEIGHT_NAME = "pytorch_lora_weights_ema.safetensors"

@@ -24,7 +24,7 @@ from typing import List, Optional
 
 import torch
 
-from shards.fake_cuda import ModelledLinear4bit, ModelledLinear8bit
+from shards.modelled_layers import ModelledLinear4bit, ModelledLinear8bit
 from shards.measure import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB, TRANSFORMER_CONFIGS
 TEXT_TOKENS = 77 + 256
 
@@ -59,7 +59,7 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
 
     from shards.fake_cuda import FakeCuda
 
-    from .bench import bench_config
+    from .synthetic import bench_config
     from .fake_gpu import CUDA, lora_step
 
     if quantize not in ("none", "nf4", "int8"):
@@ -118,7 +118,7 @@ def host_check(config: dict, resolution: int, batch: int, checkpointing: bool, t
 
     from shards.fake_cuda import FakeHost
 
-    from .bench import bench_config
+    from .synthetic import bench_config
     from .fake_gpu import lora_step
 
     cpu = torch.device("cpu")

@@ -6,8 +6,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-from shards.errors import DataError, UsageError
-from shards.modelpath import component_dir
+from shards.common.errors import DataError, UsageError
+from shards.common.hub import component_dir
 
 from .config import LoraConfig
 
@@ -130,12 +130,12 @@ def quantized_linear(kind: str, weight: torch.Tensor, bias, compute_dtype: torch
 
 
 def base_fingerprint(transformer, dtype: torch.dtype) -> dict:
-    """The base transformer's content fingerprint (shards.fingerprint) as training holds it, taken before any LoRA
+    """The base transformer's content fingerprint (shards.common.fingerprint) as training holds it, taken before any LoRA
     is added; the LoRA file records it so that merge can tell when it folds the LoRA into another base."""
-    from shards.fingerprint import transformer_fingerprint
-    from shards.format import TORCH_DTYPES
+    from shards.common.fingerprint import transformer_fingerprint
+    from shards.common.dtypes import STORAGE_DTYPES
 
-    name = next(k for k, v in TORCH_DTYPES.items() if v == dtype)
+    name = next(k for k, v in STORAGE_DTYPES.items() if v == dtype)
     return transformer_fingerprint(dict(transformer.named_parameters()).get, name)
 
 
@@ -336,7 +336,7 @@ def check_shard_set(manifest: dict, transformer_config) -> None:
 
 def warn_if_other_vae(manifest: dict, root: str) -> None:
     """Latents from another VAE fit the shapes but not the model; the fingerprints tell."""
-    from shards.fingerprint import folder_fingerprint
+    from shards.common.fingerprint import folder_fingerprint
 
     recorded = manifest["model"].get("components", {}).get("vae")
     vae = os.path.join(root, "vae")

@@ -1,7 +1,7 @@
 """The training objective: SD3's rectified-flow loss on one micro-batch, every draw from one generator."""
 import torch
 
-from shards.format import TORCH_DTYPES
+from shards.common.dtypes import STORAGE_DTYPES
 
 from . import flow
 from .config import LoraConfig, ModelConfig, TrainConfig
@@ -23,7 +23,7 @@ def resolve_dtypes(cfg: TrainConfig, device: torch.device):
     amp = cfg.train.mixed_precision
     if amp == "auto":
         amp = half if device.type == "cuda" else "no"
-    return TORCH_DTYPES[weights], amp
+    return STORAGE_DTYPES[weights], amp
 
 
 def prepare_lora(transformer, lora: LoraConfig, model: ModelConfig):

@@ -7,9 +7,9 @@ from typing import List, Optional
 
 import torch
 
-from shards.atomic import atomic_open
-from shards.config import to_dict
-from shards.reader import _join, _read_bytes
+from shards.common.atomic import atomic_open
+from shards.common.config import to_dict
+from shards.manifest import join, read_bytes
 
 from .lora_file import EMA_WEIGHT_NAME, save_lora
 from .plot import change_at_equal_sigma, loss_by_sigma_png, loss_curve_png, metric_series
@@ -131,7 +131,7 @@ def _data_config(manifest: dict) -> dict:
 
 
 def manifest_hash(path: str) -> str:
-    return hashlib.sha256(_read_bytes(_join(path, "manifest.json"))).hexdigest()
+    return hashlib.sha256(read_bytes(join(path, "manifest.json"))).hexdigest()
 
 
 def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: List[dict], seconds: float) -> dict:

@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-from shards.atomic import atomic_open
+from shards.common.atomic import atomic_open
 
 BACKGROUND = (255, 255, 255)
 RAW = (176, 198, 230)

@@ -9,8 +9,8 @@ Every key of the train schema has a rule (a test walks the schema), so a new key
 """
 from typing import List, Tuple
 
-from shards.config import flat_keys, to_dict
-from shards.errors import UsageError
+from shards.common.config import flat_keys, to_dict
+from shards.common.errors import UsageError
 
 REFUSE = ("lora.rank", "lora.alpha", "lora.targets", "lora.blocks", "train.optimizer")
 STREAM = ("train.batch_size", "train.grad_accum", "train.seed", "data.shards", "data.shuffle_buffer")

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from shards.modelpath import component_dir
+from shards.common.hub import component_dir
 
 
 def load_vae_decoder(root: str, device: torch.device):

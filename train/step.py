@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from shards.errors import UsageError
+from shards.common.errors import UsageError
 
 from .optim import Ema, lr_factor, make_optimizer, make_schedule
 

@@ -18,12 +18,13 @@ from typing import List, Optional
 
 import torch
 
-from shards.errors import DataError
+from shards.common.errors import DataError
 from shards.measure import rows_cli
 from shards.writer import ShardSetWriter, torch_dtype
 
 from .config import DataConfig
-from .data import Prefetch, bucket_batches
+from .data import bucket_batches
+from .prefetch import Prefetch
 
 RESOLUTION = 1024
 DOWNSAMPLE = 8  # SD3 VAE
@@ -191,6 +192,6 @@ def main(argv: List[str]) -> None:
 
 
 if __name__ == "__main__":
-    from shards.config import run_cli
+    from shards.common.config import run_cli
 
     run_cli("train.stream_bench", main)

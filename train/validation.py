@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from shards.errors import UsageError
+from shards.common.errors import UsageError
 
 from .config import TrainConfig
 from .plot import BACKGROUND, CHAR_W, LINE_H, TEXT, bitmap_font, save_png

@@ -73,10 +73,10 @@ def transformer_fingerprint(get, dtype: str) -> dict:
     """
     import torch
 
-    from .format import TORCH_DTYPES
+    from .dtypes import STORAGE_DTYPES
 
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}' (one of {', '.join(TORCH_DTYPES)})")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (one of {', '.join(STORAGE_DTYPES)})")
     h = hashlib.sha256()
     for name in BASE_FINGERPRINT_TENSORS:
         t = get(name)
@@ -84,7 +84,7 @@ def transformer_fingerprint(get, dtype: str) -> dict:
         if t is None:
             h.update(b"absent\0")
             continue
-        values = t.detach().to("cpu", TORCH_DTYPES[dtype]).to(torch.bfloat16).float().contiguous()
+        values = t.detach().to("cpu", STORAGE_DTYPES[dtype]).to(torch.bfloat16).float().contiguous()
         h.update(str(list(values.shape)).encode() + b"\0")
         h.update(values.numpy().tobytes())
     return {"sha256": h.hexdigest(), "dtype": dtype}

@@ -1,0 +1,36 @@
+"""The trainer's inputs without a model folder or a shard set, for the benchmarks and the GPU-memory model: the
+config sections the step reads (at the trainer's defaults), SD3's manifest and scheduler constants, and random
+batches of the real shapes."""
+from types import SimpleNamespace
+
+import torch
+
+LORA_RANK = 16
+# What the trainer's objective reads from a shard set's manifest and the scheduler config (SD3's values).
+BENCH_MANIFEST = {"vae": {"shift_factor": 0.0609, "scaling_factor": 1.5305}, "flipped_latents": False}
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,
+                 seed: int = 0) -> SimpleNamespace:
+    """The sections of a TrainConfig that `LoraStep`, `Objective`, `prepare_lora` and `resolve_dtypes` read, at the
+    trainer's defaults (a TrainConfig itself insists on a model folder and a shard set)."""
+    from .config import DataConfig, LoraConfig, LossConfig, ModelConfig, TrainLoopConfig
+
+    return SimpleNamespace(model=ModelConfig(quantize=quantize, gradient_checkpointing=checkpointing),
+                           train=TrainLoopConfig(batch_size=batch, seed=seed), lora=LoraConfig(rank=rank),
+                           loss=LossConfig(), data=DataConfig())
+
+
+def random_batch(config, resolution: int, batch: int, text_tokens: int, seed: int = 0, pin: bool = False) -> dict:
+    """One batch as the trainer's loader yields it: bf16 tensors (the shard set's storage dtype) on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    side = resolution // 8
+    latent = (batch, config.in_channels, side, side)
+    shapes = {"latent_mean": latent, "latent_std": latent, "prompt_embeds": (batch, text_tokens, config.joint_attention_dim),
+              "pooled_prompt_embeds": (batch, config.pooled_projection_dim)}
+    out = {k: torch.randn(shape, generator=g).to(torch.bfloat16) for k, shape in shapes.items()}
+    out["latent_std"] = out["latent_std"].abs() * 0.1
+    if pin:
+        out = {k: v.pin_memory() for k, v in out.items()}
+    out["keys"] = [f"random-{i}" for i in range(batch)]
+    return out

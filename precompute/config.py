@@ -63,6 +63,9 @@ class VaeConfig:
 class OutConfig:
     dir: str = ""
     dtype: str = "bf16"  # storage dtype of latents and embeddings
+    # Store the VAE posterior's std beside its mean (training samples each latent from both). Without it the
+    # trainer uses the mean (no sampling noise on the latent); a 1024² sample is 0.5 MB smaller (1 MB with flip).
+    latent_std: bool = True
     samples_per_shard: int = 1000
     overwrite: bool = False
 
@@ -120,6 +123,8 @@ HELP = {
     "out.dir": "shard set folder",
     "out.dtype": "storage dtype of latents and embeddings (bf16, fp16, fp32)",
     "out.samples_per_shard": "inputs per tar shard (folder inputs)",
+    "out.latent_std": "store the VAE posterior's std beside its mean; false: training uses the mean (no sampling "
+                      "noise on the latent), a 1024² sample is 0.5 MB smaller (1 MB with flip)",
     "out.overwrite": "rebuild a set made with other settings, or redo the shards of changed images",
     "validation.prompts": "prompts whose embeddings go into extras.safetensors for validation images",
     "batch_size": "images per encoder batch (part of the set's identity: batched arithmetic rounds differently)",

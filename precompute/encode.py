@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from shards.common.errors import DataError
+from shards.manifest import SampleSpec
 from shards.writer import ShardWriter
 
 from . import tars
@@ -105,8 +106,9 @@ def _as_is(batch):
 
 
 def encode_shards(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncoders, vae: VaeEncoder,
-             computed: Optional[dict] = None) -> dict:
-    """Encode the `todo` shards; each shard's record carries `computed` (numerics and part)."""
+                  spec: SampleSpec, computed: Optional[dict] = None) -> dict:
+    """Encode the `todo` shards, stored as `spec` says; each shard's record carries `computed` (numerics and
+    part)."""
     buckets = make_buckets(cfg.buckets.resolution, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect)
     loader = torch.utils.data.DataLoader(_Batches(plan, todo, buckets, cfg), batch_size=None,
                                          num_workers=min(cfg.num_workers, len(todo)), collate_fn=_as_is)
@@ -135,7 +137,7 @@ def encode_shards(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncode
                 flush()  # a shard's samples are all added before it ends or is dropped
             if batch[0].get("end"):
                 i = batch[0]["shard"]
-                w = writers.pop(i, None) or ShardWriter(cfg.out.dir, i, cfg.out.dtype)  # an empty input tar
+                w = writers.pop(i, None) or ShardWriter(cfg.out.dir, i, cfg.out.dtype, spec)  # an empty input tar
                 w.finish({**(computed or {}), "inputs": plan.signature(i),
                           "truncated": truncated.pop(i, {"clip": 0, "t5": 0})})
                 continue
@@ -152,7 +154,7 @@ def encode_shards(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncode
             ready = []
             for r in batch:
                 i = r["shard"]
-                w = writers.get(i) or writers.setdefault(i, ShardWriter(cfg.out.dir, i, cfg.out.dtype))
+                w = writers.get(i) or writers.setdefault(i, ShardWriter(cfg.out.dir, i, cfg.out.dtype, spec))
                 seen = seen_in_shard.setdefault(i, {})
                 if "reject" in r:
                     w.reject(r["item"].source, r["reject"])

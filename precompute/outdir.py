@@ -59,6 +59,9 @@ def _describe_changes(old: dict, new: dict) -> str:
         parts.append("model components " + ", ".join(comps))
     if old["inputs"] != new["inputs"]:
         parts.append(f"number of inputs ({old['inputs']} -> {new['inputs']})")
+    if old.get("format_version", 1) != new.get("format_version", 1):
+        parts.append(f"shard format version ({old.get('format_version', 1)} -> {new.get('format_version', 1)}: "
+                     "this shardtune writes the newer one)")
     return "; ".join(parts)
 
 
@@ -96,7 +99,7 @@ def prepare_out_dir(cfg: PrecomputeConfig, state: dict, plan, mine: List[int], f
         raise UsageError(f"config key 'out.dir': cannot create {d} ({e.strerror})") from None
     state_path = os.path.join(d, F.RUN_STATE)
     old = read_json(state_path) if os.path.exists(state_path) else None
-    if old is not None and {k: old.get(k) for k in state} != state:
+    if old is not None and {k: old.get(k, 1 if k == "format_version" else None) for k in state} != state:
         if not cfg.out.overwrite:
             raise UsageError(f"out.dir {d} holds a shard set made differently: {_describe_changes(old, state)}; "
                              "set out.overwrite=true to rebuild it, or choose another out.dir")

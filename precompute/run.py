@@ -18,7 +18,7 @@ from shards.common.config import flat_keys, resolve_device, to_dict
 from shards.common.errors import DataError
 from shards.common.fingerprint import folder_fingerprint
 from shards.common.hub import resolve_model
-from shards.manifest import read_manifest
+from shards.manifest import SampleSpec, read_manifest
 from shards.writer import assemble, read_sidecar, write_extras
 
 from .buckets import make_buckets
@@ -71,7 +71,18 @@ def model_facts(root: str, cfg: PrecomputeConfig, device: torch.device) -> dict:
                        "t5": cfg.text.t5_precision,
                        "vae": str(resolve_dtype(cfg.vae.precision, device)).replace("torch.", "")},
         "flipped_latents": cfg.augment.flip,
+        "clip_dim": sum(c["hidden_size"] for c in clips),
     }
+
+
+def sample_spec(facts: dict, cfg: PrecomputeConfig) -> SampleSpec:
+    """How this run stores its samples: the current format, CLIP at its own width, T5 unless it is not used,
+    the latent std as out.latent_std says."""
+    emb = facts["embeddings"]
+    return SampleSpec(version=F.FORMAT_VERSION, clip_tokens=emb["clip_tokens"], t5_tokens=facts["max_sequence_length"],
+                      width=emb["prompt_embeds_dim"], pooled_dim=emb["pooled_dim"],
+                      latent_channels=facts["latent_channels"], clip_dim=facts["clip_dim"],
+                      t5=cfg.text.t5_precision != "none", latent_std=cfg.out.latent_std)
 
 
 class Plan:
@@ -150,7 +161,11 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
             raise DataError(f"data.path {cfg.data.path} holds no images (looked for {', '.join(IMAGE_EXTS)})")
         plan, n_inputs = Plan(inputs, cfg.out.samples_per_shard), len(inputs)
     facts = model_facts(root, cfg, device)
-    state = {"config": content_config(cfg), "components": facts["model"]["components"], "inputs": n_inputs,
+    spec = sample_spec(facts, cfg)
+    del facts["clip_dim"]
+    facts.update(format_version=spec.version, stored=spec.stored_json())  # how the shards store samples
+    state = {"format_version": spec.version, "config": content_config(cfg), "components": facts["model"]["components"],
+             "inputs": n_inputs,
              "shards": plan.n}
     mine = [i for i in range(plan.n) if i % parts == part]
     computed = {"numerics": numerics(device, cfg.text.t5_precision), "part": [part, parts]}
@@ -178,7 +193,7 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
                                 torch.cuda.get_device_properties(device).total_memory):
                     residency.keep_all(modules)
             load_seconds = time.time() - t_load
-            stats = encode_shards(cfg, plan, todo, text, vae, computed)
+            stats = encode_shards(cfg, plan, todo, text, vae, spec, computed)
             stats.update(offload="idle" if residency.idle else "none", encoder_switches=residency.switches)
     progress = {"part": part, "parts": parts, "shards_done_here": len(todo), "shards": plan.n,
                 "seconds": round(time.time() - t0, 2), "seconds_loading_models": round(load_seconds, 2),

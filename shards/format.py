@@ -1,9 +1,14 @@
-"""Shard set format v1: names and fields shared by writer, reader and verifier (see DESIGN.md)."""
+"""Shard set format: names and fields shared by writer, reader and verifier (see DESIGN.md).
+
+v2 stores a sample's text embeddings at their own widths (CLIP's [77, 768+1280], T5's [T, 4096], no T5 at all
+without it) and may leave out the latent std; readers hand out v1's view (`prompt_embeds` [77+T, width],
+bit-identical to what v1 stored). Sets of both versions are read."""
 import hashlib
 import json
 
 FORMAT_NAME = "shardtune-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what is written
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 EXTRAS = "extras.safetensors"
 REJECTED = "rejected.jsonl"
@@ -18,9 +23,12 @@ def is_run_state(name: str) -> bool:
     only for training may leave them out."""
     return name == RUN_STATE or (name.startswith("shard-") and name.endswith(".json"))
 
-# Tensors every sample carries, and the optional flipped pair.
+# Tensors every sample hands out (v1's view, whatever version stored it; `latent_std` unless the set left it
+# out), and the optional flipped pair.
 SAMPLE_TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 OPTIONAL_TENSORS = ("latent_mean_flip", "latent_std_flip")
+# What v2 stores in place of prompt_embeds.
+V2_TEXT_TENSORS = ("clip_embeds", "t5_embeds")
 SAMPLE_META = ("key", "caption", "source", "original_size", "crop_top_left", "bucket")
 
 # Tensors of extras.safetensors.

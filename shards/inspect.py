@@ -2,7 +2,7 @@
 from typing import List
 
 from . import format as F
-from .manifest import is_url, read_manifest, read_rejected, unchecked
+from .manifest import SampleSpec, is_url, read_manifest, read_rejected, unchecked
 
 
 def describe_numerics(n: dict) -> str:
@@ -36,6 +36,14 @@ def _numerics_lines(m: dict) -> List[str]:
     return lines
 
 
+def _stored(spec: SampleSpec) -> str:
+    if spec.version == 1:
+        return f"prompt_embeds {spec.clip_tokens + spec.t5_tokens}x{spec.width} as read, latent mean and std (format v1)"
+    t5 = f"T5 {spec.t5_tokens}x{spec.width}" if spec.t5 else "no T5 (zeros when read)"
+    std = "latent mean and std" if spec.latent_std else "latent mean only (training uses the mean)"
+    return f"CLIP {spec.clip_tokens}x{spec.clip_dim}, {t5}, {std}"
+
+
 def inspect(path: str) -> str:
     m = read_manifest(path)
     emb = m["embeddings"]
@@ -48,6 +56,7 @@ def inspect(path: str) -> str:
         f"{sum(s['bytes'] for s in m['shards']) / max(1, sum(s['samples'] for s in m['shards'])) / 1e3:.1f} kB per sample)",
         f"latents     {m['latent_channels']} channels, scale {m['vae']['scaling_factor']}, shift {m['vae']['shift_factor']}",
         f"text        {emb['clip_tokens']}+{m['max_sequence_length']} tokens x {emb['prompt_embeds_dim']}, pooled {emb['pooled_dim']}",
+        "stored      " + _stored(SampleSpec.from_manifest(m)),
         "encoders    " + ", ".join(f"{k}={v}" for k, v in m["precisions"].items())
         + (", flipped latents" if m.get("flipped_latents") else ""),
         "buckets     " + ", ".join(f"{b}: {n}" for b, n in m["buckets"].items()),

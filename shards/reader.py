@@ -21,7 +21,9 @@ from safetensors.torch import load as st_load
 from . import format as F
 from .common.dtypes import SAFETENSORS_DTYPES
 from .common.errors import DataError
-from .manifest import is_url, join, open_stream, read_bytes, read_manifest, set_files
+from .manifest import SampleSpec, is_url, join, open_stream, read_bytes, read_manifest, set_files
+from .samples import check_stored, unpack
+from .tensorfile import parse_header
 
 
 def shard_urls(path_or_url: str, manifest: dict = None) -> List[str]:
@@ -60,23 +62,18 @@ def load_tensors(data) -> Dict[str, torch.Tensor]:
     n = int.from_bytes(mv[:8], "little")
     if n > len(mv) - 8:
         raise ValueError("safetensors header runs past the end of the data")
-    header = json.loads(bytes(mv[8:8 + n]))
-    specs = {k: v for k, v in header.items() if k != "__metadata__"}
-    known = SAFETENSORS_DTYPES
-    if mv.readonly or sys.byteorder != "little" or any(v.get("dtype") not in known for v in specs.values()):
+    base, size = 8 + n, len(mv) - 8 - n
+    entries, _ = parse_header(bytes(mv[8:base]), size)
+    if mv.readonly or sys.byteorder != "little" or any(e.dtype not in SAFETENSORS_DTYPES for e in entries.values()):
         return st_load(bytes(mv))
-    base, size, out, spans = 8 + n, len(mv) - 8 - n, {}, []
-    for name, spec in specs.items():
-        dtype, shape = known[spec["dtype"]], [int(d) for d in spec["shape"]]
-        begin, end = (int(o) for o in spec["data_offsets"])
-        numel = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != numel * dtype.itemsize:
-            raise ValueError(f"safetensors entry {name} does not fit the data")
-        if (base + begin) % dtype.itemsize:  # valid, but torch cannot view it: safetensors copies it aligned
+    out, spans = {}, []
+    for name, e in entries.items():
+        dtype, numel = SAFETENSORS_DTYPES[e.dtype], math.prod(e.shape)
+        if (base + e.begin) % dtype.itemsize:  # valid, but torch cannot view it: safetensors copies it aligned
             return st_load(bytes(mv))
-        spans.append((begin, end))
-        out[name] = torch.frombuffer(mv, dtype=dtype, count=numel, offset=base + begin).reshape(shape) if numel \
-            else torch.empty(shape, dtype=dtype)
+        spans.append((e.begin, e.end))
+        out[name] = torch.frombuffer(mv, dtype=dtype, count=numel, offset=base + e.begin).reshape(e.shape) if numel \
+            else torch.empty(e.shape, dtype=dtype)
     spans.sort()
     ends = [0] + [e for _, e in spans]
     if any(b != prev for (b, _), prev in zip(spans, ends)) or ends[-1] != size:  # what safetensors insists on too
@@ -84,9 +81,16 @@ def load_tensors(data) -> Dict[str, torch.Tensor]:
     return out
 
 
-def decode_sample(members: Dict[str, bytes]) -> dict:
-    """One sample's tar members (by extension) -> tensors + `key` + `meta`."""
+def decode_sample(members: Dict[str, bytes], spec: Optional[SampleSpec] = None, view: bool = True) -> dict:
+    """One sample's tar members (by extension) -> tensors + `key` + `meta`; the tensors as the set's `spec`
+    hands them out (`view`), or as stored and checked against it (the trainer builds each batch's
+    prompt_embeds in place: shards.samples.write_prompt_embeds); None: as stored, unchecked."""
     tensors = load_tensors(members["safetensors"])
+    if spec is not None:
+        if view:
+            tensors = unpack(spec, tensors)
+        else:
+            check_stored(spec, tensors)
     meta = json.loads(bytes(members["json"]))
     return {**tensors, "key": meta["key"], "meta": meta}
 
@@ -258,20 +262,21 @@ def iter_tar(url: str, sha256: Optional[str] = None, stats: Optional[dict] = Non
                         "run `python -m shards verify` and precompute the set again")
 
 
-def decode_raw(url: str, raw: dict) -> dict:
+def decode_raw(url: str, raw: dict, spec: Optional[SampleSpec] = None, view: bool = True) -> dict:
     try:
-        return decode_sample(raw)
+        return decode_sample(raw, spec, view)
     except Exception as e:  # a damaged member decodes to garbage before the hash check can run
         raise DataError(f"{url}: sample {raw.get('__key__')} cannot be decoded ({type(e).__name__}); "
                         "the shard set is damaged: run `python -m shards verify`") from None
 
 
-def _decoded(url: str, sha256: Optional[str]) -> Iterator[Dict]:
+def _decoded(url: str, sha256: Optional[str], spec: Optional[SampleSpec] = None) -> Iterator[Dict]:
     for raw in iter_tar(url, sha256):
-        yield decode_raw(url, raw)
+        yield decode_raw(url, raw, spec)
 
 
-def read_samples_at(url: str, wanted: List[tuple], stats: Optional[dict] = None) -> Dict[int, dict]:
+def read_samples_at(url: str, wanted: List[tuple], stats: Optional[dict] = None,
+                    spec: Optional[SampleSpec] = None, view: bool = True) -> Dict[int, dict]:
     """Samples of one shard by the byte offsets `iter_tar` reported for them: {offset: sample}.
 
     `wanted` holds (offset, key) pairs. A local shard is read only at those offsets (a seek, then the
@@ -300,7 +305,7 @@ def read_samples_at(url: str, wanted: List[tuple], stats: Optional[dict] = None)
         if raw is None or raw["__key__"] != key:
             raise DataError(f"{url}: sample {key} is no longer at byte {offset}; the shard set changed since the "
                             "checkpoint was written: resume with the set it was made with, or resume=none")
-        out[offset] = decode_raw(url, raw)
+        out[offset] = decode_raw(url, raw, spec, view)
     return out
 
 
@@ -325,9 +330,11 @@ def _collect(stream: _HashedStream, wanted: Dict[int, str], found: Dict[int, dic
 def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:
     """Every sample of a shard set (folder or URL), or of one tar / a list of tars, in order.
 
-    For a set, each shard's bytes are checked against the manifest's sha256 as they stream past.
+    For a set, each shard's bytes are checked against the manifest's sha256 as they stream past, and the
+    tensors are handed out as every version of the format reads (`prompt_embeds`, shards.samples); tars
+    given without their set's manifest yield their tensors as stored.
     """
-    excluded = {}
+    excluded, spec = {}, None
     if isinstance(path_or_url, (list, tuple)):
         shards = [(u, None) for u in path_or_url]
     elif path_or_url.endswith(".tar"):
@@ -335,9 +342,9 @@ def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:
     else:
         manifest = read_manifest(path_or_url)
         shards = [(join(path_or_url, s["name"]), s["sha256"]) for s in manifest["shards"]]
-        excluded = manifest.get("excluded", {})
+        excluded, spec = manifest.get("excluded", {}), SampleSpec.from_manifest(manifest)
     for url, sha in shards:
-        for sample in _decoded(url, sha):
+        for sample in _decoded(url, sha, spec):
             if sample["key"] not in excluded:  # later copies of an image found in another shard
                 yield sample
 

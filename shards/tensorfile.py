@@ -100,6 +100,25 @@ class TensorFile:
         self.close()
 
 
+def parse_header(header: bytes, data_size: int) -> Tuple[Dict[str, Entry], Dict[str, str]]:
+    """A safetensors JSON header -> ({name: Entry}, metadata), every entry checked against a data section of
+    `data_size` bytes: inside it, and (for a dtype shardtune knows) exactly its shape's bytes. The one header
+    parser of the project: merge's tensor files and the shard reader's samples. ValueError says what is wrong."""
+    try:
+        raw = json.loads(header)
+        metadata = raw.pop("__metadata__", None) or {}
+        entries = {name: Entry(v["dtype"], tuple(int(d) for d in v["shape"]), int(v["data_offsets"][0]),
+                               int(v["data_offsets"][1])) for name, v in raw.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise ValueError(f"a broken safetensors header ({e!r})") from None
+    for name, e in entries.items():
+        if min(e.shape, default=0) < 0 or not 0 <= e.begin <= e.end <= data_size:
+            raise ValueError(f"'{name}' lies outside the data")
+        if e.dtype in SAFETENSORS_DTYPES and e.end - e.begin != nbytes(SAFETENSORS_DTYPES[e.dtype], e.shape):
+            raise ValueError(f"'{name}' holds {e.end - e.begin} bytes, not the {e.dtype} {list(e.shape)} its header says")
+    return entries, metadata
+
+
 def _read_header(f, path: str):
     raw = f.read(8)
     size = os.fstat(f.fileno()).st_size
@@ -109,20 +128,10 @@ def _read_header(f, path: str):
     if n > MAX_HEADER or 8 + n > size:
         raise DataError(f"{path} is not a safetensors file or is truncated (header of {n} bytes)")
     try:
-        header = json.loads(f.read(n))
-        metadata = header.pop("__metadata__", None) or {}
-        entries = {name: Entry(v["dtype"], tuple(int(d) for d in v["shape"]), int(v["data_offsets"][0]),
-                               int(v["data_offsets"][1])) for name, v in header.items()}
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise DataError(f"{path} has a broken safetensors header ({e!r})") from None
-    data = 8 + n
-    for name, e in entries.items():
-        if not 0 <= e.begin <= e.end or data + e.end > size:
-            raise DataError(f"{path} is truncated or corrupt: '{name}' lies outside the file")
-        if e.dtype in SAFETENSORS_DTYPES and e.end - e.begin != nbytes(SAFETENSORS_DTYPES[e.dtype], e.shape):
-            raise DataError(f"{path} is corrupt: '{name}' holds {e.end - e.begin} bytes, not the {e.dtype} "
-                            f"{list(e.shape)} its header says")
-    return entries, metadata, data
+        entries, metadata = parse_header(f.read(n), size - 8 - n)
+    except ValueError as e:
+        raise DataError(f"{path} is truncated or corrupt: {e}") from None
+    return entries, metadata, 8 + n
 
 
 def read_metadata(path: str) -> Dict[str, str]:

@@ -6,7 +6,7 @@ from typing import List
 from . import format as F
 from .common.fingerprint import file_sha256
 from .common.errors import DataError
-from .manifest import expected_shapes, is_url, join, read_bytes, read_manifest, set_files
+from .manifest import SampleSpec, expected_shapes, is_url, join, read_bytes, read_manifest, set_files
 from .reader import _decoded, read_extras
 
 
@@ -18,6 +18,7 @@ def verify(path: str, deep: bool = True) -> List[str]:
     if absent:
         problems.append(f"manifest lacks fields {absent}")
     shapes = expected_shapes(manifest)
+    spec = SampleSpec.from_manifest(manifest)
     channels = manifest["latent_channels"]
     total = 0
     keys = set()
@@ -37,7 +38,7 @@ def verify(path: str, deep: bool = True) -> List[str]:
             continue
         n = 0
         try:
-            for s in _decoded(url, shard["sha256"]):
+            for s in _decoded(url, shard["sha256"], spec):
                 n += 1
                 if s["key"] not in excluded:
                     problems += _sample_problems(shard["name"], s, shapes, channels, manifest, keys)
@@ -93,7 +94,11 @@ def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest:
             problems.append(f"{shard}/{k}: {name} shape {tuple(s[name].shape)}, expected {shape}")
     bh, bw = s["meta"]["bucket"]
     f = manifest["vae"]["downsample_factor"]
-    for name in ("latent_mean", "latent_std"):
+    stored = [n for n in F.SAMPLE_TENSORS + F.OPTIONAL_TENSORS if n.startswith("latent") and n in s]
+    if "latent_mean" not in s or ("latent_std" in s) != SampleSpec.from_manifest(manifest).latent_std:
+        problems.append(f"{shard}/{k}: latents {stored} do not fit the set (latent std stored: "
+                        f"{SampleSpec.from_manifest(manifest).latent_std})")
+    for name in stored:
         if tuple(s[name].shape) != (channels, bh // f, bw // f):
             problems.append(f"{shard}/{k}: {name} shape {tuple(s[name].shape)} does not fit bucket {bh}x{bw}")
     missing_meta = [m for m in F.SAMPLE_META if m not in s["meta"]]

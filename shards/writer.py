@@ -21,7 +21,8 @@ from .common.atomic import write_bytes, write_json
 from .common.dtypes import STORAGE_DTYPES
 from .common.errors import UsageError
 from .common.fingerprint import file_sha256
-
+from .manifest import SampleSpec
+from .samples import pack
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -59,8 +60,9 @@ def sidecar_path(out_dir: str, index: int) -> str:
 class ShardWriter:
     """Samples and rejects of one shard; `finish` makes it complete."""
 
-    def __init__(self, out_dir: str, index: int, dtype: str = "bf16"):
-        self.out_dir, self.index, self.name = out_dir, index, shard_name(index)
+    def __init__(self, out_dir: str, index: int, dtype: str = "bf16", spec: Optional[SampleSpec] = None):
+        """`spec`: how samples are stored (format v2); None stores them as format v1 does (the view itself)."""
+        self.out_dir, self.index, self.name, self.spec = out_dir, index, shard_name(index), spec
         self.dtype = torch_dtype(dtype)
         self.tmp = os.path.join(out_dir, self.name + ".tmp")
         self._file = open(self.tmp, "wb")
@@ -76,7 +78,8 @@ class ShardWriter:
         if key in self.keys:
             raise ValueError(f"duplicate sample key {key}")
         meta = {"key": key, **meta}
-        _tar_member(self._tar, f"{key}.safetensors", encode_sample(tensors, self.dtype))
+        stored = pack(self.spec, tensors) if self.spec is not None else tensors
+        _tar_member(self._tar, f"{key}.safetensors", encode_sample(stored, self.dtype))
         _tar_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self.keys.append(key)
         self.content.append(meta.get("sha256", ""))
@@ -182,7 +185,9 @@ def _numerics_groups(records: list) -> list:
 
 
 def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[dict]:
-    """Write rejected.jsonl and manifest.json if all `n_shards` shards are complete; else None.
+    """Write rejected.jsonl and manifest.json if all `n_shards` shards are complete; else None. `fields` say
+    how the shards store their samples (`format_version` and, from v2, `stored`: as the ShardWriters' spec;
+    without them, format v1).
 
     Duplicates across shards (same content hash) are found here, in shard order, so one run and
     several `part` runs give the same set: later copies are listed under `excluded` and skipped by readers.
@@ -207,7 +212,7 @@ def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[
     write_bytes(os.path.join(out_dir, F.REJECTED), "".join(json.dumps(rec) + "\n" for rec in rejects).encode())
     reasons = Counter(rec["reason"].split(":")[0] for rec in rejects)
     manifest = {
-        "format": F.FORMAT_NAME, "format_version": F.FORMAT_VERSION, "producer": F.producer(),
+        "format": F.FORMAT_NAME, "format_version": 1, "producer": F.producer(),
         **fields,
         "dtype": dtype,
         "buckets": dict(sorted(buckets.items())),
@@ -246,17 +251,18 @@ def clear_set(out_dir: str) -> None:
 class ShardSetWriter:
     """Sequential writer for a whole set (tests, small tools): `add`/`reject`, `write_extras`, `close`."""
 
-    def __init__(self, out_dir: str, dtype: str = "bf16", samples_per_shard: int = 1000, overwrite: bool = False):
+    def __init__(self, out_dir: str, dtype: str = "bf16", samples_per_shard: int = 1000, overwrite: bool = False,
+                 spec: Optional[SampleSpec] = None):
         check_writable(out_dir, overwrite)
         os.makedirs(out_dir, exist_ok=True)
         clear_set(out_dir)
-        self.out_dir, self.dtype, self.per_shard = out_dir, dtype, samples_per_shard
+        self.out_dir, self.dtype, self.per_shard, self.spec = out_dir, dtype, samples_per_shard, spec
         torch_dtype(dtype)
         self.n_shards, self.current, self.in_shard = 0, None, 0
 
     def _shard(self) -> ShardWriter:
         if self.current is None:
-            self.current = ShardWriter(self.out_dir, self.n_shards, self.dtype)
+            self.current = ShardWriter(self.out_dir, self.n_shards, self.dtype, self.spec)
             self.n_shards += 1
         return self.current
 
@@ -279,7 +285,11 @@ class ShardSetWriter:
 
     def close(self, fields: dict) -> dict:
         self._finish()
-        manifest = assemble(self.out_dir, self.n_shards, fields, self.dtype)
+        stored = {"format_version": self.spec.version, "stored": self.spec.stored_json()} if self.spec else {}
+        manifest = assemble(self.out_dir, self.n_shards, {**fields, **stored}, self.dtype)
+        if manifest is not None and self.spec is not None and SampleSpec.from_manifest(manifest) != self.spec:
+            raise ValueError(f"the samples were stored as {self.spec}, the manifest's fields say "
+                             f"{SampleSpec.from_manifest(manifest)}")
         if manifest is None:
             raise ValueError("write_extras must be called before close")
         return manifest

@@ -34,11 +34,31 @@ def cli(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def tiny_model_copy(tmp_path_factory, name: str, **layout) -> str:
+    """A fresh copy of the tiny pipeline of `layout` (build_tiny_model's arguments): each layout is built once
+    per test run, shared by the xdist workers (building one takes 5-12 s here, copying it well under one),
+    and copied so that no test sees what another did to its model."""
+    import fcntl
+    import json
+
     from precompute.tiny import build_tiny_model
 
-    return build_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-sd3"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    key = json.dumps(layout, sort_keys=True, default=list)
+    cache = shared / ("tiny-cache-" + "".join(c if c.isalnum() else "_" for c in key))
+    with open(f"{cache}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker builds it; the others wait for it
+        if not (cache / "model_index.json").exists():
+            build_tiny_model(str(cache), **layout)
+    dst = tmp_path_factory.mktemp(name) / "tiny-sd3"
+    shutil.copytree(cache, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return tiny_model_copy(tmp_path_factory, "model")
 
 
 @pytest.fixture(scope="session")

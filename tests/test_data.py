@@ -60,7 +60,7 @@ def test_several_shard_sets_are_read_together(shard_set_fp32, tiny_model, tmp_pa
     import shutil
 
     from shards import read_samples
-    from train.loop import combined_manifest
+    from shards.manifest import combined_manifest
     from shards.common.errors import DataError
 
     keys = {s["key"] for s in read_samples(shard_set_fp32)}
@@ -94,7 +94,7 @@ def test_sets_from_other_model_components_are_refused_naming_both(shard_set_fp32
     import json
 
     from shards.common.errors import DataError
-    from train.loop import combined_manifest
+    from shards.manifest import combined_manifest
 
     first = json.load(open(f"{shard_set_fp32}/manifest.json"))
     assert "text_encoder_3" in first["model"]["components"]

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import cli
+from conftest import cli, tiny_model_copy
 from merge.config import MergeConfig
 from merge.lora import split_key
 from merge.run import main, run_merge
@@ -28,9 +28,7 @@ R, ALPHA = 4, 8  # alpha != r, so a merge that ignores alpha fails
 # Its own copy rather than conftest's tiny_model: merge tests hard-link from it and must not depend on other suites.
 @pytest.fixture(scope="session")
 def base_model(tmp_path_factory):
-    from precompute.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("merge") / "tiny-sd3"))
+    return tiny_model_copy(tmp_path_factory, "merge")
 
 
 def make_lora(model_dir, out_dir, seed=1, **lora_kwargs):

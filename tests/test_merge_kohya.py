@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import cli
+from conftest import cli, tiny_model_copy
 from merge.convert import convert
 from merge.sd3_keys import PREFIX, to_original
 from test_merge import ALPHA, R, TARGETS, WEIGHTS, latents, load_pipeline, make_lora, merge, merged_weights
@@ -18,9 +18,7 @@ ADALN = ["norm_out.linear", "norm1_context.linear"]
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from precompute.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("kohya") / "tiny-sd3"))
+    return tiny_model_copy(tmp_path_factory, "kohya")
 
 
 @pytest.fixture(scope="module", params=["attn", "attn+adaln"])

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import cli
+from conftest import cli, tiny_model_copy
 from merge.kohya import to_kohya
 from merge.lora import read_lora, read_loras
 from merge.run import TEXT_ENCODERS
@@ -28,10 +28,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from precompute.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("rel") / "tiny-sd3"), qk_norm="rms_norm",
-                            dual_attention_layers=(0,))
+    return tiny_model_copy(tmp_path_factory, "rel", qk_norm="rms_norm", dual_attention_layers=(0,))
 
 
 @pytest.fixture(scope="module")

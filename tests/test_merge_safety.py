@@ -16,6 +16,7 @@ import merge.release as release
 from merge.sources import OriginalSource, folder_source
 from shards.common.errors import DataError
 from shards.common.fingerprint import transformer_fingerprint
+from conftest import tiny_model_copy
 from test_merge import LORA_FILE, _run, make_lora, merge, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,9 +25,7 @@ STAGING = re.compile(r"out\.\d+\.[0-9a-f]{8}\.shardtune-tmp")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from precompute.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp("safety") / "tiny-sd3"))
+    return tiny_model_copy(tmp_path_factory, "safety")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from merge.sd3_keys import PREFIX, VAE_PREFIX, groups_from_original, original_name, plan, split, to_original, vae_to_original
 from merge.single_file import SINGLE_FILE_METADATA
 from shards.common.errors import DataError
+from conftest import tiny_model_copy
 from test_merge import _run, make_lora, merge, merged_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,9 +25,7 @@ LAYOUTS = {"sd3": {}, "sd35": {"qk_norm": "rms_norm", "dual_attention_layers": (
 
 @pytest.fixture(scope="session", params=sorted(LAYOUTS))
 def base(request, tmp_path_factory):
-    from precompute.tiny import build_tiny_model
-
-    return build_tiny_model(str(tmp_path_factory.mktemp(f"sf-{request.param}") / "tiny-sd3"), **LAYOUTS[request.param])
+    return tiny_model_copy(tmp_path_factory, f"sf-{request.param}", **LAYOUTS[request.param])
 
 
 @pytest.fixture(scope="session")

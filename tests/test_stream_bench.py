@@ -97,7 +97,7 @@ def test_tensors_view_the_member_bytes_and_stay_writable():
     bad = bytearray(data)
     bad[8:8 + header_len] = json.dumps({"a": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}) \
         .encode().ljust(header_len)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="lies outside the data"):
         load_tensors(bad)
 
 
@@ -132,8 +132,8 @@ def test_a_sample_handed_on_is_not_hashed_any_more(tmp_path):
               {"bucket": [512, 512]})
     w.write_extras({"empty_prompt_embeds": torch.zeros(1), "empty_pooled_prompt_embeds": torch.zeros(1),
                     "validation_prompt_embeds": torch.zeros(1), "validation_pooled_prompt_embeds": torch.zeros(1)})
-    w.close({"model": {}, "vae": {}, "latent_channels": 4, "embeddings": {}, "max_sequence_length": 1,
-             "precisions": {}, "config": {}})
+    w.close({"model": {}, "vae": {}, "latent_channels": 4, "max_sequence_length": 10, "precisions": {}, "config": {},
+             "embeddings": {"prompt_embeds_dim": 256, "clip_tokens": 10, "pooled_dim": 32}})
     keys = []
     for s in read_samples(str(tmp_path / "set")):  # would raise "sha256 differs" if it hashed changed bytes
         keys.append(s["key"])

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO, cli
+from conftest import REPO, cli, tiny_model_copy
 
 
 def _args(model, shards, out, *extra):
@@ -323,12 +323,11 @@ def test_sd35_medium_layout_dual_attention_and_qk_norm(tmp_path_factory, shard_s
     """A tiny model with SD3.5 Medium's structure: rms qk-norm and a dual-attention first block."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from precompute.tiny import build_tiny_model
     from shards.common.config import load_config
     from train.config import TrainConfig
     from train.model import lora_module_names
 
-    model = build_tiny_model(str(tmp_path_factory.mktemp("sd35m") / "m"), qk_norm="rms_norm", dual_attention_layers=(0,))
+    model = tiny_model_copy(tmp_path_factory, "sd35m", qk_norm="rms_norm", dual_attention_layers=(0,))
     t = SD3Transformer2DModel.from_pretrained(os.path.join(model, "transformer"))
     counts = {}
     for preset in ("attn", "attn_image", "all_linear"):

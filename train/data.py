@@ -19,18 +19,30 @@ import torch
 
 from shards import read_manifest
 from shards.common.errors import DataError, UsageError
-from shards.manifest import join
+from shards.manifest import SampleSpec, join
+from shards.samples import write_prompt_embeds
 from shards.reader import decode_raw, iter_tar, read_samples_at
 
-TENSORS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
+TENSORS = ("latent_mean", "pooled_prompt_embeds")
+# Stacked when every sample of the batch has them (sets may leave the std out, and the flipped latents are
+# optional).
+OPTIONAL = ("latent_std", "latent_mean_flip", "latent_std_flip")
 
 Piece = Tuple[int, int, int]  # (shard index, first sample, end sample): a sample range of one shard
 
 
 def collate(samples: List[dict]) -> Dict:
+    """Samples as read (each with its set's `spec`, text embeddings as stored) -> one batch, prompt_embeds
+    built in place (one copy of each part, as stacking copies v1's)."""
     batch = {name: torch.stack([s[name] for s in samples]) for name in TENSORS}
-    if all("latent_mean_flip" in s for s in samples):
-        for name in ("latent_mean_flip", "latent_std_flip"):
+    spec = samples[0]["spec"]
+    embeds = torch.empty(len(samples), spec.clip_tokens + spec.t5_tokens, spec.width,
+                         dtype=batch["pooled_prompt_embeds"].dtype)
+    for row, s in zip(embeds, samples):
+        write_prompt_embeds(s["spec"], s, row)
+    batch["prompt_embeds"] = embeds
+    for name in OPTIONAL:
+        if all(name in s for s in samples):
             batch[name] = torch.stack([s[name] for s in samples])
     batch["keys"] = [s["key"] for s in samples]
     batch["prior"] = [bool(s["meta"].get("prior", False)) for s in samples]
@@ -43,6 +55,7 @@ class Shard:
     sha256: Optional[str]
     samples: int
     excluded: frozenset  # keys readers skip: later copies of an image found in another shard
+    spec: SampleSpec  # how its set stores samples
 
 
 def set_shards(paths: Sequence[str], manifests: Optional[Sequence[dict]] = None) -> List[Shard]:
@@ -50,8 +63,8 @@ def set_shards(paths: Sequence[str], manifests: Optional[Sequence[dict]] = None)
     out = []
     for i, path in enumerate(paths):
         m = manifests[i] if manifests else read_manifest(path)
-        excluded = frozenset(m.get("excluded", {}))
-        out += [Shard(join(path, s["name"]), s["sha256"], int(s["samples"]), excluded) for s in m["shards"]]
+        excluded, spec = frozenset(m.get("excluded", {})), SampleSpec.from_manifest(m)
+        out += [Shard(join(path, s["name"]), s["sha256"], int(s["samples"]), excluded, spec) for s in m["shards"]]
     return out
 
 
@@ -172,7 +185,8 @@ class SampleStream:
             self.plan[0] = (j, k + 1, end)  # the position a checkpoint taken after this sample records
             if raw["__key__"] in shard.excluded:
                 continue
-            s = decode_raw(shard.url, raw)
+            s = decode_raw(shard.url, raw, shard.spec, view=False)
+            s["spec"] = shard.spec
             s["loc"] = (j, k, raw["__offset__"])
             self.stats["samples"] += 1
             self.read_in_epoch += 1
@@ -208,7 +222,8 @@ class SampleStream:
             by_shard[j].append((offset, key))
         found = {}
         for j, wanted in by_shard.items():
-            for offset, s in read_samples_at(self.shards[j].url, wanted, read).items():
+            for offset, s in read_samples_at(self.shards[j].url, wanted, read, self.shards[j].spec, view=False).items():
+                s["spec"] = self.shards[j].spec
                 found[(j, offset)] = s
         out = []
         for j, k, offset, _ in locs:

@@ -4,6 +4,8 @@ Every random draw takes an explicit torch.Generator so a run is reproducible and
 """
 import math
 
+from typing import Optional
+
 import torch
 
 TIMESTEP_SAMPLING = ("logit_normal", "mode", "cosmap", "uniform")
@@ -65,9 +67,10 @@ def flow_matching_loss(model_out: torch.Tensor, x0: torch.Tensor, noise: torch.T
     return per_sample.mean() if reduce else per_sample
 
 
-def model_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
+def model_latents(mean: torch.Tensor, std: Optional[torch.Tensor], generator: torch.Generator,
                   shift_factor: float, scaling_factor: float) -> torch.Tensor:
-    """Sample z from the stored VAE posterior, then the model's input space (z − shift)·scale."""
+    """Sample z from the stored VAE posterior (its mean when no std is stored), then the model's input space
+    (z − shift)·scale. The generator draws the same either way, so the rest of a run's randomness is unchanged."""
     eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-    z = mean.float() + std.float() * eps
+    z = mean.float() + std.float() * eps if std is not None else mean.float()
     return (z - shift_factor) * scaling_factor

@@ -17,6 +17,7 @@ from shards.common.config import resolve_device, to_dict
 from shards.common.errors import DataError, Interrupted, UsageError
 from shards.common.lock import out_dir_lock
 from shards.common.hub import resolve_model
+from shards.manifest import combined_manifest
 from shards.reader import check_shard_files
 
 from . import checkpoint, resume
@@ -200,7 +201,7 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
         check_shard_files(path, m)
         if not m["counts"]["written"]:
             raise DataError(f"shard set {path} holds no samples")
-    manifest = combined_manifest(sets, manifests)
+    manifest = combined_manifest(sets, manifests, warn=lambda msg: tqdm.write(msg, file=sys.stderr))
     largest = max(manifest["buckets"].values())
     if cfg.train.batch_size > largest:
         tqdm.write(f"train: train.batch_size {cfg.train.batch_size} is larger than the largest bucket "
@@ -306,34 +307,3 @@ def _make_dir(d: str) -> None:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
         raise UsageError(f"config key 'out.dir': cannot create {d} ({e.strerror})") from None
-
-
-def combined_manifest(paths, manifests) -> dict:
-    """One view of several shard sets, which must agree on everything that shapes a sample."""
-    first = manifests[0]
-    for path, m in zip(paths[1:], manifests[1:]):
-        for key in ("latent_channels", "embeddings", "max_sequence_length", "vae"):
-            if m[key] != first[key]:
-                raise DataError(f"shard sets {paths[0]} and {path} differ in {key} ({first[key]} vs {m[key]}); "
-                                "sets trained together must come from the same model and text settings")
-        # Same shapes can still hold other embeddings: another text encoder's weights, or none in place of T5.
-        a, b = first["model"].get("components", {}), m["model"].get("components", {})
-        if a and b and a != b:
-            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            what = ", ".join(f"{k} ({'absent' if k not in a else a[k][:12]} vs {'absent' if k not in b else b[k][:12]})"
-                             for k in differ)
-            raise DataError(f"shard sets {paths[0]} (model {first['model'].get('path')}) and {path} (model "
-                            f"{m['model'].get('path')}) were made with other model components: {what}; sets trained "
-                            "together must come from the same text encoders and VAE (text.t5_precision=none leaves "
-                            "T5 out): rebuild one with the other's model and text settings")
-        precisions = {k: (first.get("precisions", {}).get(k), m.get("precisions", {}).get(k)) for k in ("clip", "t5")}
-        if any(x != y for x, y in precisions.values()):
-            tqdm.write(f"train: warning: shard sets {paths[0]} and {path} were encoded at other precisions "
-                       f"({', '.join(f'{k} {x} vs {y}' for k, (x, y) in precisions.items() if x != y)}); their "
-                       "embeddings differ slightly", file=sys.stderr)
-    buckets = {}
-    for m in manifests:
-        for b, n in m["buckets"].items():
-            buckets[b] = buckets.get(b, 0) + n
-    return {**first, "buckets": buckets,
-            "counts": {"written": sum(m["counts"]["written"] for m in manifests)}}

@@ -70,12 +70,14 @@ class Objective:
         def put(name):  # stored dtype to the device first (asynchronous from the loader's pinned memory), then math
             return batch[name].to(dev, non_blocking=True)
 
-        mean, std = put("latent_mean"), put("latent_std")
+        # A set stored without the latent std trains on the posterior mean (no sampling noise on the latent).
+        mean, std = put("latent_mean"), (put("latent_std") if "latent_std" in batch else None)
         n = mean.shape[0]
         if self.flip > 0 and "latent_mean_flip" in batch:  # the mirrored image's stored latent: a flip without a VAE
             use = (torch.rand(n, generator=g) < self.flip)[:, None, None, None].to(dev)
             mean = torch.where(use, put("latent_mean_flip"), mean)
-            std = torch.where(use, put("latent_std_flip"), std)
+            if std is not None:
+                std = torch.where(use, put("latent_std_flip"), std)
         x0 = flow.model_latents(mean, std, g, self.shift_factor, self.scaling_factor)  # noise drawn on the CPU
         noise = torch.randn(x0.shape, generator=g).to(dev)
         sigma = flow.sigmas_for(flow.sample_u(c.timestep_sampling, n, g, c.logit_mean, c.logit_std,

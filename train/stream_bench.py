@@ -20,6 +20,8 @@ import torch
 
 from shards.common.errors import DataError
 from shards.measure import rows_cli
+from shards.format import FORMAT_VERSION
+from shards.manifest import SampleSpec
 from shards.writer import ShardSetWriter, torch_dtype
 
 from .config import DataConfig
@@ -33,6 +35,7 @@ CLIP_TOKENS = 77
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens: prompt_embeds are [77 + 256, 4096]
 EMBED_DIM = 4096
 POOLED_DIM = 2048
+CLIP_DIM = 768 + 1280  # CLIP-L and CLIP-G hidden states side by side; zeros from there to EMBED_DIM
 
 
 def sample_shapes(resolution: int = RESOLUTION, flip: bool = True,
@@ -47,17 +50,24 @@ def sample_shapes(resolution: int = RESOLUTION, flip: bool = True,
 
 
 def write_random_set(out_dir: str, n: int, per_shard: int, dtype: str = "bf16", resolution: int = RESOLUTION,
-                     flip: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH, seed: int = 0) -> dict:
-    """A complete shard set of `n` random samples in one `resolution`² bucket; returns its manifest."""
+                     flip: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH, seed: int = 0,
+                     version: int = FORMAT_VERSION) -> dict:
+    """A complete shard set of `n` random samples in one `resolution`² bucket, in format `version` (the
+    current one stores as precompute does); returns its manifest. The CLIP part of prompt_embeds is zero
+    beyond CLIP's width, as precompute's is."""
     gen = torch.Generator().manual_seed(seed)
     shapes = sample_shapes(resolution, flip, max_sequence_length)
-    writer = ShardSetWriter(out_dir, dtype=dtype, samples_per_shard=per_shard, overwrite=True)
+    spec = None if version == 1 else SampleSpec(
+        version=version, clip_tokens=CLIP_TOKENS, t5_tokens=max_sequence_length, width=EMBED_DIM,
+        pooled_dim=POOLED_DIM, latent_channels=LATENT_CHANNELS, clip_dim=CLIP_DIM)
+    writer = ShardSetWriter(out_dir, dtype=dtype, samples_per_shard=per_shard, overwrite=True, spec=spec)
     try:
         for i in range(n):
             tensors = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
             for name in ("latent_std", "latent_std_flip"):
                 if name in tensors:
                     tensors[name] = tensors[name].abs()
+            tensors["prompt_embeds"][:CLIP_TOKENS, CLIP_DIM:] = 0
             writer.add(f"bench{i:06d}", tensors,
                        {"caption": f"random sample {i}", "source": f"bench/{i:06d}.png", "sha256": f"{i:064x}",
                         "original_size": [resolution, resolution], "crop_top_left": [0, 0],
@@ -116,12 +126,14 @@ def pipeline_read(set_dir: str, n: int, batch_size: int, shuffle_buffer: int, se
 
 def stream_row(n: int, per_shard: int, batch_size: int = 4, repeats: int = 1, dtype: str = "bf16",
                resolution: int = RESOLUTION, flip: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
-               shuffle_buffer: Optional[int] = None, workdir: Optional[str] = None) -> dict:
+               shuffle_buffer: Optional[int] = None, workdir: Optional[str] = None,
+               version: int = FORMAT_VERSION) -> dict:
     shuffle_buffer = DataConfig.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
     tmp = tempfile.mkdtemp(prefix="shardtune-stream-bench-", dir=workdir)
     try:
         set_dir = os.path.join(tmp, "set")
-        manifest = write_random_set(set_dir, n, per_shard, dtype, resolution, flip, max_sequence_length)
+        manifest = write_random_set(set_dir, n, per_shard, dtype, resolution, flip, max_sequence_length,
+                                    version=version)
         tars = [os.path.join(set_dir, s["name"]) for s in manifest["shards"]]
         tar_bytes = sum(s["bytes"] for s in manifest["shards"])
         shapes = sample_shapes(resolution, flip, max_sequence_length)
@@ -147,10 +159,11 @@ def stream_row(n: int, per_shard: int, batch_size: int = 4, repeats: int = 1, dt
     mb = tar_bytes / 1e6
     return {
         "row": "stream",
-        "label": f"trainer data pipeline, {resolution}² SD3 samples",
+        "label": f"trainer data pipeline, {resolution}² SD3 samples, format v{version}",
         "what": "trainer data pipeline (Prefetch + bucket_batches + read_samples with sha256 checks + collate), "
                 f"{resolution}² SD3 samples from page-cached shards, CPU",
-        "settings": {"resolution": resolution, "sample_bytes": tar_bytes // n, "tensor_bytes": tensor_bytes,
+        "settings": {"resolution": resolution, "format_version": version, "sample_bytes": tar_bytes // n,
+                     "tensor_bytes": tensor_bytes,
                      "dtype": dtype, "samples": n, "shards": len(tars), "batch_size": batch_size,
                      "shuffle_buffer": shuffle_buffer, "flipped_latents": flip,
                      "prompt_embeds": list(shapes["prompt_embeds"]), "latent": list(shapes["latent_mean"]),

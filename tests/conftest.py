@@ -132,3 +132,28 @@ def write_tar(path, members) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def copy_of_set(src: str, out: str, rename=lambda key: key, spec="same") -> dict:
+    """The samples, extras and facts of shard set `src` written again with the project's writer, in shards of
+    the same sizes: keys (and sources) renamed by `rename`, stored as `spec` ("same": as `src` stores them;
+    None: format v1). Returns the new manifest."""
+    import torch
+
+    from shards import read_extras, read_manifest, read_samples
+    from shards.manifest import SampleSpec
+    from shards.writer import ShardSetWriter
+
+    m = read_manifest(src)
+    per_shard = m["shards"][0]["samples"]
+    assert all(s["samples"] == per_shard for s in m["shards"][:-1])
+    w = ShardSetWriter(out, dtype=m["dtype"], samples_per_shard=per_shard,
+                       spec=SampleSpec.from_manifest(m) if spec == "same" else spec)
+    for s in read_samples(src):
+        meta = {k: v for k, v in s["meta"].items() if k != "key"}
+        meta["source"] = rename(meta["source"])
+        w.add(rename(s["key"]), {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}, meta)
+    w.write_extras(read_extras(src), {"validation_prompts": m["extras"]["validation_prompts"]})
+    skip = ("format", "format_version", "producer", "stored", "dtype", "buckets", "shards", "counts", "extras",
+            "files", "manifest_sha256", "rejected_reasons", "truncated_captions", "excluded", "numerics")
+    return w.close({k: v for k, v in m.items() if k not in skip})

@@ -63,12 +63,17 @@ def test_several_shard_sets_are_read_together(shard_set_fp32, tiny_model, tmp_pa
     from shards.manifest import combined_manifest
     from shards.common.errors import DataError
 
-    keys = {s["key"] for s in read_samples(shard_set_fp32)}
+    from conftest import copy_of_set
+
+    second = str(tmp_path / "second")
+    copy_of_set(shard_set_fp32, second, rename=lambda k: f"b{k}")  # the same tensors under other keys
+    keys = [s["key"] for s in read_samples(shard_set_fp32)]
+    assert len(keys) == 8
     seen = []
-    batches = bucket_batches([shard_set_fp32, shard_set_fp32], 1, seed=0, shuffle_buffer=1)
+    batches = bucket_batches([shard_set_fp32, second], 1, seed=0, shuffle_buffer=1)
     for _ in range(16):
         seen += next(batches)["keys"]
-    assert sorted(seen) == sorted(list(keys) * 2)  # one epoch = both sets
+    assert sorted(seen) == sorted(keys + [f"b{k}" for k in keys])  # one epoch = each sample of both sets once
     other = tmp_path / "other"
     shutil.copytree(shard_set_fp32, other)
     m = json.load(open(other / "manifest.json"))

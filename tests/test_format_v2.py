@@ -6,11 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shards import read_extras, read_manifest, read_samples
+from shards import read_manifest, read_samples
 from shards.manifest import SampleSpec
 from shards.reader import load_tensors
 from shards.samples import pack, unpack
-from shards.writer import ShardSetWriter, encode_sample
+from shards.writer import encode_sample
+
+from conftest import copy_of_set
 
 SPEC = SampleSpec(version=2, clip_tokens=3, t5_tokens=4, width=8, pooled_dim=5, latent_channels=2, clip_dim=6)
 
@@ -55,21 +57,6 @@ def test_what_the_layout_would_lose_is_refused():
         unpack(SPEC, {k: v for k, v in stored.items() if k != "t5_embeds"})
 
 
-def _as_v1(v2_dir: str, out: str) -> dict:
-    """The same samples, extras and facts written as format v1 (the padded prompt_embeds), in the same shards."""
-    m = read_manifest(v2_dir)
-    per_shard = m["shards"][0]["samples"]
-    assert all(s["samples"] == per_shard for s in m["shards"][:-1])
-    w = ShardSetWriter(out, dtype=m["dtype"], samples_per_shard=per_shard)
-    for s in read_samples(v2_dir):
-        w.add(s["key"], {k: v for k, v in s.items() if isinstance(v, torch.Tensor)},
-              {k: v for k, v in s["meta"].items() if k != "key"})
-    w.write_extras(read_extras(v2_dir), {"validation_prompts": m["extras"]["validation_prompts"]})
-    skip = ("format", "format_version", "producer", "stored", "dtype", "buckets", "shards", "counts", "extras",
-            "files", "manifest_sha256", "rejected_reasons", "truncated_captions", "excluded", "numerics")
-    return w.close({k: v for k, v in m.items() if k not in skip})
-
-
 def test_a_v1_set_reads_and_trains_exactly_as_the_v2_set_of_the_same_inputs(tiny_model, shard_set_fp32, tmp_path):
     from shards.common.config import load_config
     from train.config import TrainConfig
@@ -77,7 +64,7 @@ def test_a_v1_set_reads_and_trains_exactly_as_the_v2_set_of_the_same_inputs(tiny
 
     m2 = read_manifest(shard_set_fp32)
     assert m2["format_version"] == 2 and m2["stored"] == {"clip_dim": 80, "t5": True, "latent_std": True}  # CLIP-L 32 + CLIP-G 48 of T5's 128
-    m1 = _as_v1(shard_set_fp32, str(tmp_path / "v1"))
+    m1 = copy_of_set(shard_set_fp32, str(tmp_path / "v1"), spec=None)
     assert m1["format_version"] == 1 and "stored" not in m1
     a, b = list(read_samples(shard_set_fp32)), list(read_samples(str(tmp_path / "v1")))
     assert [s["key"] for s in a] == [s["key"] for s in b] and len(a) == 8

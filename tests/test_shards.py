@@ -1,4 +1,5 @@
 """Shard set format v1: round trip, manifest fields, verification, refusing broken sets."""
+import json
 import os
 import shutil
 import subprocess
@@ -159,3 +160,26 @@ def test_a_folder_that_is_not_a_shard_set_is_named_as_such(tmp_path):
     (tmp_path / "cat.png").write_bytes(b"x")
     with pytest.raises(DataError, match="is not a shard set"):
         read_manifest(str(tmp_path))
+
+
+def test_webdataset_reads_the_shards_as_its_own_tars(shard_set_fp32):
+    """The set's tars are webdataset tars: webdataset's own WebDataset yields each sample's members under its
+    key, and their tensors are what shards.read_samples hands out (after the format's view)."""
+    import webdataset as wds
+    from safetensors.torch import load as st_load
+
+    from shards.manifest import SampleSpec
+    from shards.reader import shard_urls
+    from shards.samples import unpack
+
+    spec = SampleSpec.from_manifest(read_manifest(shard_set_fp32))
+    ours = {s["key"]: s for s in read_samples(shard_set_fp32)}
+    theirs = list(wds.WebDataset(shard_urls(shard_set_fp32), shardshuffle=False, empty_check=False))
+    assert [t["__key__"] for t in theirs] == list(ours) and len(theirs) == 8
+    for t in theirs:
+        assert set(t) >= {"__key__", "safetensors", "json"}
+        view = unpack(spec, st_load(t["safetensors"]))
+        s = ours[t["__key__"]]
+        assert view.keys() == {k for k, v in s.items() if isinstance(v, torch.Tensor)}
+        assert all(torch.equal(view[k], s[k]) for k in view)
+        assert json.loads(t["json"]) == s["meta"]

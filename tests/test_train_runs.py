@@ -253,8 +253,16 @@ def test_deterministic_mode_runs_with_deterministic_kernels_only_and_then_lets_g
 
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor"])
-def test_other_optimizers_train(optimizer, tiny_model, shard_set_fp32, tmp_path):
+def test_other_optimizers_train(optimizer, tiny_model, shard_set_fp32, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    from transformers.optimization import Adafactor
+
+    chosen = {"adamw8bit": bnb.optim.AdamW8bit, "adafactor": Adafactor}[optimizer]
+    steps = []
+    step = chosen.step
+    monkeypatch.setattr(chosen, "step", lambda self, *a, **k: steps.append(type(self)) or step(self, *a, **k))
     r = _train(*_args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=3", f"train.optimizer={optimizer}"))
+    assert steps == [chosen] * 3  # that optimizer made every step
     lora = load_file(r["lora"])
     assert all(torch.isfinite(v).all() for v in lora.values())
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())
@@ -417,7 +425,10 @@ def test_shard_sets_by_url_pipe_and_brace_pattern(tiny_model, shard_set_fp32, tm
     cfg = load_config(TrainConfig, _args(tiny_model, f"{tmp_path}/set-{{0,1}}@2,{shard_set_fp32}", tmp_path / "x"))
     assert cfg.data.weighted() == [(f"{tmp_path}/set-0", 2.0), (f"{tmp_path}/set-1", 2.0), (shard_set_fp32, None)]
     both = _train(*_args(tiny_model, f"{tmp_path}/set-{{0..1}}", tmp_path / "brace", "train.max_steps=2"))
+    listed = _train(*_args(tiny_model, f"{tmp_path}/set-0,{tmp_path}/set-1", tmp_path / "listed", "train.max_steps=2"))
     assert both["steps"] == 2
+    a, b = load_file(both["lora"]), load_file(listed["lora"])
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the pattern trained on both sets, as naming them does
 
 
 def test_compiled_blocks_share_graphs_and_go_dynamic_across_buckets():

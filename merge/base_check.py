@@ -1,6 +1,6 @@
 """Whether each LoRA is folded into the base it was trained on.
 
-shardtune's trainer records a fingerprint of its base transformer in the LoRA file (shards/fingerprint.py says
+shardtune's trainer records a fingerprint of its base transformer in the LoRA file (shards/common/fingerprint.py says
 what it is made of); here the same fingerprint is taken of model.path's transformer, read under diffusers names
 whatever its layout. A LoRA applied across finetunes of one architecture is a normal thing to do, so a
 difference is a warning, not an error. Files without the record (other tools' LoRAs) are not checked.

@@ -2,7 +2,7 @@
 and written shard by shard (precompute.run plans which shards and restarts)."""
 import random
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -123,7 +123,8 @@ def encode_shards(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncode
     in_shard: Dict[int, int] = {}
     # Batches whose latents are done and whose captions wait for the text encoders: one batch at a time when
     # every encoder stays on the device, a group when they take turns (each switch is a host-device copy).
-    waiting: List[List[dict]] = []
+    # Each with the rejects found on reading it, so that records keep the same order either way.
+    waiting: List[Tuple[list, List[dict]]] = []
     group = cfg.offload_group if text.residency.idle else 1
 
     def flush():
@@ -151,23 +152,23 @@ def encode_shards(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncode
                 if batch[0].get("failed"):
                     failed[i] = batch[0]["failed"]
                 continue
-            ready = []
+            ready, early = [], []
             for r in batch:
                 i = r["shard"]
-                w = writers.get(i) or writers.setdefault(i, ShardWriter(cfg.out.dir, i, cfg.out.dtype, spec))
+                writers.get(i) or writers.setdefault(i, ShardWriter(cfg.out.dir, i, cfg.out.dtype, spec))
                 seen = seen_in_shard.setdefault(i, {})
                 if "reject" in r:
-                    w.reject(r["item"].source, r["reject"])
+                    early.append((i, r["item"].source, r["reject"]))
                 elif r["meta"]["sha256"] in seen:
-                    w.reject(r["item"].source, f"duplicate: same content as {seen[r['meta']['sha256']]}")
+                    early.append((i, r["item"].source, f"duplicate: same content as {seen[r['meta']['sha256']]}"))
                 else:
                     seen[r["meta"]["sha256"]] = r["item"].source
                     ready.append(r)
             if ready:
                 _encode_latents(vae, ready, cfg.batch_size, cfg.augment.flip)
-                waiting.append(ready)
-                if sum(map(len, waiting)) >= group:
-                    flush()
+            waiting.append((early, ready))
+            if sum(len(ready) for _, ready in waiting) >= group:
+                flush()
             images += len(batch)
             in_shard[batch[0]["shard"]] = in_shard.get(batch[0]["shard"], 0) + len(batch)
             bar.update(len(batch))
@@ -186,10 +187,18 @@ def encode_shards(cfg: PrecomputeConfig, plan, todo: List[int], text: TextEncode
     return {"images": images, "seconds": time.time() - t0}
 
 
-def _encode_text_and_add(batches: List[List[dict]], text: TextEncoders, writers, truncated) -> None:
-    """Text-encode the captions of `batches` (their latents are done) and add each sample to its shard."""
-    results = text.encode_batches([[r["meta"]["caption"] for r in ready] for ready in batches])
-    for ready, (embeds, pooled) in zip(batches, results):
+def _encode_text_and_add(batches: List[Tuple[list, List[dict]]], text: TextEncoders, writers, truncated) -> None:
+    """Text-encode the captions of `batches` (their latents are done) and add each sample to its shard, each
+    batch after the rejects found on reading it."""
+    with_samples = [ready for _, ready in batches if ready]
+    results = iter(text.encode_batches([[r["meta"]["caption"] for r in ready] for ready in with_samples])
+                   if with_samples else ())
+    for early, ready in batches:
+        for shard, source, reason in early:
+            writers[shard].reject(source, reason)
+        if not ready:
+            continue
+        embeds, pooled = next(results)
         flags = text.truncated([r["meta"]["caption"] for r in ready])
         for j, r in enumerate(ready):
             t = truncated.setdefault(r["shard"], {"clip": 0, "t5": 0})

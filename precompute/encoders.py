@@ -76,12 +76,18 @@ HOST = torch.device("cpu")
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:
     module.to(device)
-    # bitsandbytes' int8 layer keeps its weight twice after its first forward (the parameter and its matmul
-    # state) and moves each on its own, so after a move they would be two copies: share one again.
+    # bitsandbytes' int8 layer refers to its weight twice: as the parameter's `CB` attribute until its first
+    # forward, as its matmul state's `CB` after it. `Module.to` moves the parameter's data only (its `CB` and
+    # `SCB` attributes keep the old tensors) and the state apart from it, so after a move there would be two
+    # copies of the weight, one of them on the old device: point both at the moved data again.
     for m in module.modules():
-        state = getattr(m, "state", None)
-        if getattr(state, "CB", None) is not None and m.weight.data.shape == state.CB.shape:
-            state.CB = m.weight.data
+        weight, state = getattr(m, "weight", None), getattr(m, "state", None)
+        if getattr(weight, "CB", None) is not None and weight.CB.shape == weight.data.shape:
+            weight.CB = weight.data
+            if getattr(weight, "SCB", None) is not None:
+                weight.SCB = weight.SCB.to(device)
+        if getattr(state, "CB", None) is not None and weight is not None and weight.data.shape == state.CB.shape:
+            state.CB = weight.data
 
 
 def encoders_fit(weights: int, vae_activations: int, total: int) -> bool:

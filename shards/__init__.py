@@ -1,4 +1,4 @@
-"""The shard set format: writer, reader, manifest, verification (see DESIGN.md).
+"""The shard set format: writer, reader, manifest, verification (README, "The shard set").
 
 The names below load their modules when first used, so that importing the package (as `python -m shards
 inspect` does) costs no torch import."""

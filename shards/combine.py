@@ -28,7 +28,7 @@ def combine(out_dir: str, parts: List[str], overwrite: bool = False) -> dict:
             os.path.abspath(out_dir) not in {os.path.abspath(p) for p in parts}:
         raise UsageError(f"{out_dir} already holds a complete shard set; choose another folder or pass --overwrite")
     states = [_state(p) for p in parts]
-    same = lambda s: {k: s.get(k) for k in ("config", "components", "inputs", "shards")}  # noqa: E731
+    same = lambda s: {k: s.get(k) for k in ("format_version", "config", "components", "inputs", "shards")}  # noqa: E731
     for p, s in zip(parts[1:], states[1:]):
         if same(s) != same(states[0]):
             raise DataError(f"{p} was made with other settings, model or inputs than {parts[0]}; "

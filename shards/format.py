@@ -1,4 +1,4 @@
-"""Shard set format: names and fields shared by writer, reader and verifier (see DESIGN.md).
+"""Shard set format: names and fields shared by writer, reader and verifier (README, "The shard set").
 
 v2 stores a sample's text embeddings at their own widths (CLIP's [77, 768+1280], T5's [T, 4096], no T5 at all
 without it) and may leave out the latent std; readers hand out v1's view (`prompt_embeds` [77+T, width],

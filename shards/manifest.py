@@ -56,6 +56,11 @@ def read_manifest(path_or_url: str) -> dict:
     if manifest.get("format_version") not in F.READABLE_VERSIONS:
         raise DataError(f"{where} has format version {manifest.get('format_version')}, this shardtune reads "
                         f"versions {', '.join(map(str, F.READABLE_VERSIONS))}; recompute the set (or update shardtune)")
+    try:
+        SampleSpec.from_manifest(manifest)
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{where} lacks what its samples' shapes are read from ({e!r} in format version "
+                        f"{manifest['format_version']}); recompute the set") from None
     # Manifests written before the self-hash existed have none and are read as they are.
     if F.MANIFEST_HASH in manifest and manifest[F.MANIFEST_HASH] != F.manifest_digest(manifest):
         raise DataError(f"{where} was edited after it was written (its {F.MANIFEST_HASH} does not match its "

@@ -34,6 +34,10 @@ def check_stored(spec: SampleSpec, stored: Dict[str, torch.Tensor]) -> None:
     """ValueError unless `stored` holds the text tensors `spec` stores, in its shapes (a wrong shape could
     otherwise broadcast into the view)."""
     if spec.version == 1:
+        shape = spec.view_shapes()["prompt_embeds"]
+        if "prompt_embeds" not in stored or tuple(stored["prompt_embeds"].shape) != shape:
+            got = tuple(stored["prompt_embeds"].shape) if "prompt_embeds" in stored else "missing"
+            raise ValueError(f"prompt_embeds is {got}, the manifest says {shape}")
         return
     shapes = {"clip_embeds": (spec.clip_tokens, spec.clip_dim), "t5_embeds": (spec.t5_tokens, spec.width)}
     for name, shape in shapes.items():
@@ -60,7 +64,7 @@ def write_prompt_embeds(spec: SampleSpec, stored: Dict[str, torch.Tensor], out: 
 
 def unpack(spec: SampleSpec, stored: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """What `spec` stored -> the view (prompt_embeds bit-identical to what v1 stored)."""
-    if spec.version == 1 or "prompt_embeds" in stored:
+    if spec.version == 1:
         return stored
     check_stored(spec, stored)
     out = {k: v for k, v in stored.items() if k not in F.V2_TEXT_TENSORS}

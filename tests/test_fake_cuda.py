@@ -205,23 +205,28 @@ def test_idle_encoders_wait_on_the_host(tiny_model):
 
 
 def test_an_int8_layer_moved_to_the_device_holds_its_weight_once():
-    """bitsandbytes' int8 layer keeps its weight as the parameter and, after its first forward, as its matmul
-    state too; `Module.to` onto the GPU moves the two apart into two copies (`Linear8bitLt.to` copies the
-    state on its own). The encoders' move shares one again. bitsandbytes' parameter class cannot be moved onto
-    fake or meta tensors, so the test makes the two copies such a move leaves and moves on the host."""
+    """bitsandbytes' int8 layer refers to its weight twice: as the parameter's `CB` until its first forward, as
+    its matmul state's `CB` after it. `Module.to` onto the GPU moves the parameter's data alone (its `CB` keeps
+    the old tensor, `Linear8bitLt.to` copies the state apart), which leaves two copies. The encoders' move
+    shares one again, before a forward and after. bitsandbytes' parameter class cannot be moved onto fake or
+    meta tensors, so the test makes the two copies such a move leaves and moves on the host."""
     import bitsandbytes as bnb
 
     from precompute.encoders import _move
 
     m = bnb.nn.Linear8bitLt(64, 32, bias=False, has_fp16_weights=False).to("cpu")  # quantized on the host
     x = torch.randn(4, 64, dtype=torch.float16)
-    before = m(x)  # the weight now is also the matmul state
 
-    def storages():
-        return {t.untyped_storage().data_ptr() for t in (m.weight, m.state.CB)}
+    def storages(where):
+        return {t.untyped_storage().data_ptr() for t in (m.weight, where)}
 
-    assert len(storages()) == 1
-    m.state.CB = m.state.CB.clone()  # as after `Module.to("cuda")`
-    assert len(storages()) == 2
+    m.weight.CB = m.weight.CB.clone()  # before any forward, as after `Module.to("cuda")`
+    assert len(storages(m.weight.CB)) == 2
     _move(m, torch.device("cpu"))
-    assert len(storages()) == 1 and torch.equal(m(x), before)
+    assert len(storages(m.weight.CB)) == 1
+    before = m(x)  # the weight is now the matmul state
+    assert m.weight.CB is None and len(storages(m.state.CB)) == 1
+    m.state.CB = m.state.CB.clone()  # after a forward, as after `Module.to("cuda")`
+    assert len(storages(m.state.CB)) == 2
+    _move(m, torch.device("cpu"))
+    assert len(storages(m.state.CB)) == 1 and torch.equal(m(x), before)

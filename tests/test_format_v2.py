@@ -105,3 +105,28 @@ def test_without_the_latent_std_training_uses_the_mean(tiny_model, sample_data, 
     assert torch.equal(z, (mean.float() - 0.1) * 1.5)
     flow.model_latents(mean, torch.ones_like(mean), g2, 0.1, 1.5)
     assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
+
+
+def test_a_batch_mixing_sets_with_and_without_the_std_keeps_each_samples_own():
+    """A set stored without the std trains on the mean; in a batch shared with another set's samples, a zero
+    std gives exactly that for its samples while the others keep theirs."""
+    from train.data import collate
+
+    no_std = SampleSpec(**{**SPEC.__dict__, "latent_std": False})
+    a = {**pack(SPEC, _view(seed=1)), "spec": SPEC, "key": "a", "meta": {}}
+    b = {**pack(no_std, _view(seed=2)), "spec": no_std, "key": "b", "meta": {}}
+    batch = collate([a, b])
+    assert torch.equal(batch["latent_std"][0], a["latent_std"]) and not batch["latent_std"][1].any()
+    assert torch.equal(batch["prompt_embeds"][0], _view(seed=1)["prompt_embeds"])
+    assert "latent_std" not in collate([b, b])
+
+
+def test_a_v1_sample_of_the_wrong_shape_is_refused_not_broadcast():
+    from shards.samples import check_stored
+
+    v1 = SampleSpec(**{**SPEC.__dict__, "version": 1, "clip_dim": 8})
+    check_stored(v1, {"prompt_embeds": torch.zeros(7, 8)})
+    with pytest.raises(ValueError, match=r"prompt_embeds is \(8,\), the manifest says \(7, 8\)"):
+        check_stored(v1, {"prompt_embeds": torch.zeros(8)})  # would broadcast over a batch row
+    with pytest.raises(ValueError, match="clip_embeds is missing"):
+        unpack(SPEC, _view())  # a v2 set's sample holding v1's tensor

@@ -242,7 +242,7 @@ def _selected_kinds(text: str) -> List[str]:
 
 def stage_rows(module: str, *args: str) -> List[dict]:
     """Rows of another stage's benchmark, `python -m MODULE --json FILE ARGS`, run as its own process: stages
-    do not import each other (DESIGN.md), and a row's peak RSS is then its own process's. Its progress and
+    do not import each other (README, "Layout"), and a row's peak RSS is then its own process's. Its progress and
     errors go to this terminal; a failure is one line naming the command."""
     import subprocess
     import tempfile

@@ -24,9 +24,6 @@ from shards.samples import write_prompt_embeds
 from shards.reader import decode_raw, iter_tar, read_samples_at
 
 TENSORS = ("latent_mean", "pooled_prompt_embeds")
-# Stacked when every sample of the batch has them (sets may leave the std out, and the flipped latents are
-# optional).
-OPTIONAL = ("latent_std", "latent_mean_flip", "latent_std_flip")
 
 Piece = Tuple[int, int, int]  # (shard index, first sample, end sample): a sample range of one shard
 
@@ -41,9 +38,13 @@ def collate(samples: List[dict]) -> Dict:
     for row, s in zip(embeds, samples):
         write_prompt_embeds(s["spec"], s, row)
     batch["prompt_embeds"] = embeds
-    for name in OPTIONAL:
-        if all(name in s for s in samples):
-            batch[name] = torch.stack([s[name] for s in samples])
+    if all("latent_mean_flip" in s for s in samples):
+        batch["latent_mean_flip"] = torch.stack([s["latent_mean_flip"] for s in samples])
+    for name, mean in (("latent_std", "latent_mean"), ("latent_std_flip", "latent_mean_flip")):
+        if mean in batch and any(name in s for s in samples):
+            # A set stored without the std trains on the mean: a zero std gives exactly that, sample by sample,
+            # when its samples share a batch with another set's.
+            batch[name] = torch.stack([s[name] if name in s else torch.zeros_like(s[mean]) for s in samples])
     batch["keys"] = [s["key"] for s in samples]
     batch["prior"] = [bool(s["meta"].get("prior", False)) for s in samples]
     return batch

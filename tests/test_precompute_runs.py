@@ -219,6 +219,12 @@ def test_combine_does_not_replace_a_set_silently(tiny_model, sample_data, tmp_pa
     r = cli("shards", "verify", "--quick", other)
     size = files["run.json"]["bytes"]
     assert r.returncode == 1 and r.stderr.startswith(f"run.json: {size + 1} bytes, manifest says {size}\n")
+    assert read_manifest(other)["format_version"] == 2 and "stored" in read_manifest(other)
+    # A part made by a shardtune writing another format version is not joined with this one.
+    state = json.loads((tmp_path / "p1" / "run.json").read_text())
+    (tmp_path / "p1" / "run.json").write_text(json.dumps({**state, "format_version": 1}))
+    r = cli("shards", "combine", str(tmp_path / "joined"), str(tmp_path / "p0"), str(tmp_path / "p1"))
+    assert r.returncode == 1 and "made with other settings" in r.stderr
 
 
 def test_vae_max_pixels_bounds_each_vae_call(tiny_model, sample_data, tmp_path, monkeypatch):

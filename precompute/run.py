@@ -135,6 +135,18 @@ def _distributed(cfg: PrecomputeConfig):
     return part, parts, resolve_device("device", device)
 
 
+def settle_offload(cfg: PrecomputeConfig, text: TextEncoders, vae: VaeEncoder, total_memory: int) -> bool:
+    """offload auto, once every encoder is loaded (and waiting on the host): keep them all on the device when
+    they fit in `total_memory` bytes with one VAE call's activations (faster), else leave them idle. True when
+    they stay."""
+    modules = [*text.modules, vae.vae]
+    fits = encoders_fit(sum(map(weight_bytes, modules)), vae_activation_bytes(_largest_vae_call(cfg), vae.dtype),
+                        total_memory)
+    if fits:
+        text.residency.keep_all(modules)
+    return fits
+
+
 def _largest_vae_call(cfg: PrecomputeConfig) -> int:
     """Pixels of the largest VAE call this config makes (vae.max_pixels, but at least one image)."""
     b = cfg.buckets
@@ -187,11 +199,7 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
             vae = VaeEncoder.load(root, resolve_dtype(cfg.vae.precision, device), device, cfg.vae.max_pixels,
                                   residency)
             if cfg.offload == "auto" and device.type == "cuda":
-                modules = [*text.modules, vae.vae]
-                need = vae_activation_bytes(_largest_vae_call(cfg), vae.dtype)
-                if encoders_fit(sum(map(weight_bytes, modules)), need,
-                                torch.cuda.get_device_properties(device).total_memory):
-                    residency.keep_all(modules)
+                settle_offload(cfg, text, vae, torch.cuda.get_device_properties(device).total_memory)
             load_seconds = time.time() - t_load
             stats = encode_shards(cfg, plan, todo, text, vae, spec, computed)
             stats.update(offload="idle" if residency.idle else "none", encoder_switches=residency.switches)

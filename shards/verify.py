@@ -41,7 +41,7 @@ def verify(path: str, deep: bool = True) -> List[str]:
             for s in _decoded(url, shard["sha256"], spec):
                 n += 1
                 if s["key"] not in excluded:
-                    problems += _sample_problems(shard["name"], s, shapes, channels, manifest, keys)
+                    problems += _sample_problems(shard["name"], s, shapes, channels, manifest, keys, spec)
         except DataError as e:
             problems.append(str(e))
             continue
@@ -83,7 +83,8 @@ def _file_problems(path: str, name: str, rec: dict) -> List[str]:
     return []
 
 
-def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest: dict, keys: set) -> List[str]:
+def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest: dict, keys: set,
+                     spec: SampleSpec) -> List[str]:
     problems = []
     k = s["key"]
     if k in keys:
@@ -95,9 +96,8 @@ def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest:
     bh, bw = s["meta"]["bucket"]
     f = manifest["vae"]["downsample_factor"]
     stored = [n for n in F.SAMPLE_TENSORS + F.OPTIONAL_TENSORS if n.startswith("latent") and n in s]
-    if "latent_mean" not in s or ("latent_std" in s) != SampleSpec.from_manifest(manifest).latent_std:
-        problems.append(f"{shard}/{k}: latents {stored} do not fit the set (latent std stored: "
-                        f"{SampleSpec.from_manifest(manifest).latent_std})")
+    if "latent_mean" not in s or ("latent_std" in s) != spec.latent_std:
+        problems.append(f"{shard}/{k}: latents {stored} do not fit the set (latent std stored: {spec.latent_std})")
     for name in stored:
         if tuple(s[name].shape) != (channels, bh // f, bw // f):
             problems.append(f"{shard}/{k}: {name} shape {tuple(s[name].shape)} does not fit bucket {bh}x{bw}")

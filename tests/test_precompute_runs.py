@@ -360,3 +360,23 @@ def test_idle_encoders_wait_on_the_host_and_write_the_same_set(tiny_model, sampl
     _same_set(resident, idle)
     assert {k: v for k, v in m["files"].items() if k != "run.json"} == rejects  # same records, same order
     assert _run(tiny_model, sample_data, idle, offload="none", **t5)["up_to_date"]
+
+
+def test_offload_auto_keeps_every_encoder_on_a_device_they_fit(tiny_model, sample_data, tmp_path):
+    """offload auto weighs the loaded encoders and one VAE call's activations (with the margins) against the
+    device: all stay on one they fit, else they stay idle on the host."""
+    from precompute.encoders import (Residency, TextEncoders, VaeEncoder, encoders_fit, vae_activation_bytes,
+                                     weight_bytes)
+    from precompute.run import _largest_vae_call, settle_offload
+
+    cfg = precompute_cfg(tiny_model, sample_data, str(tmp_path), **FAST)
+    assert vae_activation_bytes(1000, torch.bfloat16) * 2 == vae_activation_bytes(1000, torch.float32)
+    assert encoders_fit(2**30, 2**30, int(3.25 * 2**30)) and not encoders_fit(2**30, 2**30, int(3.15 * 2**30))  # 2.2 + 1 GiB
+    need = None
+    for total, stays in ((2**40, True), (2**30, False)):  # tiny encoders: well under 1 TiB, not under 1 GiB + margins
+        residency = Residency(torch.device("cpu"), idle=True)
+        text = TextEncoders.load(tiny_model, "none", torch.float32, torch.device("cpu"), 77, residency)
+        vae = VaeEncoder.load(tiny_model, torch.float32, torch.device("cpu"), residency=residency)
+        need = sum(map(weight_bytes, [*text.modules, vae.vae])) + vae_activation_bytes(_largest_vae_call(cfg), vae.dtype)
+        assert settle_offload(cfg, text, vae, total) is stays and residency.idle is not stays
+    assert 0 < need < 2**30

@@ -7,8 +7,7 @@ def main(argv):
     cfg = load_config(PrecomputeConfig, argv)
     from .run import run, summary  # heavy imports only after the config is known to be good
 
-    manifest = run(cfg)
-    print(summary(manifest, cfg.out.dir))
+    print(summary(run(cfg), cfg.out.dir))
 
 
 def command(argv):

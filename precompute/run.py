@@ -9,7 +9,8 @@ import math
 import os
 import resource
 import time
-from typing import Dict, Iterator, List
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -18,7 +19,7 @@ from shards.common.config import flat_keys, resolve_device, to_dict
 from shards.common.errors import DataError
 from shards.common.fingerprint import folder_fingerprint
 from shards.common.hub import resolve_model
-from shards.manifest import SampleSpec, read_manifest
+from shards.manifest import Manifest, SampleSpec, read_manifest
 from shards.writer import assemble, read_sidecar, write_extras
 
 from .buckets import make_buckets
@@ -154,15 +155,24 @@ def _largest_vae_call(cfg: PrecomputeConfig) -> int:
                for h, w in make_buckets(b.resolution, b.step, b.min_aspect, b.max_aspect))
 
 
-def run(cfg: PrecomputeConfig) -> dict:
-    """Do this part's shards; returns the manifest when the set is complete, else a progress dict."""
+@dataclass(frozen=True)
+class Outcome:
+    """What one precompute command did: the set's manifest once it is complete (None while other parts are still
+    to write their shards), this part's progress, and whether the set was already complete (nothing done)."""
+    manifest: Optional[Manifest]
+    progress: dict
+    up_to_date: bool = False
+
+
+def run(cfg: PrecomputeConfig) -> Outcome:
+    """Do this part's shards."""
     t0 = time.time()
     part, parts, device = _distributed(cfg)
     with part_lock(cfg.out.dir, part, parts, cfg.out.overwrite):
         return _run_part(cfg, part, parts, device, t0)
 
 
-def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -> dict:
+def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -> Outcome:
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
     if is_webdataset(cfg.data.path):
         plan = TarPlan(expand(cfg.data.path))
@@ -183,7 +193,7 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
     computed = {"numerics": numerics(device, cfg.text.t5_precision), "part": [part, parts]}
     todo = prepare_out_dir(cfg, state, plan, mine, facts, computed)
     if todo is None:
-        return {**read_manifest(cfg.out.dir), "up_to_date": True}
+        return Outcome(read_manifest(cfg.out.dir), {}, up_to_date=True)
     need_extras = not os.path.exists(os.path.join(cfg.out.dir, F.EXTRAS))
     stats, load_seconds = {"images": 0, "seconds": 0.0}, 0.0
     if todo or need_extras:
@@ -216,13 +226,13 @@ def _run_part(cfg: PrecomputeConfig, part: int, parts: int, device, t0: float) -
         here = [i for i in range(plan.n) if read_sidecar(cfg.out.dir, i) is not None]
         progress["shards_complete"] = len(here)
         progress["other_parts_here"] = any(i % parts != part for i in here)
-        return progress
-    if manifest["counts"]["written"] == 0:
+        return Outcome(None, progress)
+    if manifest.counts.written == 0:
         os.remove(os.path.join(cfg.out.dir, F.MANIFEST))  # a set with nothing in it is no set
-        reasons = ", ".join(f"{r}: {n}" for r, n in manifest["rejected_reasons"].items())
-        raise DataError(f"no usable images in {cfg.data.path} ({manifest['counts']['rejected']} rejected: {reasons}); "
+        reasons = ", ".join(f"{r}: {n}" for r, n in manifest.rejected_reasons.items())
+        raise DataError(f"no usable images in {cfg.data.path} ({manifest.counts.rejected} rejected: {reasons}); "
                         f"reasons are in {os.path.join(cfg.out.dir, F.REJECTED)}")
-    return manifest
+    return Outcome(manifest, progress)
 
 
 def _write_extras(cfg: PrecomputeConfig, text: TextEncoders, computed_with: dict) -> None:
@@ -234,13 +244,13 @@ def _write_extras(cfg: PrecomputeConfig, text: TextEncoders, computed_with: dict
                  cfg.out.dtype, {"validation_prompts": prompts, "numerics": computed_with})
 
 
-def summary(result: dict, out_dir: str) -> str:
-    if result.get("up_to_date"):
-        c = result["counts"]
-        return (f"precompute: up to date: {out_dir} holds the complete shard set this command makes ({c['written']} "
-                f"samples in {len(result['shards'])} shard(s); same config, model and inputs); set "
+def summary(outcome: Outcome, out_dir: str) -> str:
+    m, result = outcome.manifest, outcome.progress
+    if outcome.up_to_date:
+        return (f"precompute: up to date: {out_dir} holds the complete shard set this command makes "
+                f"({m.counts.written} samples in {len(m.shards)} shard(s); same config, model and inputs); set "
                 "out.overwrite=true to rebuild it")
-    if not result.get("format"):
+    if m is None:
         head = (f"part {result['part']} of {result['parts']} done ({result['shards_done_here']} shard(s) written here, "
                 f"{result['seconds']} s); {result.get('shards_complete', '?')} of {result['shards']} shards are in {out_dir}")
         if result.get("other_parts_here"):
@@ -249,14 +259,14 @@ def summary(result: dict, out_dir: str) -> str:
         return (head + ". If the other parts write into this same out.dir, the set completes when the last one "
                 f"finishes; if each part has its own out.dir, join them once all have run: "
                 f"python -m shards combine SET_DIR {out_dir} OTHER_PART_DIR...")
-    c = result["counts"]
-    lines = [f"shard set: {out_dir}  ({c['written']} samples in {len(result['shards'])} shard(s), "
-             f"{c['rejected']} rejected of {c['seen']} seen, {result['stats']['seconds']} s)"]
-    if result["rejected_reasons"]:
-        lines.append("  rejected: " + ", ".join(f"{r}: {n}" for r, n in result["rejected_reasons"].items())
+    c = m.counts
+    lines = [f"shard set: {out_dir}  ({c.written} samples in {len(m.shards)} shard(s), "
+             f"{c.rejected} rejected of {c.seen} seen, {result['seconds']} s)"]
+    if m.rejected_reasons:
+        lines.append("  rejected: " + ", ".join(f"{r}: {n}" for r, n in m.rejected_reasons.items())
                      + f"  (details in {os.path.join(out_dir, 'rejected.jsonl')})")
-    t = result.get("truncated_captions", {})
+    t = m.truncated_captions
     if t.get("clip") or t.get("t5"):
-        lines.append(f"  truncated captions: {t.get('clip', 0)} longer than CLIP's {result['embeddings']['clip_tokens']} "
-                     f"tokens, {t.get('t5', 0)} longer than max_sequence_length {result['max_sequence_length']}")
+        lines.append(f"  truncated captions: {t.get('clip', 0)} longer than CLIP's {m.embeddings.clip_tokens} "
+                     f"tokens, {t.get('t5', 0)} longer than max_sequence_length {m.max_sequence_length}")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ def main(argv):
         from .combine import combine
 
         m = combine(a.path, a.parts, a.overwrite)
-        print(f"{a.path}: {m['counts']['written']} samples in {len(m['shards'])} shard(s) from {len(a.parts)} part folder(s)")
+        print(f"{a.path}: {m.counts.written} samples in {len(m.shards)} shard(s) from {len(a.parts)} part folder(s)")
         return
     if a.command == "inspect":
         from .inspect import inspect

@@ -37,10 +37,6 @@ EXTRAS_TENSORS = (
     "validation_prompt_embeds", "validation_pooled_prompt_embeds",
 )
 
-MANIFEST_FIELDS = (
-    "format", "format_version", "producer", "model", "vae", "latent_channels", "embeddings",
-    "max_sequence_length", "precisions", "dtype", "buckets", "shards", "counts", "extras", "config",
-)
 
 def producer() -> str:
     try:

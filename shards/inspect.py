@@ -2,7 +2,7 @@
 from typing import List
 
 from . import format as F
-from .manifest import SampleSpec, is_url, read_manifest, read_rejected, unchecked
+from .manifest import Manifest, SampleSpec, is_url, read_manifest, read_rejected, unchecked
 
 
 def describe_numerics(n: dict) -> str:
@@ -17,9 +17,9 @@ def describe_numerics(n: dict) -> str:
     return f"{where}; {libs}"
 
 
-def _numerics_lines(m: dict) -> List[str]:
+def _numerics_lines(m: Manifest) -> List[str]:
     """Which device, libraries and threads computed which shards: parts may have run on other machines."""
-    groups = m.get("numerics", [])
+    groups = m.numerics or []
     if not groups:
         return []
     if len(groups) == 1:
@@ -30,7 +30,7 @@ def _numerics_lines(m: dict) -> List[str]:
             ids = g["shards"]
             lines.append(f"              shards {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''} "
                          f"({len(ids)}): {describe_numerics(g['settings'])}")
-    extras = m.get("extras", {}).get("numerics")
+    extras = m.extras.numerics
     if extras is not None and (len(groups) > 1 or extras != groups[0]["settings"]):
         lines.append(f"              {F.EXTRAS}: {describe_numerics(extras)}")
     return lines
@@ -46,28 +46,28 @@ def _stored(spec: SampleSpec) -> str:
 
 def inspect(path: str) -> str:
     m = read_manifest(path)
-    emb = m["embeddings"]
+    emb, c = m.embeddings, m.counts
     lines = [
         f"shard set   {path}",
-        f"producer    {m['producer']} (format v{m['format_version']})",
-        f"model       {m['model']['path']}",
-        f"samples     {m['counts']['written']} written, {m['counts']['rejected']} rejected, {m['counts']['seen']} seen",
-        f"shards      {len(m['shards'])} ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB, {m['dtype']}, "
-        f"{sum(s['bytes'] for s in m['shards']) / max(1, sum(s['samples'] for s in m['shards'])) / 1e3:.1f} kB per sample)",
-        f"latents     {m['latent_channels']} channels, scale {m['vae']['scaling_factor']}, shift {m['vae']['shift_factor']}",
-        f"text        {emb['clip_tokens']}+{m['max_sequence_length']} tokens x {emb['prompt_embeds_dim']}, pooled {emb['pooled_dim']}",
-        "stored      " + _stored(SampleSpec.from_manifest(m)),
-        "encoders    " + ", ".join(f"{k}={v}" for k, v in m["precisions"].items())
-        + (", flipped latents" if m.get("flipped_latents") else ""),
-        "buckets     " + ", ".join(f"{b}: {n}" for b, n in m["buckets"].items()),
-        f"validation  {len(m['extras'].get('validation_prompts', []))} prompts",
+        f"producer    {m.producer} (format v{m.format_version})",
+        f"model       {m.model.path}",
+        f"samples     {c.written} written, {c.rejected} rejected, {c.seen} seen",
+        f"shards      {len(m.shards)} ({m.shard_bytes / 1e6:.1f} MB, {m.dtype}, "
+        f"{m.shard_bytes / max(1, sum(s.samples for s in m.shards)) / 1e3:.1f} kB per sample)",
+        f"latents     {m.latent_channels} channels, scale {m.vae.scaling_factor}, shift {m.vae.shift_factor}",
+        f"text        {emb.clip_tokens}+{m.max_sequence_length} tokens x {emb.prompt_embeds_dim}, pooled {emb.pooled_dim}",
+        "stored      " + _stored(m.spec),
+        "encoders    " + ", ".join(f"{k}={v}" for k, v in m.precisions.items())
+        + (", flipped latents" if m.flipped_latents else ""),
+        "buckets     " + ", ".join(f"{b}: {n}" for b, n in m.buckets.items()),
+        f"validation  {len(m.extras.validation_prompts)} prompts",
     ]
     older = unchecked(m)
-    lines.append("integrity   " + (f"sha256 of {len(m['shards'])} shard(s), {len(m.get('files', {}))} other file(s) "
+    lines.append("integrity   " + (f"sha256 of {len(m.shards)} shard(s), {len(m.files or {})} other file(s) "
                                  f"and the manifest" if not older else
                                  f"written before the manifest hashed them: {' and '.join(older)} not covered"))
     lines += _numerics_lines(m)
-    st = m.get("stats")
+    st = m.stats
     if st:
         lines.append(f"made in     {st['seconds']} s ({st.get('images_per_second', 0)} images/s encoding, "
                      f"{st.get('seconds_loading_models', 0)} s loading models, peak RSS {st.get('peak_rss_mb')} MB"

@@ -21,26 +21,26 @@ from safetensors.torch import load as st_load
 from . import format as F
 from .common.dtypes import SAFETENSORS_DTYPES
 from .common.errors import DataError
-from .manifest import SampleSpec, is_url, join, open_stream, read_bytes, read_manifest, set_files
+from .manifest import Manifest, SampleSpec, is_url, join, open_stream, read_bytes, read_manifest, set_files
 from .samples import check_stored, unpack
 from .tensorfile import parse_header
 
 
-def shard_urls(path_or_url: str, manifest: dict = None) -> List[str]:
+def shard_urls(path_or_url: str, manifest: Optional[Manifest] = None) -> List[str]:
     manifest = manifest or read_manifest(path_or_url)
-    return [join(path_or_url, s["name"]) for s in manifest["shards"]]
+    return [join(path_or_url, s.name) for s in manifest.shards]
 
 
-def check_shard_files(path: str, manifest: dict) -> None:
+def check_shard_files(path: str, manifest: Manifest) -> None:
     """Cheap pre-flight check of a local set: every shard and the extras exist with the right size."""
     if is_url(path):
         return
-    for s in manifest["shards"]:
-        f = os.path.join(path, s["name"])
+    for s in manifest.shards:
+        f = os.path.join(path, s.name)
         if not os.path.exists(f):
             raise DataError(f"{f} is missing; the shard set is damaged: run `python -m shards verify {path}`")
-        if os.path.getsize(f) != s["bytes"]:
-            raise DataError(f"{f} has {os.path.getsize(f)} bytes, the manifest says {s['bytes']}: "
+        if os.path.getsize(f) != s.bytes:
+            raise DataError(f"{f} has {os.path.getsize(f)} bytes, the manifest says {s.bytes}: "
                             f"the shard set is damaged; run `python -m shards verify {path}`")
     if not os.path.exists(os.path.join(path, F.EXTRAS)):
         raise DataError(f"{os.path.join(path, F.EXTRAS)} is missing; the shard set is damaged")
@@ -341,15 +341,15 @@ def read_samples(path_or_url: Union[str, List[str]]) -> Iterator[Dict]:
         shards = [(path_or_url, None)]
     else:
         manifest = read_manifest(path_or_url)
-        shards = [(join(path_or_url, s["name"]), s["sha256"]) for s in manifest["shards"]]
-        excluded, spec = manifest.get("excluded", {}), SampleSpec.from_manifest(manifest)
+        shards = [(join(path_or_url, s.name), s.sha256) for s in manifest.shards]
+        excluded, spec = manifest.excluded, manifest.spec
     for url, sha in shards:
         for sample in _decoded(url, sha, spec):
             if sample["key"] not in excluded:  # later copies of an image found in another shard
                 yield sample
 
 
-def read_extras(path_or_url: str, manifest: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+def read_extras(path_or_url: str, manifest: Optional[Manifest] = None) -> Dict[str, torch.Tensor]:
     """Empty-prompt and validation-prompt embeddings; prompts' text is in the manifest. The file is checked
     against the manifest's sha256 (read from the set when `manifest` is not given): it is small, and a
     changed byte would otherwise reach every caption-dropout step and validation image unnoticed."""

@@ -6,7 +6,7 @@ from typing import List
 from . import format as F
 from .common.fingerprint import file_sha256
 from .common.errors import DataError
-from .manifest import SampleSpec, expected_shapes, is_url, join, read_bytes, read_manifest, set_files
+from .manifest import Manifest, is_url, join, read_bytes, read_manifest, set_files
 from .reader import _decoded, read_extras
 
 
@@ -14,42 +14,38 @@ def verify(path: str, deep: bool = True) -> List[str]:
     """Problems found (empty list = good). `deep` decodes every sample and checks its shapes."""
     problems = []
     manifest = read_manifest(path)
-    absent = [f for f in F.MANIFEST_FIELDS if f not in manifest]
-    if absent:
-        problems.append(f"manifest lacks fields {absent}")
-    shapes = expected_shapes(manifest)
-    spec = SampleSpec.from_manifest(manifest)
-    channels = manifest["latent_channels"]
+    spec = manifest.spec
+    shapes = spec.view_shapes()
     total = 0
     keys = set()
-    excluded = manifest.get("excluded", {})
-    for shard in manifest["shards"]:
-        url = join(path, shard["name"])
+    excluded = manifest.excluded
+    for shard in manifest.shards:
+        url = join(path, shard.name)
         if not is_url(path):
             if not os.path.exists(url):
-                problems.append(f"{shard['name']}: missing")
+                problems.append(f"{shard.name}: missing")
                 continue
-            if os.path.getsize(url) != shard["bytes"]:
-                problems.append(f"{shard['name']}: {os.path.getsize(url)} bytes, manifest says {shard['bytes']}")
+            if os.path.getsize(url) != shard.bytes:
+                problems.append(f"{shard.name}: {os.path.getsize(url)} bytes, manifest says {shard.bytes}")
                 continue
-            if not deep and file_sha256(url) != shard["sha256"]:
-                problems.append(f"{shard['name']}: sha256 differs from the manifest (corrupt or replaced)")
+            if not deep and file_sha256(url) != shard.sha256:
+                problems.append(f"{shard.name}: sha256 differs from the manifest (corrupt or replaced)")
         if not deep:
             continue
         n = 0
         try:
-            for s in _decoded(url, shard["sha256"], spec):
+            for s in _decoded(url, shard.sha256, spec):
                 n += 1
                 if s["key"] not in excluded:
-                    problems += _sample_problems(shard["name"], s, shapes, channels, manifest, keys, spec)
+                    problems += _sample_problems(shard.name, s, shapes, manifest, keys)
         except DataError as e:
             problems.append(str(e))
             continue
-        if n != shard["samples"]:
-            problems.append(f"{shard['name']}: {n} samples, manifest says {shard['samples']}")
+        if n != shard.samples:
+            problems.append(f"{shard.name}: {n} samples, manifest says {shard.samples}")
         total += n
-    if deep and not problems and total - len(excluded) != manifest["counts"]["written"]:
-        problems.append(f"{total} samples in shards, manifest counts {manifest['counts']['written']}")
+    if deep and not problems and total - len(excluded) != manifest.counts.written:
+        problems.append(f"{total} samples in shards, manifest counts {manifest.counts.written}")
     files = set_files(manifest)
     for name, rec in sorted(files.items()):
         problems += _file_problems(path, name, rec)
@@ -83,9 +79,8 @@ def _file_problems(path: str, name: str, rec: dict) -> List[str]:
     return []
 
 
-def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest: dict, keys: set,
-                     spec: SampleSpec) -> List[str]:
-    problems = []
+def _sample_problems(shard: str, s: dict, shapes: dict, manifest: Manifest, keys: set) -> List[str]:
+    problems, spec, channels = [], manifest.spec, manifest.latent_channels
     k = s["key"]
     if k in keys:
         problems.append(f"{shard}: duplicate key {k}")
@@ -94,7 +89,7 @@ def _sample_problems(shard: str, s: dict, shapes: dict, channels: int, manifest:
         if tuple(s[name].shape) != shape:
             problems.append(f"{shard}/{k}: {name} shape {tuple(s[name].shape)}, expected {shape}")
     bh, bw = s["meta"]["bucket"]
-    f = manifest["vae"]["downsample_factor"]
+    f = manifest.vae.downsample_factor
     stored = [n for n in F.SAMPLE_TENSORS + F.OPTIONAL_TENSORS if n.startswith("latent") and n in s]
     if "latent_mean" not in s or ("latent_std" in s) != spec.latent_std:
         problems.append(f"{shard}/{k}: latents {stored} do not fit the set (latent std stored: {spec.latent_std})")

@@ -10,6 +10,7 @@ import json
 import os
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from typing import Dict, Optional
 
 import torch
@@ -21,7 +22,7 @@ from .common.atomic import write_bytes, write_json
 from .common.dtypes import STORAGE_DTYPES
 from .common.errors import UsageError
 from .common.fingerprint import file_sha256
-from .manifest import SampleSpec
+from .manifest import Manifest, SampleSpec
 from .samples import pack
 
 
@@ -163,11 +164,11 @@ def set_files(out_dir: str, records: list) -> Dict[str, dict]:
     return {n: _file_record(os.path.join(out_dir, n)) for n in sorted(names) if os.path.exists(os.path.join(out_dir, n))}
 
 
-def write_manifest(out_dir: str, manifest: dict) -> dict:
+def write_manifest(out_dir: str, manifest: Manifest) -> Manifest:
     """Write manifest.json with `manifest_sha256` over the rest of it (see shards.format.manifest_digest)."""
-    manifest = {k: v for k, v in manifest.items() if k != F.MANIFEST_HASH}
-    manifest[F.MANIFEST_HASH] = F.manifest_digest(manifest)
-    write_json(os.path.join(out_dir, F.MANIFEST), manifest)
+    manifest = replace(manifest, manifest_sha256=None)
+    manifest = replace(manifest, manifest_sha256=F.manifest_digest(manifest.to_json()))
+    write_json(os.path.join(out_dir, F.MANIFEST), manifest.to_json())
     return manifest
 
 
@@ -184,7 +185,7 @@ def _numerics_groups(records: list) -> list:
     return groups if any(g["settings"] is not None for g in groups) else []
 
 
-def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[dict]:
+def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[Manifest]:
     """Write rejected.jsonl and manifest.json if all `n_shards` shards are complete; else None. `fields` say
     how the shards store their samples (`format_version` and, from v2, `stored`: as the ShardWriters' spec;
     without them, format v1).
@@ -228,10 +229,7 @@ def assemble(out_dir: str, n_shards: int, fields: dict, dtype: str) -> Optional[
     groups = _numerics_groups(records)
     if groups:
         manifest["numerics"] = groups
-    absent = [f for f in F.MANIFEST_FIELDS if f not in manifest]
-    if absent:
-        raise ValueError(f"manifest lacks fields {absent}")
-    return write_manifest(out_dir, manifest)
+    return write_manifest(out_dir, Manifest.from_json(manifest, f"the manifest of {out_dir}"))
 
 
 def check_writable(out_dir: str, overwrite: bool) -> None:
@@ -283,13 +281,12 @@ class ShardSetWriter:
     def write_extras(self, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
         write_extras(self.out_dir, tensors, self.dtype, metadata)
 
-    def close(self, fields: dict) -> dict:
+    def close(self, fields: dict) -> Manifest:
         self._finish()
         stored = {"format_version": self.spec.version, "stored": self.spec.stored_json()} if self.spec else {}
         manifest = assemble(self.out_dir, self.n_shards, {**fields, **stored}, self.dtype)
-        if manifest is not None and self.spec is not None and SampleSpec.from_manifest(manifest) != self.spec:
-            raise ValueError(f"the samples were stored as {self.spec}, the manifest's fields say "
-                             f"{SampleSpec.from_manifest(manifest)}")
+        if manifest is not None and self.spec is not None and manifest.spec != self.spec:
+            raise ValueError(f"the samples were stored as {self.spec}, the manifest's fields say {manifest.spec}")
         if manifest is None:
             raise ValueError("write_extras must be called before close")
         return manifest

@@ -141,19 +141,17 @@ def copy_of_set(src: str, out: str, rename=lambda key: key, spec="same") -> dict
     import torch
 
     from shards import read_extras, read_manifest, read_samples
-    from shards.manifest import SampleSpec
     from shards.writer import ShardSetWriter
 
     m = read_manifest(src)
-    per_shard = m["shards"][0]["samples"]
-    assert all(s["samples"] == per_shard for s in m["shards"][:-1])
-    w = ShardSetWriter(out, dtype=m["dtype"], samples_per_shard=per_shard,
-                       spec=SampleSpec.from_manifest(m) if spec == "same" else spec)
+    per_shard = m.shards[0].samples
+    assert all(s.samples == per_shard for s in m.shards[:-1])
+    w = ShardSetWriter(out, dtype=m.dtype, samples_per_shard=per_shard, spec=m.spec if spec == "same" else spec)
     for s in read_samples(src):
         meta = {k: v for k, v in s["meta"].items() if k != "key"}
         meta["source"] = rename(meta["source"])
         w.add(rename(s["key"]), {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}, meta)
-    w.write_extras(read_extras(src), {"validation_prompts": m["extras"]["validation_prompts"]})
+    w.write_extras(read_extras(src), {"validation_prompts": m.extras.validation_prompts})
     skip = ("format", "format_version", "producer", "stored", "dtype", "buckets", "shards", "counts", "extras",
             "files", "manifest_sha256", "rejected_reasons", "truncated_captions", "excluded", "numerics")
-    return w.close({k: v for k, v in m.items() if k not in skip})
+    return w.close({k: v for k, v in m.to_json().items() if k not in skip})

@@ -60,7 +60,8 @@ def test_several_shard_sets_are_read_together(shard_set_fp32, tiny_model, tmp_pa
     import shutil
 
     from shards import read_samples
-    from shards.manifest import combined_manifest
+    from shards import read_manifest
+    from shards.manifest import Manifest, combined_manifest
     from shards.common.errors import DataError
 
     from conftest import copy_of_set
@@ -79,7 +80,7 @@ def test_several_shard_sets_are_read_together(shard_set_fp32, tiny_model, tmp_pa
     m = json.load(open(other / "manifest.json"))
     m["max_sequence_length"] = 256
     with pytest.raises(DataError, match="differ in max_sequence_length"):
-        combined_manifest([shard_set_fp32, str(other)], [json.load(open(f"{shard_set_fp32}/manifest.json")), m])
+        combined_manifest([shard_set_fp32, str(other)], [read_manifest(shard_set_fp32), Manifest.from_json(m)])
 
 
 def test_torchrun_processes_take_their_own_part(tiny_model, sample_data, tmp_path, monkeypatch):
@@ -90,7 +91,7 @@ def test_torchrun_processes_take_their_own_part(tiny_model, sample_data, tmp_pat
     monkeypatch.setenv("RANK", "1")
     r = run(precompute_cfg(tiny_model, sample_data, str(tmp_path), **{"text.t5_precision": "none", "num_workers": 0,
                                                                       "out.samples_per_shard": 3}))
-    assert (r["part"], r["parts"], r["shards_done_here"]) == (1, 2, 1)  # shards 0..2: part 1 takes shard 1
+    assert r.manifest is None and (r.progress["part"], r.progress["parts"], r.progress["shards_done_here"]) == (1, 2, 1)  # shards 0..2: part 1 takes shard 1
     assert os.path.exists(tmp_path / "shard-000001.json") and not os.path.exists(tmp_path / "shard-000000.json")
 
 
@@ -99,7 +100,7 @@ def test_sets_from_other_model_components_are_refused_naming_both(shard_set_fp32
     import json
 
     from shards.common.errors import DataError
-    from shards.manifest import combined_manifest
+    from shards.manifest import Manifest, combined_manifest
 
     first = json.load(open(f"{shard_set_fp32}/manifest.json"))
     assert "text_encoder_3" in first["model"]["components"]
@@ -110,9 +111,11 @@ def test_sets_from_other_model_components_are_refused_naming_both(shard_set_fp32
     other_vae["model"]["components"]["vae"] = "0" * 64
     for m, needle in [(without_t5, r"text_encoder_3 \(\w{12} vs absent\)"), (other_vae, r"vae \(\w{12} vs 000000000000\)")]:
         with pytest.raises(DataError, match=needle) as e:
-            combined_manifest([shard_set_fp32, "b"], [first, m])
+            combined_manifest([shard_set_fp32, "b"], [Manifest.from_json(first), Manifest.from_json(m)])
         assert f"shard sets {shard_set_fp32} (model {first['model']['path']}) and b (model {m['model']['path']})" in str(e.value)
     other_precision = copy.deepcopy(first)
     other_precision["precisions"]["clip"] = "bfloat16"
-    combined_manifest([shard_set_fp32, "b"], [first, other_precision])
+    both = combined_manifest([shard_set_fp32, "b"], [Manifest.from_json(first), Manifest.from_json(other_precision)])
     assert "encoded at other precisions (clip float32 vs bfloat16)" in capsys.readouterr().err
+    assert both.counts.written == 2 * first["counts"]["written"] and len(both.shards) == 2 * len(first["shards"])
+    assert both.buckets == {b: 2 * n for b, n in first["buckets"].items()}

@@ -63,16 +63,15 @@ def test_a_v1_set_reads_and_trains_exactly_as_the_v2_set_of_the_same_inputs(tiny
     from train.loop import train
 
     m2 = read_manifest(shard_set_fp32)
-    assert m2["format_version"] == 2 and m2["stored"] == {"clip_dim": 80, "t5": True, "latent_std": True}  # CLIP-L 32 + CLIP-G 48 of T5's 128
+    assert m2.format_version == 2 and m2.stored == {"clip_dim": 80, "t5": True, "latent_std": True}  # CLIP-L 32 + CLIP-G 48 of T5's 128
     m1 = copy_of_set(shard_set_fp32, str(tmp_path / "v1"), spec=None)
-    assert m1["format_version"] == 1 and "stored" not in m1
+    assert m1.format_version == 1 and m1.stored is None and "stored" not in m1.to_json()
     a, b = list(read_samples(shard_set_fp32)), list(read_samples(str(tmp_path / "v1")))
     assert [s["key"] for s in a] == [s["key"] for s in b] and len(a) == 8
     for x, y in zip(a, b):
         for name in ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds"):
             assert torch.equal(x[name], y[name]), name
-    v2_bytes = sum(s["bytes"] for s in m2["shards"])
-    assert v2_bytes < sum(s["bytes"] for s in m1["shards"])
+    assert m2.shard_bytes < m1.shard_bytes
     loras = []
     for name, shards in (("v2", shard_set_fp32), ("v1", str(tmp_path / "v1"))):
         out = str(tmp_path / f"train-{name}")
@@ -92,10 +91,11 @@ def test_without_the_latent_std_training_uses_the_mean(tiny_model, sample_data, 
     from train import flow
 
     common = {"text.t5_precision": "none", "num_workers": 0, "out.samples_per_shard": 4}
-    with_std = run(precompute_cfg(tiny_model, sample_data, str(tmp_path / "std"), **common))
-    without = run(precompute_cfg(tiny_model, sample_data, str(tmp_path / "mean"), **common, **{"out.latent_std": "false"}))
-    assert without["stored"] == {"clip_dim": 80, "t5": False, "latent_std": False}
-    assert sum(s["bytes"] for s in without["shards"]) < sum(s["bytes"] for s in with_std["shards"])
+    with_std = run(precompute_cfg(tiny_model, sample_data, str(tmp_path / "std"), **common)).manifest
+    without = run(precompute_cfg(tiny_model, sample_data, str(tmp_path / "mean"), **common,
+                                 **{"out.latent_std": "false"})).manifest
+    assert without.stored == {"clip_dim": 80, "t5": False, "latent_std": False}
+    assert without.shard_bytes < with_std.shard_bytes
     a, b = list(read_samples(str(tmp_path / "std"))), list(read_samples(str(tmp_path / "mean")))
     assert all("latent_std" not in s and torch.equal(s["latent_mean"], t["latent_mean"]) for s, t in zip(b, a))
     assert all(not s["prompt_embeds"][77:].any() for s in b)  # no T5: zeros in the view, nothing stored

@@ -230,7 +230,7 @@ def test_every_file_under_the_data_folder_is_in_the_shards_or_rejected_once(tiny
 
     written = [s["meta"]["source"] for s in read_samples(str(out))]
     rejected = {r["source"]: r["reason"] for r in read_rejected(str(out))}
-    assert len(rejected) == m["counts"]["rejected"] and len(written) == m["counts"]["written"]
+    assert len(rejected) == m.manifest.counts.rejected and len(written) == m.manifest.counts.written
     # What the walk should account for: every entry, except caption files next to an image, and the
     # contents of folders that are not entered (the hidden folder, the loop, the second link).
     expected = set()
@@ -304,7 +304,7 @@ def test_streamed_tar_failures_are_retried_then_left_undone(tiny_model, tmp_path
     assert (tmp_path / "tries").read_text().strip() == "3"
     assert sorted(s["meta"]["source"] for s in read_samples(str(out))) == \
         sorted([f"part-0.tar/0{k}.png" for k in range(3)] + [f"flaky.sh/1{k}.png" for k in range(3)])
-    assert m["counts"] == {"seen": 6, "written": 6, "rejected": 0}
+    assert vars(m.manifest.counts) == {"seen": 6, "written": 6, "rejected": 0}
 
     # Failing every time: the run ends with one line naming the tar and why; the other shard is kept.
     (tmp_path / "tries").unlink()
@@ -320,7 +320,7 @@ def test_streamed_tar_failures_are_retried_then_left_undone(tiny_model, tmp_path
     # The next run redoes exactly that shard once the source reads again.
     (tmp_path / "tries").write_text("4")
     m = _run(tiny_model, f"pipe:cat {a}::{always}", str(out))
-    assert m["stats"]["shards_done_here"] == 1 and m["counts"]["written"] == 6
+    assert m.progress["shards_done_here"] == 1 and m.manifest.counts.written == 6
 
 
 def test_url_failures_are_one_readable_line():
@@ -368,4 +368,4 @@ def test_a_part_summary_says_how_its_set_completes(tiny_model, tmp_path):
     assert "combine" not in second
     last = summary(_run(tiny_model, str(d), shared, part=2, parts=3, **{"out.samples_per_shard": 1}), shared)
     assert last.startswith(f"shard set: {shared}  (3 samples in 3 shard(s)")
-    assert read_manifest(shared)["counts"]["written"] == 3
+    assert read_manifest(shared).counts.written == 3

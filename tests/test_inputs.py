@@ -68,7 +68,7 @@ def test_dreambooth_instance_and_class_images(tiny_model, sample_data, tmp_path)
     metas = {s["meta"]["source"]: s["meta"] for s in read_samples(out)}
     assert metas["chelsea.png"]["caption"] == "a photo of sks cat" and metas["chelsea.png"]["prior"] is False
     assert metas["class/astronaut.png"]["caption"] == "a photo of a cat" and metas["class/astronaut.png"]["prior"] is True
-    assert m["counts"]["written"] == 3
+    assert m.manifest.counts.written == 3
 
 
 def test_image_modes_and_orientation(tiny_model, sample_data, tmp_path):
@@ -126,7 +126,7 @@ def test_each_bad_input_lands_in_rejected_with_the_rest_intact(tiny_model, sampl
     # Every input is in exactly one place, and all 8 good photos are in the shards.
     written = {s["meta"]["source"] for s in read_samples(out)}
     assert not written & set(reasons)
-    assert len(written) == 8 and m["counts"]["seen"] == len(written) + len(reasons)
+    assert len(written) == 8 and m.manifest.counts.seen == len(written) + len(reasons)
 
 
 def test_decompression_bombs_are_refused(tiny_model, tmp_path, monkeypatch):
@@ -163,7 +163,7 @@ def test_non_finite_encoder_output_is_rejected_per_sample(tiny_model, sample_dat
     _run(tiny_model, sample_data, out, **{"buckets.min_size": 0, "batch_size": 1})
     reasons = [r["reason"] for r in read_rejected(out)]
     assert reasons and all(r.startswith("non-finite values: in latent_mean") for r in reasons)
-    assert read_manifest(out)["counts"]["written"] == 8 - len(reasons)
+    assert read_manifest(out).counts.written == 8 - len(reasons)
     assert all(torch.isfinite(s["latent_mean"]).all() for s in read_samples(out))
 
 
@@ -186,7 +186,7 @@ def test_webdataset_tars_local_brace_and_pipe(tiny_model, sample_data, tmp_path)
     reasons = {r["source"]: r["reason"] for r in read_rejected(out)}
     assert reasons["data-001.tar/000003.png"].startswith("missing caption")
     assert reasons["data-002.tar/"].startswith("unreadable tar")
-    assert m["counts"] == {"seen": 5, "written": 3, "rejected": 2}
+    assert vars(m.manifest.counts) == {"seen": 5, "written": 3, "rejected": 2}
     # The same images from a folder give the same latents and embeddings.
     folder = tmp_path / "folder"
     _images(sample_data, folder, ("astronaut.png",))
@@ -200,7 +200,7 @@ def test_webdataset_tars_local_brace_and_pipe(tiny_model, sample_data, tmp_path)
     _run(tiny_model, f"pipe:cat {src}/data-000.tar", piped, **{"buckets.min_size": 0})
     assert sorted(_captions(piped).values()) == ["a rocket", "an astronaut"]
     # Rerun: complete tars are kept; a changed tar is detected.
-    assert _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})["up_to_date"]
+    assert _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0}).up_to_date
     write_tar(src / "data-001.tar", [("000002.png", img("chelsea.png")), ("000002.txt", b"a cat, changed")])
     with pytest.raises(Exception, match="source files changed"):
         _run(tiny_model, str(src / "data-{000..002}.tar"), out, **{"buckets.min_size": 0})

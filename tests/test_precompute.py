@@ -44,7 +44,7 @@ def test_embeddings_equal_encode_prompt(pipe, shard_set_fp32):
 def test_extras_hold_empty_and_validation_prompts(pipe, shard_set_fp32):
     extras = read_extras(shard_set_fp32)
     manifest = read_manifest(shard_set_fp32)
-    assert manifest["extras"]["validation_prompts"] == ["a photo of a cat", "a red apple"]
+    assert manifest.extras.validation_prompts == ["a photo of a cat", "a red apple"]
     pe, pooled = _encode(pipe, ["a photo of a cat", "a red apple"])
     assert _rel(extras["validation_prompt_embeds"], pe) < 1e-5
     assert _rel(extras["validation_pooled_prompt_embeds"], pooled) < 1e-5
@@ -97,7 +97,7 @@ def test_nf4_t5_runs_and_stays_close(pipe, tiny_model, sample_data, shard_set_fp
 
     out = str(tmp_path / "nf4")
     m = run(precompute_cfg(tiny_model, sample_data, out, **{"text.t5_precision": "nf4", "out.dtype": "fp32"}))
-    assert m["precisions"]["t5"] == "nf4"
+    assert m.manifest.precisions["t5"] == "nf4"
     ref = {s["key"]: s for s in read_samples(shard_set_fp32)}
     deq = _dequantized_t5(tiny_model)
     for s in read_samples(out):
@@ -123,7 +123,7 @@ def test_no_t5_gives_zero_t5_embeddings_like_the_pipeline(pipe, tiny_model, samp
     out = str(tmp_path / "not5")
     m = run(precompute_cfg(tiny_model, sample_data, out, **{"text.t5_precision": "none", "out.dtype": "fp32",
                                                            "text.max_sequence_length": 32}))
-    assert "text_encoder_3" not in m["model"]["components"]
+    assert "text_encoder_3" not in m.manifest.model.components
     no_t5 = StableDiffusion3Pipeline.from_pretrained(tiny_model, text_encoder_3=None, tokenizer_3=None)
     s = next(iter(read_samples(out)))
     pe, pooled = _encode(no_t5, [s["meta"]["caption"]], t5_len=32)
@@ -158,7 +158,7 @@ def test_bad_inputs_are_rejected_not_fatal(tiny_model, sample_data, tmp_path):
     assert "empty caption" in rejected["blank.png"]
     assert rejected["sub_dup.png"] == "duplicate: same content as coffee.png"
     assert rejected["empty.png"].startswith("unreadable image")
-    assert m["counts"] == {"seen": 14, "written": 8, "rejected": 6}
+    assert vars(m.manifest.counts) == {"seen": 14, "written": 8, "rejected": 6}
 
 
 def test_instance_prompt_fills_missing_captions(tiny_model, sample_data, tmp_path):

@@ -37,7 +37,7 @@ def _same_set(a, b):
             assert torch.equal(ta[k][name], tb[k][name]), (k, name)
     ma, mb = read_manifest(a), read_manifest(b)
     for field in ("shards", "counts", "buckets", "excluded", "extras", "rejected_reasons"):
-        assert ma[field] == mb[field], field
+        assert getattr(ma, field) == getattr(mb, field), field
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_changes_are_detected_and_only_affected_shards_redone(tiny_model, sample
         _run(str(model), str(data), out, **{"out.samples_per_shard": 2})
     # Touching a file without changing it is not a change; changing its pixels is.
     os.utime(data / "camera.png")
-    assert _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2})["up_to_date"]
+    assert _run(tiny_model, str(data), out, **{"out.samples_per_shard": 2}).up_to_date
     img = Image.open(data / "camera.png")
     img.putpixel((0, 0), 255 - img.getpixel((0, 0)))
     img.save(data / "camera.png")
@@ -134,12 +134,12 @@ def test_parts_together_equal_one_run(tiny_model, sample_data, tmp_path):
     (data / "zz-copy-of-coffee.txt").write_text("the same coffee")
     one = str(tmp_path / "one")
     m = _run(tiny_model, str(data), one, **{"out.samples_per_shard": 3})
-    assert list(m["excluded"].values()) == ["duplicate: same content as coffee.png"]
-    assert len(list(read_samples(one))) == 8 and m["counts"] == {"seen": 9, "written": 8, "rejected": 1}
+    assert list(m.manifest.excluded.values()) == ["duplicate: same content as coffee.png"]
+    assert len(list(read_samples(one))) == 8 and vars(m.manifest.counts) == {"seen": 9, "written": 8, "rejected": 1}
     # Same folder, parts one after the other: the last part completes the set.
     shared = str(tmp_path / "shared")
     progress = _run(tiny_model, str(data), shared, **{"out.samples_per_shard": 3, "part": 1, "parts": 2})
-    assert "format" not in progress and not os.path.exists(os.path.join(shared, "manifest.json"))
+    assert progress.manifest is None and not os.path.exists(os.path.join(shared, "manifest.json"))
     _run(tiny_model, str(data), shared, **{"out.samples_per_shard": 3, "part": 0, "parts": 2})
     _same_set(one, shared)
     # Separate folders, combined afterwards.
@@ -162,7 +162,7 @@ def test_flip_random_crop_and_min_size(tiny_model, sample_data, tmp_path):
     out = str(tmp_path / "aug")
     over = {"augment.flip": "true", "buckets.crop": "random", "out.dtype": "fp32", "buckets.min_size": 400}
     m = _run(tiny_model, sample_data, out, **over)
-    assert m["flipped_latents"] is True
+    assert m.manifest.flipped_latents is True
     small = {r["source"] for r in read_rejected(out) if r["reason"].startswith("too small")}
     assert small == {"chelsea.png", "coins.png"}  # 300 and 303 px on the short side
     vae = AutoencoderKL.from_pretrained(os.path.join(tiny_model, "vae"))
@@ -182,7 +182,7 @@ def test_flip_random_crop_and_min_size(tiny_model, sample_data, tmp_path):
     _run(tiny_model, sample_data, again, **over)
     _same_set(out, again)  # random crops are seeded per image
     kept = _run(tiny_model, sample_data, str(tmp_path / "up"), **{**over, "buckets.upscale": "true"})
-    assert kept["counts"]["written"] == 8
+    assert kept.manifest.counts.written == 8
 
 
 def test_an_edited_caption_is_a_change(tiny_model, sample_data, tmp_path):
@@ -210,16 +210,16 @@ def test_combine_does_not_replace_a_set_silently(tiny_model, sample_data, tmp_pa
     assert r.returncode == 2 and "already holds a complete shard set" in r.stderr
     r = cli("shards", "combine", other, str(tmp_path / "p0"), str(tmp_path / "p1"), "--overwrite")
     assert r.returncode == 0, r.stderr
-    assert len(read_manifest(other)["shards"]) == 3 and cli("shards", "verify", other).returncode == 0
+    assert len(read_manifest(other).shards) == 3 and cli("shards", "verify", other).returncode == 0
     # The combined manifest hashes the combined set's own files, as a single run's does.
-    files = read_manifest(other)["files"]
+    files = read_manifest(other).files
     assert set(files) == {"extras.safetensors", "rejected.jsonl", "run.json"} | {f"shard-00000{i}.json" for i in range(3)}
     with open(os.path.join(other, "run.json"), "a") as f:
         f.write(" ")
     r = cli("shards", "verify", "--quick", other)
     size = files["run.json"]["bytes"]
     assert r.returncode == 1 and r.stderr.startswith(f"run.json: {size + 1} bytes, manifest says {size}\n")
-    assert read_manifest(other)["format_version"] == 2 and "stored" in read_manifest(other)
+    assert read_manifest(other).format_version == 2 and read_manifest(other).stored is not None
     # A part made by a shardtune writing another format version is not joined with this one.
     state = json.loads((tmp_path / "p1" / "run.json").read_text())
     (tmp_path / "p1" / "run.json").write_text(json.dumps({**state, "format_version": 1}))
@@ -277,8 +277,8 @@ def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp
     r = _precompute(tiny_model, sample_data, out, 1)
     assert r.returncode == 0, r.stderr[-2000:]
     first = read_manifest(str(out))
-    assert [g["settings"]["threads"] for g in first["numerics"]] == [1] and first["numerics"][0]["shards"] == [0, 1, 2]
-    assert first["extras"]["numerics"] == first["numerics"][0]["settings"]
+    assert [g["settings"]["threads"] for g in first.numerics] == [1] and first.numerics[0]["shards"] == [0, 1, 2]
+    assert first.extras.numerics == first.numerics[0]["settings"]
     for name in ("shard-000002.tar", "shard-000002.json", "manifest.json"):  # as a run killed in its last shard leaves it
         os.remove(out / name)
     state = (out / "run.json").read_bytes()
@@ -289,7 +289,7 @@ def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp
     assert (out / "run.json").read_bytes() == state and not (out / "shard-000002.json").exists()
     r = _precompute(tiny_model, sample_data, out, 1)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert read_manifest(str(out))["shards"] == first["shards"]  # the same bytes as the uninterrupted run
+    assert read_manifest(str(out)).shards == first.shards  # the same bytes as the uninterrupted run
     kept = os.stat(out / "shard-000000.tar").st_ino
     # The same command again (a retried array task; num_workers does not change what is written) says it is
     # up to date, exits 0 and leaves the set as it was (run.json is one of the hashed files).
@@ -301,7 +301,7 @@ def test_a_resume_with_other_cpu_threads_is_refused(tiny_model, sample_data, tmp
     r = _precompute(tiny_model, sample_data, out, 2, "out.overwrite=true")
     assert r.returncode == 0, r.stderr[-2000:]
     redone = read_manifest(str(out))
-    assert [(g["settings"]["threads"], g["shards"]) for g in redone["numerics"]] == [(2, [0, 1, 2])]
+    assert [(g["settings"]["threads"], g["shards"]) for g in redone.numerics] == [(2, [0, 1, 2])]
     assert os.stat(out / "shard-000000.tar").st_ino != kept
 
 
@@ -315,7 +315,7 @@ def test_parts_on_other_settings_are_kept_and_reported(tiny_model, sample_data, 
         r = _precompute(tiny_model, sample_data, out, threads, f"part={part}", "parts=2")
         assert r.returncode == 0, r.stderr[-2000:]
     m = read_manifest(str(out))
-    assert [(g["settings"]["threads"], g["shards"]) for g in m["numerics"]] == [(1, [0, 2]), (2, [1])]
+    assert [(g["settings"]["threads"], g["shards"]) for g in m.numerics] == [(1, [0, 2]), (2, [1])]
     r = cli("shards", "inspect", str(out))
     assert r.returncode == 0 and "numerics    2 different settings" in r.stdout
     assert "shards 0, 2 (2): cpu" in r.stdout and "1 thread)" in r.stdout and "2 threads)" in r.stdout
@@ -344,9 +344,9 @@ def test_idle_encoders_wait_on_the_host_and_write_the_same_set(tiny_model, sampl
           "validation.prompts": ["a photo of a cat"]}
     resident = str(tmp_path / "resident")
     m = _run(tiny_model, sample_data, resident, offload="none", **t5)
-    rejects = {k: v for k, v in m["files"].items() if k != "run.json"}  # run.json records the offload asked for
-    assert m["counts"]["rejected"] == 2
-    assert m["stats"]["offload"] == "none" and m["stats"]["encoder_switches"] == 0
+    rejects = {k: v for k, v in m.manifest.files.items() if k != "run.json"}  # run.json records the offload asked for
+    assert m.manifest.counts.rejected == 2
+    assert m.progress["offload"] == "none" and m.progress["encoder_switches"] == 0
     calls = []
     real = TextEncoders.encode_batches
     monkeypatch.setattr(TextEncoders, "encode_batches",
@@ -356,10 +356,10 @@ def test_idle_encoders_wait_on_the_host_and_write_the_same_set(tiny_model, sampl
     m = _run(tiny_model, sample_data, idle, offload="idle", offload_group=3, **t5)
     extras, *groups = calls
     assert extras == [1, 1] and sum(map(sum, groups)) == 8 and all(sum(g) <= 3 for g in groups)
-    assert m["stats"]["offload"] == "idle" and m["stats"]["encoder_switches"] == 3 + 4 * len(groups)
+    assert m.progress["offload"] == "idle" and m.progress["encoder_switches"] == 3 + 4 * len(groups)
     _same_set(resident, idle)
-    assert {k: v for k, v in m["files"].items() if k != "run.json"} == rejects  # same records, same order
-    assert _run(tiny_model, sample_data, idle, offload="none", **t5)["up_to_date"]
+    assert {k: v for k, v in m.manifest.files.items() if k != "run.json"} == rejects  # same records, same order
+    assert _run(tiny_model, sample_data, idle, offload="none", **t5).up_to_date
 
 
 def test_offload_auto_keeps_every_encoder_on_a_device_they_fit(tiny_model, sample_data, tmp_path):

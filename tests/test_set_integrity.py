@@ -45,10 +45,10 @@ def set_dir(tmp_path):
 
 def test_manifest_hashes_every_file_and_itself(set_dir):
     m = read_manifest(set_dir)
-    assert set(m["files"]) == {F.EXTRAS, F.REJECTED, "shard-000000.json", "shard-000001.json"}
-    for name, rec in m["files"].items():
+    assert set(m.files) == {F.EXTRAS, F.REJECTED, "shard-000000.json", "shard-000001.json"}
+    for name, rec in m.files.items():
         assert rec["bytes"] == os.path.getsize(os.path.join(set_dir, name)) and len(rec["sha256"]) == 64
-    assert m[F.MANIFEST_HASH] == F.manifest_digest(m)
+    assert m.manifest_sha256 == F.manifest_digest(m.to_json())
     assert verify(set_dir) == []
 
 
@@ -65,7 +65,7 @@ def test_edited_vae_factor_is_refused_in_one_line(set_dir):
     # Indentation is not content: the same manifest written another way still reads.
     m["vae"]["scaling_factor"] = 1.5
     json.dump(m, open(path, "w"))
-    assert read_manifest(set_dir)["vae"]["scaling_factor"] == 1.5
+    assert read_manifest(set_dir).vae.scaling_factor == 1.5
 
 
 @pytest.mark.parametrize("name", [F.EXTRAS, F.REJECTED, "shard-000001.json"])
@@ -88,7 +88,7 @@ def test_extras_are_checked_where_the_trainer_reads_them(set_dir):
 
 def test_preflight_finds_truncated_extras(set_dir):
     manifest = read_manifest(set_dir)
-    size = manifest["files"][F.EXTRAS]["bytes"]
+    size = manifest.files[F.EXTRAS]["bytes"]
     with open(os.path.join(set_dir, F.EXTRAS), "r+b") as f:
         f.truncate(size - 2)
     with pytest.raises(DataError, match=rf"extras.safetensors has {size - 2} bytes, the manifest says {size}"):
@@ -112,7 +112,7 @@ def test_a_manifest_from_before_the_hashes_still_reads_and_says_what_it_cannot_c
     m = json.load(open(path))
     del m["files"], m[F.MANIFEST_HASH]
     json.dump(m, open(path, "w"))
-    assert read_manifest(set_dir)["counts"]["written"] == 6
+    assert read_manifest(set_dir).counts.written == 6
     assert verify(set_dir) == []
     r = cli("shards", "verify", set_dir)
     assert r.returncode == 0 and "not checked" in r.stdout and "manifest.json itself" in r.stdout

@@ -12,6 +12,7 @@ import torch
 from shards import ShardSetWriter, read_extras, read_manifest, read_rejected, read_samples
 from shards import format as F
 from shards.common.errors import DataError
+from shards.manifest import Counts, Manifest
 from shards.verify import verify
 
 
@@ -53,21 +54,46 @@ def test_round_trip_is_exact(tmp_path):
     assert read_manifest(str(tmp_path)) == manifest
 
 
-def test_manifest_has_every_design_field(tmp_path):
+def test_manifest_is_typed_and_written_as_its_json(tmp_path):
     manifest, _ = _write(str(tmp_path))
-    for f in F.MANIFEST_FIELDS:
-        assert f in manifest
-    assert manifest["format_version"] == 1 and manifest["dtype"] == "fp32"
-    assert manifest["counts"] == {"seen": 6, "written": 5, "rejected": 1}
-    assert manifest["buckets"] == {"16x24": 5}
-    assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
-    for s in manifest["shards"]:
-        assert set(s) == {"name", "samples", "bytes", "sha256"}
-        assert os.path.getsize(tmp_path / s["name"]) == s["bytes"]
-    assert manifest["extras"]["validation_prompts"] == ["p1", "p2"]
+    with open(tmp_path / F.MANIFEST) as f:
+        on_disk = json.load(f)
+    assert manifest.to_json() == on_disk and Manifest.from_json(on_disk) == manifest
+    assert F.manifest_digest(on_disk) == on_disk[F.MANIFEST_HASH] == manifest.manifest_sha256
+    assert manifest.format_version == 1 and manifest.dtype == "fp32"
+    assert manifest.counts == Counts(seen=6, written=5, rejected=1)
+    assert manifest.buckets == {"16x24": 5}
+    assert [s.samples for s in manifest.shards] == [2, 2, 1]
+    for s in manifest.shards:
+        assert os.path.getsize(tmp_path / s.name) == s.bytes
+    assert manifest.extras.validation_prompts == ["p1", "p2"]
+    assert manifest.spec.view_shapes() == {"prompt_embeds": (5, 6), "pooled_prompt_embeds": (5,)}
     # The last thing written is the manifest; no temp files are left.
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
-    assert manifest["excluded"] == {}
+    assert manifest.excluded == {}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("counts"), "lacks counts"),
+    (lambda m: m["vae"].pop("shift_factor"), "vae lacks shift_factor"),
+    (lambda m: m.update(colour="red"), r"does not know \(colour\)"),
+    (lambda m: m["shards"][1].update(rows=3), r"shards\[1\] has fields this shardtune does not know \(rows\)"),
+    (lambda m: m.update(format_version=9), "format version 9"),
+    (lambda m: m.update(format_version=2), "'stored' in format version 2"),
+    (lambda m: m.update(model=[]), "model is not a JSON object"),
+])
+def test_a_manifest_missing_or_adding_a_field_is_one_error_naming_it(tmp_path, edit, message):
+    manifest, _ = _write(str(tmp_path))
+    data = manifest.to_json()
+    edit(data)
+    with pytest.raises(DataError, match=message):
+        Manifest.from_json(data)
+    # The same edit on disk, with the self-hash made to fit it, reads to the same error.
+    data[F.MANIFEST_HASH] = F.manifest_digest(data)
+    with open(tmp_path / F.MANIFEST, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(DataError, match=message):
+        read_manifest(str(tmp_path))
 
 
 def test_bf16_storage_and_webdataset_layout(tmp_path):
@@ -81,7 +107,7 @@ def test_bf16_storage_and_webdataset_layout(tmp_path):
 def test_same_samples_give_the_same_bytes(tmp_path):
     a, _ = _write(str(tmp_path / "a"))
     b, _ = _write(str(tmp_path / "b"))
-    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 
 
 def test_verify_finds_corruption(tmp_path):
@@ -168,11 +194,10 @@ def test_webdataset_reads_the_shards_as_its_own_tars(shard_set_fp32):
     import webdataset as wds
     from safetensors.torch import load as st_load
 
-    from shards.manifest import SampleSpec
     from shards.reader import shard_urls
     from shards.samples import unpack
 
-    spec = SampleSpec.from_manifest(read_manifest(shard_set_fp32))
+    spec = read_manifest(shard_set_fp32).spec
     ours = {s["key"]: s for s in read_samples(shard_set_fp32)}
     theirs = list(wds.WebDataset(shard_urls(shard_set_fp32), shardshuffle=False, empty_check=False))
     assert [t["__key__"] for t in theirs] == list(ours) and len(theirs) == 8

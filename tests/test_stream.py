@@ -27,8 +27,8 @@ def _rchar():
 def test_each_process_reads_only_its_share_and_the_shares_cover_each_epoch(tmp_path, n, per_shard):
     manifest = small_set(tmp_path / "set", n, per_shard)
     shards = set_shards([str(tmp_path / "set")])
-    set_bytes = sum(s["bytes"] for s in manifest["shards"])
-    biggest = max(s["bytes"] for s in manifest["shards"])
+    set_bytes = manifest.shard_bytes
+    biggest = max(s.bytes for s in manifest.shards)
     everything = sorted(f"s{i:05d}" for i in range(n))
     for world in (1, 2, 3):
         for epoch in (0, 1):

@@ -132,7 +132,8 @@ def test_a_sample_handed_on_is_not_hashed_any_more(tmp_path):
               {"bucket": [512, 512]})
     w.write_extras({"empty_prompt_embeds": torch.zeros(1), "empty_pooled_prompt_embeds": torch.zeros(1),
                     "validation_prompt_embeds": torch.zeros(1), "validation_pooled_prompt_embeds": torch.zeros(1)})
-    w.close({"model": {}, "vae": {}, "latent_channels": 4, "max_sequence_length": 10, "precisions": {}, "config": {},
+    w.close({"model": {"path": "m"}, "vae": {"scaling_factor": 1.0, "shift_factor": 0.0, "downsample_factor": 8},
+             "latent_channels": 4, "max_sequence_length": 10, "precisions": {}, "config": {},
              "embeddings": {"prompt_embeds_dim": 256, "clip_tokens": 10, "pooled_dim": 32}})
     keys = []
     for s in read_samples(str(tmp_path / "set")):  # would raise "sha256 differs" if it hashed changed bytes

@@ -41,7 +41,7 @@ def _eval_loss(transformer, shards):
         for s in read_samples(shards):
             for u in (0.2, 0.4, 0.6, 0.8):
                 x0 = flow.model_latents(s["latent_mean"][None], s["latent_std"][None], g,
-                                        m["vae"]["shift_factor"], m["vae"]["scaling_factor"])
+                                        m.vae.shift_factor, m.vae.scaling_factor)
                 noise = torch.randn(x0.shape, generator=g)
                 sigma = flow.sigmas_for(torch.tensor([u]), table)
                 noisy = flow.noisy_latents(x0, noise, sigma)
@@ -112,6 +112,7 @@ def test_lora_loads_in_diffusers_with_the_trained_effect(trained, tiny_model):
 
 def test_refuses_a_shard_set_for_another_model(tiny_model, shard_set_fp32, tmp_path, capsys):
     from shards.common.config import run_cli
+    from shards.manifest import Manifest
     from shards.writer import write_manifest
     from train.__main__ import main
 
@@ -119,7 +120,7 @@ def test_refuses_a_shard_set_for_another_model(tiny_model, shard_set_fp32, tmp_p
     shutil.copytree(shard_set_fp32, wrong)
     m = json.load(open(wrong / "manifest.json"))
     m["embeddings"]["prompt_embeds_dim"] = 4096
-    write_manifest(str(wrong), m)  # re-sealed: a hand-edited manifest is refused before any model check
+    write_manifest(str(wrong), Manifest.from_json(m))  # re-sealed: a hand-edited manifest is refused before any model check
     with pytest.raises(SystemExit) as e:
         run_cli("train", main, train_args(tiny_model, str(wrong), str(tmp_path / "out"), "train.max_steps=1"))
     err = capsys.readouterr().err

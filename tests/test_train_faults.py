@@ -198,8 +198,8 @@ def test_non_finite_shard_data_is_named_not_blamed_on_the_learning_rate(tiny_mod
             tensors["latent_mean"] = torch.full_like(tensors["latent_mean"], float("nan"))
             bad_key = s["key"]
         w.add(s["key"], tensors, s["meta"])
-    w.write_extras(read_extras(shard_set_fp32), {"validation_prompts": m["extras"].get("validation_prompts", [])})
-    w.close({k: m[k] for k in ("model", "vae", "latent_channels", "embeddings", "max_sequence_length", "precisions",
+    w.write_extras(read_extras(shard_set_fp32), {"validation_prompts": m.extras.validation_prompts})
+    w.close({k: m.to_json()[k] for k in ("model", "vae", "latent_channels", "embeddings", "max_sequence_length", "precisions",
                                "config")})
     with pytest.raises(SystemExit) as e:
         run_cli("train", main, train_args(tiny_model, str(damaged), str(tmp_path / "run"), "train.max_steps=40",

@@ -294,6 +294,8 @@ def test_non_finite_run_stops_with_a_checkpoint(tiny_model, shard_set_fp32, tmp_
 
 
 def test_flip_and_prior_weight_in_the_objective(tiny_model, shard_set_fp32):
+    from dataclasses import replace
+
     from shards import read_extras, read_manifest
     from shards.common.config import load_config
     from train.config import TrainConfig
@@ -301,7 +303,7 @@ def test_flip_and_prior_weight_in_the_objective(tiny_model, shard_set_fp32):
     from train.model import load_transformer, scheduler_config
     from train.objective import Objective
 
-    manifest = {**read_manifest(shard_set_fp32), "flipped_latents": True}
+    manifest = replace(read_manifest(shard_set_fp32), flipped_latents=True)
     t = load_transformer(tiny_model, torch.float32, torch.device("cpu"))
 
     def loss(batch, *over):

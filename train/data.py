@@ -19,7 +19,7 @@ import torch
 
 from shards import read_manifest
 from shards.common.errors import DataError, UsageError
-from shards.manifest import SampleSpec, join
+from shards.manifest import Manifest, SampleSpec, join
 from shards.samples import write_prompt_embeds
 from shards.reader import decode_raw, iter_tar, read_samples_at
 
@@ -59,13 +59,13 @@ class Shard:
     spec: SampleSpec  # how its set stores samples
 
 
-def set_shards(paths: Sequence[str], manifests: Optional[Sequence[dict]] = None) -> List[Shard]:
+def set_shards(paths: Sequence[str], manifests: Optional[Sequence[Manifest]] = None) -> List[Shard]:
     """The shards of one or more sets, read as one, from their manifests (no tar is opened)."""
     out = []
     for i, path in enumerate(paths):
         m = manifests[i] if manifests else read_manifest(path)
-        excluded, spec = frozenset(m.get("excluded", {})), SampleSpec.from_manifest(m)
-        out += [Shard(join(path, s["name"]), s["sha256"], int(s["samples"]), excluded, spec) for s in m["shards"]]
+        excluded = frozenset(m.excluded)
+        out += [Shard(join(path, s.name), s.sha256, s.samples, excluded, m.spec) for s in m.shards]
     return out
 
 
@@ -265,7 +265,7 @@ class BatchStream:
 
     def __init__(self, sets: Union[str, List[str]], batch_size: int, seed: int, shuffle_buffer: int = 256,
                  rank: int = 0, world: int = 1, weights: Optional[List[float]] = None,
-                 manifests: Optional[List[dict]] = None):
+                 manifests: Optional[List[Manifest]] = None):
         sets = [sets] if isinstance(sets, str) else list(sets)
         manifests = manifests or [read_manifest(p) for p in sets]
         if weights:

@@ -199,10 +199,10 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
     manifests = [read_manifest(p) for p in sets]
     for path, m in zip(sets, manifests):
         check_shard_files(path, m)
-        if not m["counts"]["written"]:
+        if not m.counts.written:
             raise DataError(f"shard set {path} holds no samples")
     manifest = combined_manifest(sets, manifests, warn=lambda msg: tqdm.write(msg, file=sys.stderr))
-    largest = max(manifest["buckets"].values())
+    largest = max(manifest.buckets.values())
     if cfg.train.batch_size > largest:
         tqdm.write(f"train: train.batch_size {cfg.train.batch_size} is larger than the largest bucket "
                    f"({largest} samples); batches hold one bucket, so they will be smaller")
@@ -223,7 +223,7 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
         cfg=cfg, accel=accel, device=device, manifest=manifest, transformer=transformer, base_fingerprint=base,
         stepper=stepper,
         objective=objective, stream=stream, state=state, weight_dtype=weight_dtype,
-        set_bytes=sum(s["bytes"] for m in manifests for s in m["shards"]),
+        set_bytes=manifest.shard_bytes,
         validate=Validator(cfg, manifest, extras, root, sched, device, weight_dtype, transformer.config),
         shared={"training": stepper}, per_rank={"objective": objective, "stream": stream, "rng": checkpoint.GlobalRng()})
 

@@ -8,6 +8,7 @@ import torch
 
 from shards.common.errors import DataError, UsageError
 from shards.common.hub import component_dir
+from shards.manifest import Manifest
 
 from .config import LoraConfig
 
@@ -313,33 +314,33 @@ def add_lora(transformer, cfg: LoraConfig) -> List[torch.nn.Parameter]:
     return params
 
 
-def check_shard_set(manifest: dict, transformer_config) -> None:
+def check_shard_set(manifest: Manifest, transformer_config) -> None:
     """Refuse a shard set that was computed for another model family, naming the value that differs."""
     c = transformer_config
-    emb = manifest["embeddings"]
+    emb = manifest.embeddings
     wrong = []
-    if manifest["latent_channels"] != c.in_channels:
-        wrong.append(f"latent channels {manifest['latent_channels']} vs transformer in_channels {c.in_channels}")
-    if emb["prompt_embeds_dim"] != c.joint_attention_dim:
-        wrong.append(f"prompt embedding width {emb['prompt_embeds_dim']} vs joint_attention_dim {c.joint_attention_dim}")
-    if emb["pooled_dim"] != c.pooled_projection_dim:
-        wrong.append(f"pooled width {emb['pooled_dim']} vs pooled_projection_dim {c.pooled_projection_dim}")
-    f = manifest["vae"]["downsample_factor"] * c.patch_size
-    too_big = [b for b in manifest["buckets"] if max(int(x) for x in b.split("x")) // f > c.pos_embed_max_size]
+    if manifest.latent_channels != c.in_channels:
+        wrong.append(f"latent channels {manifest.latent_channels} vs transformer in_channels {c.in_channels}")
+    if emb.prompt_embeds_dim != c.joint_attention_dim:
+        wrong.append(f"prompt embedding width {emb.prompt_embeds_dim} vs joint_attention_dim {c.joint_attention_dim}")
+    if emb.pooled_dim != c.pooled_projection_dim:
+        wrong.append(f"pooled width {emb.pooled_dim} vs pooled_projection_dim {c.pooled_projection_dim}")
+    f = manifest.vae.downsample_factor * c.patch_size
+    too_big = [b for b in manifest.buckets if max(int(x) for x in b.split("x")) // f > c.pos_embed_max_size]
     if too_big:
         wrong.append(f"buckets {', '.join(too_big)} exceed the transformer's position grid "
                      f"({c.pos_embed_max_size} patches = {c.pos_embed_max_size * f} px a side)")
     if wrong:
-        raise DataError(f"shard set was made for another model ({manifest['model']['path']}): "
+        raise DataError(f"shard set was made for another model ({manifest.model.path}): "
                         + "; ".join(wrong) + "; run precompute with this model.path")
 
 
-def warn_if_other_vae(manifest: dict, root: str) -> None:
+def warn_if_other_vae(manifest: Manifest, root: str) -> None:
     """Latents from another VAE fit the shapes but not the model; the fingerprints tell."""
     from shards.common.fingerprint import folder_fingerprint
 
-    recorded = manifest["model"].get("components", {}).get("vae")
+    recorded = manifest.model.components.get("vae")
     vae = os.path.join(root, "vae")
     if recorded and os.path.isdir(vae) and folder_fingerprint(vae) != recorded:
         print(f"train: warning: the shard set's latents come from another VAE than {vae} "
-              f"(shard set made from {manifest['model']['path']}); check that this is intended", file=sys.stderr)
+              f"(shard set made from {manifest.model.path}); check that this is intended", file=sys.stderr)

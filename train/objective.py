@@ -2,6 +2,7 @@
 import torch
 
 from shards.common.dtypes import STORAGE_DTYPES
+from shards.manifest import Manifest
 
 from . import flow
 from .config import LoraConfig, ModelConfig, TrainConfig
@@ -46,14 +47,14 @@ class Objective:
     Mixed precision is not applied here: the model the run calls is prepared by its Accelerator, whose
     forward runs under autocast."""
 
-    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, sched: dict, device, weight_dtype,
+    def __init__(self, cfg: TrainConfig, manifest: Manifest, extras: dict, sched: dict, device, weight_dtype,
                  rank: int = 0):
         self.cfg, self.device, self.weight_dtype = cfg.loss, device, weight_dtype
-        self.flip = cfg.data.flip if manifest.get("flipped_latents") else 0.0
+        self.flip = cfg.data.flip if manifest.flipped_latents else 0.0
         shift = cfg.loss.shift if cfg.loss.shift is not None else sched.get("shift", 1.0)
         self.table = flow.sigma_table(sched.get("num_train_timesteps", 1000), shift)
-        self.shift_factor = manifest["vae"]["shift_factor"]
-        self.scaling_factor = manifest["vae"]["scaling_factor"]
+        self.shift_factor = manifest.vae.shift_factor
+        self.scaling_factor = manifest.vae.scaling_factor
         self.empty = tuple(extras[k].float().to(device) for k in ("empty_prompt_embeds", "empty_pooled_prompt_embeds"))
         self.gen = torch.Generator().manual_seed(cfg.train.seed + 1000003 * rank)  # each process its own noise
 

@@ -9,7 +9,7 @@ import torch
 
 from shards.common.atomic import atomic_open
 from shards.common.config import to_dict
-from shards.manifest import join, read_bytes
+from shards.manifest import Manifest, join, read_bytes
 
 from .lora_file import EMA_WEIGHT_NAME, save_lora
 from .plot import change_at_equal_sigma, loss_by_sigma_png, loss_curve_png, metric_series
@@ -124,9 +124,9 @@ def close_trackers(accel) -> None:
     accel.trackers = []
 
 
-def _data_config(manifest: dict) -> dict:
+def _data_config(manifest: Manifest) -> dict:
     """The precompute data section the shard set was made with ({} for a set that does not record it)."""
-    data = manifest.get("config", {}).get("data", {})
+    data = manifest.config.get("data", {})
     return data if isinstance(data, dict) else {}
 
 
@@ -142,8 +142,8 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
         "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
         "targets": cfg.lora.target_names(), "blocks": cfg.lora.blocks, "steps": cfg.train.max_steps,
         "shard_sets": [{"path": p, "manifest_sha256": manifest_hash(p)} for p in cfg.data.sets()],
-        "shard_set_model": manifest["model"]["path"],
-        "validation_prompts": manifest["extras"].get("validation_prompts", []),
+        "shard_set_model": manifest.model.path,
+        "validation_prompts": manifest.extras.validation_prompts,
         # What the captions were built from, for the release's model card (merge): the trigger words.
         "instance_prompt": _data_config(manifest).get("instance_prompt"),
         "caption_prefix": _data_config(manifest).get("caption_prefix") or None,

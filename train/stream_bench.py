@@ -21,7 +21,7 @@ import torch
 from shards.common.errors import DataError
 from shards.measure import rows_cli
 from shards.format import FORMAT_VERSION
-from shards.manifest import SampleSpec
+from shards.manifest import Manifest, SampleSpec
 from shards.writer import ShardSetWriter, torch_dtype
 
 from .config import DataConfig
@@ -51,7 +51,7 @@ def sample_shapes(resolution: int = RESOLUTION, flip: bool = True,
 
 def write_random_set(out_dir: str, n: int, per_shard: int, dtype: str = "bf16", resolution: int = RESOLUTION,
                      flip: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH, seed: int = 0,
-                     version: int = FORMAT_VERSION) -> dict:
+                     version: int = FORMAT_VERSION) -> Manifest:
     """A complete shard set of `n` random samples in one `resolution`² bucket, in format `version` (the
     current one stores as precompute does); returns its manifest. The CLIP part of prompt_embeds is zero
     beyond CLIP's width, as precompute's is."""
@@ -134,8 +134,8 @@ def stream_row(n: int, per_shard: int, batch_size: int = 4, repeats: int = 1, dt
         set_dir = os.path.join(tmp, "set")
         manifest = write_random_set(set_dir, n, per_shard, dtype, resolution, flip, max_sequence_length,
                                     version=version)
-        tars = [os.path.join(set_dir, s["name"]) for s in manifest["shards"]]
-        tar_bytes = sum(s["bytes"] for s in manifest["shards"])
+        tars = [os.path.join(set_dir, s.name) for s in manifest.shards]
+        tar_bytes = manifest.shard_bytes
         shapes = sample_shapes(resolution, flip, max_sequence_length)
         tensor_bytes = sum(math.prod(s) for s in shapes.values()) * torch_dtype(dtype).itemsize
         # Alternate the two reads so that both see the same machine state; keep each one's best.

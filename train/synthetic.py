@@ -5,10 +5,19 @@ from types import SimpleNamespace
 
 import torch
 
+from shards.manifest import Counts, EmbeddingFacts, ExtrasEntry, Manifest, ModelFacts, VaeFacts
+
 LORA_RANK = 16
-# What the trainer's objective reads from a shard set's manifest and the scheduler config (SD3's values).
-BENCH_MANIFEST = {"vae": {"shift_factor": 0.0609, "scaling_factor": 1.5305}, "flipped_latents": False}
+# The manifest of an SD3 shard set holding no shard (what the objective reads from it: the VAE's factors, no
+# flipped latents) and SD3's scheduler config.
+BENCH_MANIFEST = Manifest(
+    format_version=2, producer="shardtune benchmarks", model=ModelFacts(path="stabilityai/stable-diffusion-3-medium"),
+    vae=VaeFacts(scaling_factor=1.5305, shift_factor=0.0609, downsample_factor=8), latent_channels=16,
+    embeddings=EmbeddingFacts(prompt_embeds_dim=4096, clip_tokens=77, pooled_dim=2048), max_sequence_length=77,
+    precisions={}, dtype="bf16", buckets={}, shards=[], counts=Counts(seen=0, written=0, rejected=0),
+    extras=ExtrasEntry(), config={}, stored={"clip_dim": 2048, "t5": True, "latent_std": True})
 SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
 
 def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,
                  seed: int = 0) -> SimpleNamespace:

@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from shards.common.errors import UsageError
+from shards.manifest import Manifest
 
 from .config import TrainConfig
 from .plot import BACKGROUND, CHAR_W, LINE_H, TEXT, bitmap_font, save_png
@@ -22,10 +23,10 @@ PROMPT_W, HEADER_H, FOOTER_H = 186, 18, 18
 class Validator:
     """Sample images for the shard set's validation prompts and save them as a PNG grid."""
 
-    def __init__(self, cfg: TrainConfig, manifest: dict, extras: dict, root: str, sched: dict, device, dtype,
+    def __init__(self, cfg: TrainConfig, manifest: Manifest, extras: dict, root: str, sched: dict, device, dtype,
                  transformer_config):
         self.cfg, self.sched, self.dtype = cfg.validation, sched, dtype
-        self.prompts = manifest["extras"].get("validation_prompts", [])
+        self.prompts = manifest.extras.validation_prompts
         self.embeds = (extras["validation_prompt_embeds"].float(), extras["validation_pooled_prompt_embeds"].float())
         self.empty = (extras["empty_prompt_embeds"].float()[None], extras["empty_pooled_prompt_embeds"].float()[None])
         self.enabled = self.cfg.enabled and bool(self.prompts)
@@ -35,10 +36,10 @@ class Validator:
         if self.enabled:
             h, w = self.cfg.height, self.cfg.width
             if not h:
-                common = max(manifest["buckets"].items(), key=lambda kv: kv[1])[0]
+                common = max(manifest.buckets.items(), key=lambda kv: kv[1])[0]
                 h, w = (int(x) for x in common.split("x"))
             limit = transformer_config.pos_embed_max_size * transformer_config.patch_size * \
-                manifest["vae"]["downsample_factor"]
+                manifest.vae.downsample_factor
             if max(h, w) > limit:
                 raise UsageError(f"validation size {h}x{w} is larger than this transformer's position grid "
                                  f"allows ({limit} px a side); lower validation.height/width")

@@ -4,8 +4,8 @@ import shlex
 
 import pytest
 
+from bench import driver, gpu_check
 from shards.common.config import run_cli
-from train import bench, gpu_check
 
 
 def test_the_dry_run_prints_the_whole_plan_and_does_nothing(tmp_path, capsys):
@@ -20,16 +20,16 @@ def test_the_dry_run_prints_the_whole_plan_and_does_nothing(tmp_path, capsys):
 
 
 def test_every_benchmark_command_of_the_plan_parses():
-    from precompute import bench as precompute_bench
+    from bench import precompute as precompute_bench
 
     parsed = 0
     for step in gpu_check.plan("/tmp/x"):
-        if "-m train.bench" in step["cmd"]:
-            a = bench.parse_args(shlex.split(step["cmd"].split("-m train.bench", 1)[1]))
-            bench._matrix(a)  # the rows it asks for exist
+        if "-m bench " in step["cmd"]:
+            a = driver.parse_args(shlex.split(step["cmd"].split("-m bench ", 1)[1]))
+            driver._matrix(a)  # the rows it asks for exist
             parsed += 1
-        elif "-m precompute.bench" in step["cmd"]:
-            a = precompute_bench.parse_args(shlex.split(step["cmd"].split("-m precompute.bench", 1)[1]))
+        elif "-m bench.precompute " in step["cmd"]:
+            a = precompute_bench.parse_args(shlex.split(step["cmd"].split("-m bench.precompute ", 1)[1]))
             assert a.offload == "idle" and a.json.endswith(".json") and "results-" in a.json  # read back as rows
             parsed += 1
     assert parsed == 4
@@ -37,16 +37,18 @@ def test_every_benchmark_command_of_the_plan_parses():
 
 def test_without_a_gpu_it_refuses_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        run_cli("train.gpu_check", gpu_check.main, [])
+        run_cli("bench.gpu_check", gpu_check.main, [])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs a CUDA GPU" in err and "--dry-run" in err
 
 
 def test_each_measured_row_gets_the_modelled_row_of_its_settings():
+    from bench.row import Row
+
     def row(kind, base, ckpt, **extra):
         s = dict(model="sd3-medium", resolution=1024, batch=1, base_dtype=base, checkpointing=ckpt)
-        return {"row": kind, "settings": {**s, **extra}}
+        return Row(kind, "x", {**s, **extra}, status="modelled" if kind == "modelled" else "ok")
 
     measured = [row("train", "bf16", True, device="h100"), row("train", "nf4", True, device="h100")]
     known = [row("modelled", "bf16", True), row("modelled", "bf16", False), row("modelled", "nf4", True, nf4_output="x")]

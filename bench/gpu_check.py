@@ -19,6 +19,7 @@ import datetime
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,12 +126,7 @@ def run(out: str, budget_s: float) -> dict:
             print(f"gpu_check: {step['name']}: not run, out of time", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        try:
-            p = subprocess.run(step["cmd"], shell=True, cwd=REPO, capture_output=True, text=True,
-                               timeout=min(step["timeout"], left))
-            status, tail = ("ok" if p.returncode == 0 else f"failed (exit {p.returncode})"), (p.stdout + p.stderr)[-3000:]
-        except subprocess.TimeoutExpired as e:
-            status, tail = "timed out", ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")[-3000:]
+        status, tail = run_part(step["cmd"], min(step["timeout"], left))
         parts.append({**step, "status": status, "seconds": time.perf_counter() - t0, "output_tail": tail})
         print(f"gpu_check: {step['name']}: {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     rows = _rows(os.path.join(out, "bench"))
@@ -142,6 +138,21 @@ def run(out: str, budget_s: float) -> dict:
         json.dump(result, f, indent=1, default=str)
     result.update(path=path, rows=rows)
     return result
+
+
+def run_part(cmd: str, timeout: float):
+    """(status, output tail) of one part. Its own process group, all of it killed at the timeout: `python -m
+    bench` runs each stage's benchmark as a child process, which must not go on using the GPU beside the next
+    part."""
+    p = subprocess.Popen(cmd, shell=True, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         errors="replace", start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return ("ok" if p.returncode == 0 else f"failed (exit {p.returncode})"), (out + err)[-3000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return "timed out", (out + err)[-3000:]
 
 
 def _rows(folder: str) -> List[Row]:

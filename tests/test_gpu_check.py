@@ -65,3 +65,27 @@ def test_the_deterministic_part_compares_bit_for_bit(tmp_path):
     gpu_check.same_tensors(str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors"))
     with pytest.raises(SystemExit, match="differ in 1 tensors"):
         gpu_check.same_tensors(str(tmp_path / "x.safetensors"), str(tmp_path / "z.safetensors"))
+
+
+def test_a_part_that_runs_out_of_time_takes_its_child_processes_with_it(tmp_path):
+    """`python -m bench` runs each stage's benchmark as a child process: at a part's timeout that child must stop
+    too, not go on using the GPU beside the next part."""
+    import os
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    status, tail = gpu_check.run_part(f"echo started; sleep 60 & echo $! > {pid_file}; wait", 2)
+    assert status == "timed out" and "started" in tail
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # killed, waiting to be reaped
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError("the part's child process outlived its timeout")

@@ -74,11 +74,11 @@ test: $(STAMP)
 
 # The train and precompute rows need a CUDA GPU (ARGS=--quick runs tiny versions anywhere); stream and merge run on the CPU.
 bench: $(STAMP)
-	$(PY) -m train.bench $(ARGS)
+	$(PY) -m bench $(ARGS)
 
 # The first session on a GPU: every CUDA path and the memory figures, one JSON and one table.
 gpu-check: $(STAMP)
-	$(PY) -m train.gpu_check $(ARGS)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf build

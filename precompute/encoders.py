@@ -6,7 +6,7 @@ from typing import List, Optional
 import torch
 
 from shards.common.dtypes import STORAGE_DTYPES as _DTYPES
-from shards.measure import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT
+from shards.gpu_margins import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT
 from shards.common.hub import component_dir
 
 
@@ -98,7 +98,7 @@ def encoders_fit(weights: int, vae_activations: int, total: int) -> bool:
 
 
 # The VAE encoder's peak activations per pixel of one call, fp32 (modelled at SD3's VAE: 2,572 MiB for a
-# 1024² image, see precompute.memory_model; a test checks this bound against the model).
+# 1024² image, see bench.precompute_memory; a test checks this bound against the model).
 VAE_ACTIVATION_BYTES_PER_PIXEL_FP32 = 2600
 
 

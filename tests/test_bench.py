@@ -1,5 +1,6 @@
 """Benchmark harness on the CPU with tiny models: FLOP formulas against torch's FLOP counter, the
-train-step and precompute rows, and the `python -m train.bench` orchestrator. Real sizes only on the meta device."""
+train-step and precompute rows, the rows' JSON, and the `python -m bench` orchestrator. Real sizes only on the
+meta device."""
 import json
 import math
 import os
@@ -9,9 +10,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import run_module
+from bench import driver, flops, train_step
+from bench.matrix import MODELS
+from bench.results import format_table, load_results, save_results
+from bench.row import Row
+from conftest import REPO, run_module
 from shards.common.errors import DataError, UsageError
-from train import bench, flops
 
 CPU = torch.device("cpu")
 
@@ -38,8 +42,8 @@ def _counted_flops(model, config, height, width, text_tokens, batch=1, backward=
 
 def test_bench_tiny_config_is_the_tiny_model(tiny_model):
     cfg = _tiny_config(tiny_model)
-    assert {k: cfg[k] for k in bench.MODELS["tiny"]} == {k: (list(v) if isinstance(v, tuple) else v)
-                                                         for k, v in bench.MODELS["tiny"].items()}
+    assert {k: cfg[k] for k in MODELS["tiny"]} == {k: (list(v) if isinstance(v, tuple) else v)
+                                                         for k, v in MODELS["tiny"].items()}
 
 
 @pytest.mark.parametrize("variant", [{}, {"dual_attention_layers": [0]}, {"qk_norm": "rms_norm"}])
@@ -63,19 +67,19 @@ def test_real_configs_match_published_sizes_and_flops():
     sizes = {"sd3-medium": 2.08e9, "sd3.5-medium": 2.47e9, "sd3.5-large": 8.14e9}  # the published parameter counts, buffers included
     for name, size in sizes.items():
         with torch.device("meta"):
-            m = SD3Transformer2DModel(**bench.MODELS[name])
+            m = SD3Transformer2DModel(**MODELS[name])
         n = sum(t.numel() for t in list(m.parameters()) + list(m.buffers()))
         assert abs(n / size - 1) < 0.005, name
-    assert abs(flops.forward_flops(bench.MODELS["sd3-medium"], 1024, 1024, 154) / 8.4e12 - 1) < 0.01  # the reference count for SD3 Medium at 1024², 154 tokens
-    config = bench.MODELS["sd3.5-medium"]  # dual attention and qk_norm at full size, 1024²
+    assert abs(flops.forward_flops(MODELS["sd3-medium"], 1024, 1024, 154) / 8.4e12 - 1) < 0.01  # the reference count for SD3 Medium at 1024², 154 tokens
+    config = MODELS["sd3.5-medium"]  # dual attention and qk_norm at full size, 1024²
     with torch.device("meta"):
         m = SD3Transformer2DModel(**config)
-        counted = _counted_flops(m, config, 1024, 1024, bench.TEXT_TOKENS)
+        counted = _counted_flops(m, config, 1024, 1024, flops.TEXT_TOKENS)
     assert abs(flops.forward_flops(config, 1024, 1024) / counted - 1) < 0.01
 
 
 def test_real_encoder_configs_match_published_sizes():
-    from precompute.bench import component
+    from bench.precompute import component
 
     sizes = {"text_encoder": 123.65e6, "text_encoder_2": 694.66e6, "text_encoder_3": 4.762e9, "vae": 83.82e6}
     for sub, size in sizes.items():
@@ -95,9 +99,9 @@ def test_step_flops_match_counted_forward_and_backward(tiny_model):
 
 def test_bad_size_is_one_line_error():
     with pytest.raises(UsageError, match="multiples of 16"):
-        flops.forward_flops(bench.MODELS["tiny"], 200, 256)
+        flops.forward_flops(MODELS["tiny"], 200, 256)
     with pytest.raises(UsageError, match="unknown model"):
-        bench.train_row("sd4", 256, 1, device=CPU)
+        train_step.train_row("sd4", 256, 1, device=CPU)
 
 
 def test_matmul_peak_is_a_rate():
@@ -109,11 +113,12 @@ def test_bench_run_is_the_trainers_step_on_lora():
     """LoRA on the trainer's default targets (B starts at 0), and the trainer's optimizer step moves it."""
     from train.config import LoraConfig
     from train.model import lora_module_names
+    from train.synthetic import bench_config
 
-    cfg = bench.bench_config(batch=2)
-    t = bench.build_transformer("tiny", torch.float32, CPU)
+    cfg = bench_config(batch=2)
+    t = train_step.build_transformer("tiny", torch.float32, CPU)
     expected = len(lora_module_names(t, LoraConfig()))
-    run = bench.BenchRun(t, cfg, 128, 20, CPU)
+    run = train_step.BenchRun(t, cfg, 128, 20, CPU)
     params = run.stepper.params
     assert len(params) == 2 * expected and all(p.dtype == torch.float32 for p in params)
     times, nonfinite = run.time_steps(warmup=0, steps=1)
@@ -124,7 +129,7 @@ def test_bench_run_is_the_trainers_step_on_lora():
 
 
 def test_a_quantized_bench_model_is_built_without_its_full_precision_weights():
-    t = bench.build_transformer("tiny", torch.float32, CPU, quantize="nf4")
+    t = train_step.build_transformer("tiny", torch.float32, CPU, quantize="nf4")
     assert not [n for n, x in list(t.named_parameters()) + list(t.named_buffers()) if x.is_meta]
     blocks = [type(m).__name__ for n, m in t.named_modules() if n.startswith("transformer_blocks.") and
               isinstance(m, torch.nn.Linear)]
@@ -134,13 +139,13 @@ def test_a_quantized_bench_model_is_built_without_its_full_precision_weights():
 
 
 def test_train_row_on_cpu():
-    r = bench.train_row("tiny", 128, 2, quantize="nf4", checkpointing=True, device=CPU, steps=2, warmup=1,
-                        text_tokens=154)
+    r = train_step.train_row("tiny", 128, 2, quantize="nf4", checkpointing=True, device=CPU, steps=2, warmup=1,
+                             text_tokens=154).to_json()
     assert r["status"] == "ok" and r["settings"]["base_dtype"] == "nf4" and r["settings"]["checkpointing"]
     for key in ("seconds", "samples_per_s", "peak_rss_mb", "forward_flops", "step_flops", "peak_flops"):
         assert math.isfinite(r[key]) and r[key] > 0, key
     assert 0 < r["mfu"] <= 1
-    assert r["forward_flops"] == flops.forward_flops(bench.MODELS["tiny"], 128, 128, 154)
+    assert r["forward_flops"] == flops.forward_flops(MODELS["tiny"], 128, 128, 154)
     assert r["samples_per_s"] == pytest.approx(2 / r["seconds"])
 
 
@@ -148,14 +153,15 @@ def test_out_of_memory_becomes_an_oom_row(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(bench, "_measure_train", oom)
-    r = bench.train_row("tiny", 256, 4, device=CPU, peak_flops=1e9)
-    assert r["status"] == "OOM" and "seconds" not in r and "mfu" not in r
-    assert bench.format_table([r]).splitlines()[2].count("OOM") == 4
+    monkeypatch.setattr(train_step, "_measure_train", oom)
+    r = train_step.train_row("tiny", 256, 4, device=CPU, peak_flops=1e9)
+    assert r.status == "OOM" and r.seconds is None and r.mfu is None
+    assert "seconds" not in r.to_json() and "mfu" not in r.to_json()
+    assert format_table([r]).splitlines()[2].count("OOM") == 4
 
 
 def test_orchestrator_quick_writes_json_and_prints_one_table(tiny_model, tmp_path, capsys):
-    path = bench.main(["--quick", "--rows", "train,precompute", "--out", str(tmp_path), "--steps", "1",
+    path = driver.main(["--quick", "--rows", "train,precompute", "--out", str(tmp_path), "--steps", "1",
                        "--warmup", "1", "--tiny-model", tiny_model])
     assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("results-cpu-")
     with open(path) as f:
@@ -185,9 +191,9 @@ def test_orchestrator_quick_writes_json_and_prints_one_table(tiny_model, tmp_pat
 
 def test_results_file_keeps_rows_with_other_settings(tmp_path):
     path = str(tmp_path / "r.json")
-    row = lambda batch, s: {"row": "train", "what": "x", "settings": {"batch": batch}, "seconds": s}
-    bench.save_results(path, [row(1, 1.0), row(4, 2.0)], {"command": "a"})
-    bench.save_results(path, [row(4, 3.0)], {"command": "b"})
+    row = lambda batch, s: Row("train", "x", {"batch": batch}, seconds=s)
+    save_results(path, [row(1, 1.0), row(4, 2.0)], {"command": "a"})
+    save_results(path, [row(4, 3.0)], {"command": "b"})
     with open(path) as f:
         saved = json.load(f)
     assert [(r["settings"]["batch"], r["seconds"]) for r in saved["rows"]] == [(1, 1.0), (4, 3.0)]
@@ -195,19 +201,19 @@ def test_results_file_keeps_rows_with_other_settings(tmp_path):
 
 
 def test_command_line(tmp_path):
-    p = run_module("train.bench", "--help")
+    p = run_module("bench", "--help")
     assert p.returncode == 0 and "--rows" in p.stdout and "--quick" in p.stdout
     with pytest.raises(UsageError, match="--rows: gpu not known; choose from train, precompute, stream, merge, modelled"):
-        bench.main(["--rows", "train,gpu", "--out", str(tmp_path)])
+        driver.main(["--rows", "train,gpu", "--out", str(tmp_path)])
     with pytest.raises(UsageError, match="--batches"):
-        bench.main(["--rows", "train", "--batches", "0", "--out", str(tmp_path)])
+        driver.main(["--rows", "train", "--batches", "0", "--out", str(tmp_path)])
     assert os.listdir(tmp_path) == []  # nothing ran, nothing written
 
 
 def test_full_size_precompute_path_with_shrunk_configs(monkeypatch, tmp_path):
     """The GPU row's own code (random components written as a pipeline folder, loaded back by the stage's
     loaders with T5 in nf4), run here with narrow, shallow versions of the configs."""
-    from precompute import bench as pb
+    from bench import precompute as pb
 
     small = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  projection_dim=64)
@@ -217,15 +223,15 @@ def test_full_size_precompute_path_with_shrunk_configs(monkeypatch, tmp_path):
                                        "num_heads": 2})
     monkeypatch.setattr(pb, "SD3_VAE", {**pb.SD3_VAE, "block_out_channels": (32,) * 4, "layers_per_block": 1})
     root = pb.write_pipeline("sd3", str(tmp_path / "sd3"), CPU)
-    (r,) = pb.encode_rows("sd3", root, [1], 64, CPU, max_sequence_length=16, steps=1, warmup=0)
+    (r,) = (r.to_json() for r in pb.encode_rows("sd3", root, [1], 64, CPU, max_sequence_length=16, steps=1, warmup=0))
     assert r["status"] == "ok" and r["images_per_s"] > 0 and r["settings"]["model"] == "sd3 encoders"
     assert r["settings"]["base_dtype"].startswith("t5 nf4") and set(r["stages"]["text"]["component_peaks"]) == \
         {"clip_l", "clip_g", "t5"}
 
 
 def test_merge_rows_through_the_orchestrator(tmp_path, capsys):
-    """`--rows merge` runs `python -m merge.bench --quick` as its own process: both layouts, timed against a copy."""
-    path = bench.main(["--quick", "--rows", "merge", "--out", str(tmp_path)])
+    """`--rows merge` runs `python -m bench.merge --quick` as its own process: both layouts, timed against a copy."""
+    path = driver.main(["--quick", "--rows", "merge", "--out", str(tmp_path)])
     with open(path) as f:
         rows = json.load(f)["rows"]
     assert [r["what"].split(",")[1].strip() for r in rows] == ["diffusers folder -> diffusers release",
@@ -238,34 +244,86 @@ def test_merge_rows_through_the_orchestrator(tmp_path, capsys):
 
 
 def test_a_failing_stage_is_one_line(tmp_path):
-    with pytest.raises(DataError, match=r"`python -m merge.bench --nonsense` failed \(exit 2"):
-        bench.stage_rows("merge.bench", "--nonsense")
+    with pytest.raises(DataError, match=r"`python -m bench.merge --nonsense` failed \(exit 2"):
+        list(driver.stage_rows("bench.merge", "--nonsense"))
 
 
 def test_quick_runs_are_marked_and_kept_apart(tmp_path):
-    assert bench.parse_args(["--quick"]).out == os.path.join("build", "bench")
-    assert bench.parse_args([]).out == "bench"
+    assert driver.parse_args(["--quick"]).out == os.path.join("build", "bench")
+    assert driver.parse_args([]).out == "bench"
     with pytest.raises(UsageError, match="--models, --batches choose GPU train rows; --quick runs a fixed tiny matrix"):
-        bench.parse_args(["--quick", "--models", "sd9", "--batches", "0"])
+        driver.parse_args(["--quick", "--models", "sd9", "--batches", "0"])
     with pytest.raises(UsageError, match="--rows: no row named"):
-        bench.main(["--rows", ",", "--out", str(tmp_path)])
+        driver.main(["--rows", ",", "--out", str(tmp_path)])
     if not torch.cuda.is_available():  # nothing this machine can run is an error, not an empty success
         with pytest.raises(UsageError, match="no rows ran on this machine"):
-            bench.main(["--rows", "train", "--out", str(tmp_path)])
-    r = {"row": "train", "what": "x", "settings": {"model": "tiny", "quick": True}}
-    assert "quick: tiny" in bench.format_table([r])
+            driver.main(["--rows", "train", "--out", str(tmp_path)])
+    r = Row("train", "x", {"model": "tiny", "quick": True})
+    assert "quick: tiny" in format_table([r])
 
 
 def test_precompute_row_with_idle_encoders_on_the_host(tiny_model):
     """`--offload idle`: a group of batches VAE-encoded then text-encoded (one round of switches) and a round of
     switches alone; the row's time per batch carries a batch's share of a round at precompute's offload_group."""
-    from precompute import bench as pb
+    from bench import precompute as pb
     from precompute.config import PrecomputeConfig
 
-    (r,) = pb.encode_rows("tiny", tiny_model, [2], 64, CPU, max_sequence_length=16, steps=1, warmup=0,
-                          offload="idle")
+    (r,) = (r.to_json() for r in pb.encode_rows("tiny", tiny_model, [2], 64, CPU, max_sequence_length=16, steps=1,
+                                                warmup=0, offload="idle"))
     assert r["status"] == "ok" and r["settings"]["offload"] == "idle" and set(r["stages"]) == {"group", "switches"}
     g, round_s = r["stages"]["group"]["seconds"], r["switch_round_seconds"]
     assert 0 < round_s < g and r["offload_group"] == PrecomputeConfig.offload_group
     assert r["seconds"] == pytest.approx((g - round_s) / pb.GROUP_BATCHES + round_s * 2 / r["offload_group"])
     assert set(r["stages"]["group"]["component_peaks"]) == {"clip_l", "clip_g", "t5", "vae_encoder"}
+
+
+def test_a_row_round_trips_through_json_and_keeps_what_it_does_not_know():
+    r = Row("merge", "merge, x", {"model": "m", "layout": "single file"}, seconds=2.0, peak_rss_mb=300.0,
+            baseline={"what": "copy", "seconds": 1.0}, ratio=2.0, label="m: single file",
+            extra={"seconds_all": [2.0, 2.5], "nested": {"a": [1, 2]}})
+    text = json.dumps(r.to_json())
+    back = Row.from_json(json.loads(text))
+    assert back == r and json.dumps(back.to_json()) == text
+    assert Row.of("train", "x", {}, seconds=1.0, step_seconds=[1.0]) == Row("train", "x", {}, seconds=1.0,
+                                                                            extra={"step_seconds": [1.0]})
+    assert "seconds" not in Row("train", "x", {}, status="OOM").to_json()  # a value left out is not written as null
+
+
+def test_a_row_that_breaks_the_contract_is_refused():
+    for bad in ({"row": "train", "what": "x"}, {"row": "gpu", "what": "x", "settings": {}},
+                {"row": "train", "what": "x", "settings": {}, "seconds": "fast"},
+                {"row": "train", "what": "x", "settings": {}, "status": "modelled"},  # a measurement marked modelled
+                {"row": "modelled", "what": "x", "settings": {}}):  # a model without its MODELLED status
+        with pytest.raises(DataError):
+            Row.from_json(bad, "test")
+
+
+def test_every_results_file_in_the_repository_loads_and_writes_back_unchanged():
+    """The results files in bench/ were written as plain dicts before the Row type; each row loads as a Row and
+    writes back as the same JSON, so old and new rows share a results file."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(REPO, "bench", "results-*.json")))
+    assert len(paths) >= 2
+    for path in paths:
+        header, rows = load_results(path)
+        with open(path) as f:
+            raw = json.load(f)["rows"]
+        assert rows and [r.to_json() for r in rows] == raw, path
+        assert header["device"] and "rows" not in header
+    _, rows = load_results(os.path.join(REPO, "bench", "results-cpu-2026-12-01.json"))
+    assert {r.row for r in rows} == {"modelled"} and "MODELLED" in format_table(rows)
+    _, rows = load_results(os.path.join(REPO, "bench", "results-cpu-2026-11-30.json"))
+    assert [r.row for r in rows] == ["stream", "merge", "merge"] and all(r.ratio > 1 for r in rows)
+
+
+def test_rows_of_an_earlier_file_are_kept_beside_new_ones(tmp_path):
+    """A results file written before the Row type, with a row the new run does not replace: both are in it after."""
+    import shutil
+
+    path = str(tmp_path / "results.json")
+    shutil.copy(os.path.join(REPO, "bench", "results-cpu-2026-11-30.json"), path)
+    new = Row("stream", "another stream row", {"resolution": 512}, seconds=1.0)
+    save_results(path, [new], {"command": "python -m bench --rows stream"})
+    header, rows = load_results(path)
+    assert len(rows) == 4 and rows[-1] == new and header["commands"][-1] == "python -m bench --rows stream"

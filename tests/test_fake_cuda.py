@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from shards.fake_cuda import FakeCuda, StepAudit
-from shards.measure import TRANSFORMER_CONFIGS
+from bench.measure import TRANSFORMER_CONFIGS
 
 MATMULS = {"mm", "addmm", "bmm", "convolution", "_scaled_dot_product_flash_attention",
            "_scaled_dot_product_efficient_attention"}

@@ -1,6 +1,7 @@
 """The source's shape, checked: which package imports which (precompute -> shards <- train; merge imports neither
-stage; the common plumbing imports nothing of the format), which third-party libraries each package uses, no
-import cycles between the project's modules, and no module over 400 lines."""
+stage; the common plumbing imports nothing of the format; no stage imports the benchmarks, and each benchmark
+module reaches at most one stage), which third-party libraries each package uses, no import cycles between the
+project's modules, and no module over 400 lines."""
 import ast
 import os
 import sys
@@ -8,9 +9,14 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("shards", "precompute", "train", "merge")
-FORBIDDEN = {"shards": {"precompute", "train", "merge"}, "precompute": {"train", "merge"},
-             "train": {"precompute", "merge"}, "merge": {"precompute", "train"}}
+PACKAGES = ("shards", "precompute", "train", "merge", "bench")
+STAGES = ("precompute", "train", "merge")
+FORBIDDEN = {"shards": {"precompute", "train", "merge", "bench"}, "precompute": {"train", "merge", "bench"},
+             "train": {"precompute", "merge", "bench"}, "merge": {"precompute", "train", "bench"}, "bench": set()}
+# Each stage's benchmark module and the one stage it may reach (its own imports and theirs); every other module
+# of bench (the drivers `python -m bench` and bench.gpu_check, and what the stage modules share) reaches none.
+STAGE_BENCHES = {"bench.train_step": "train", "bench.stream": "train", "bench.load": "train", "bench.memory": "train",
+                 "bench.precompute": "precompute", "bench.precompute_memory": "precompute", "bench.merge": "merge"}
 # Third-party libraries each package may import (the standard library and torch everywhere). Test-only and
 # demo helpers are listed with the package that holds them.
 THIRD_PARTY = {
@@ -24,6 +30,9 @@ THIRD_PARTY = {
     "train": {"diffusers", "peft", "bitsandbytes", "accelerate", "safetensors", "PIL", "numpy", "tqdm", "braceexpand",
               "transformers"},
     "merge": {"safetensors", "diffusers", "tqdm"},
+    # diffusers and transformers build the random-weight models; safetensors writes the merge row's LoRA and
+    # compares gpu-check's LoRA files; numpy checks gpu-check's sampled image
+    "bench": {"diffusers", "transformers", "safetensors", "numpy"},
 }
 MAX_LINES = 400
 
@@ -73,6 +82,27 @@ def test_package_imports_follow_the_rule(package):
     bad = [f"{m}:{line} imports {name}" for m in MODULES if m.split(".")[0] == package
            for name, line in _imports(m) if name.split(".")[0] in FORBIDDEN[package]]
     assert not bad, "\n".join(bad)
+
+
+def _reached(module: str, graph) -> set:
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m]
+    return seen
+
+
+def test_each_benchmark_module_reaches_at_most_its_own_stage():
+    graph = {m: {name for name, _ in _imports(m) if name in MODULES} for m in MODULES}
+    stage_of = {m: {n.split(".")[0] for n in _reached(m, graph) if n.split(".")[0] in STAGES}
+                for m in MODULES if m.split(".")[0] == "bench"}
+    bad = [f"{m} reaches {', '.join(sorted(got))}" for m, got in stage_of.items()
+           if got - {STAGE_BENCHES.get(m)}]
+    assert not bad, "\n".join(bad)
+    assert {m: stage_of.get(m) for m in STAGE_BENCHES} == {m: {s} for m, s in STAGE_BENCHES.items()}
+    assert stage_of["bench.driver"] == set() and stage_of["bench.gpu_check"] == set()
 
 
 def test_the_common_plumbing_imports_nothing_of_the_format():

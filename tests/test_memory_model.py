@@ -1,14 +1,14 @@
-"""The modelled GPU memory of `make bench --rows modelled` (train.memory_model): its method reproduces a real run's
+"""The modelled GPU memory of `make bench --rows modelled` (bench.memory): its method reproduces a real run's
 live bytes, its nf4 layers hold what bitsandbytes holds, and its rows are labelled as a model everywhere."""
 import json
 
 import torch
 
-from shards.measure import TRANSFORMER_CONFIGS
+from bench.measure import TRANSFORMER_CONFIGS
 
 
 def test_the_model_counts_what_a_real_run_holds():
-    from train.memory_model import host_check
+    from bench.memory import host_check
 
     # The same fp32 LoRA step (checkpointing on), second step's peak: on fake tensors and for real on the CPU.
     r = host_check(TRANSFORMER_CONFIGS["tiny"], 128, 2, checkpointing=True)
@@ -19,7 +19,7 @@ def test_the_model_counts_what_a_real_run_holds():
 def test_a_modelled_nf4_layer_holds_what_bitsandbytes_holds():
     import bitsandbytes as bnb
 
-    from shards.modelled_layers import ModelledLinear4bit
+    from bench.modelled_layers import ModelledLinear4bit
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 640)
@@ -38,9 +38,10 @@ def test_a_modelled_nf4_layer_holds_what_bitsandbytes_holds():
 
 
 def test_modelled_rows_are_labelled_as_a_model(tmp_path):
-    from train import bench
+    from bench import driver
+    from bench.results import format_table, load_results
 
-    path = bench.main(["--quick", "--rows", "modelled", "--out", str(tmp_path)])
+    path = driver.main(["--quick", "--rows", "modelled", "--out", str(tmp_path)])
     with open(path) as f:
         rows = json.load(f)["rows"]
     assert [r["row"] for r in rows] == ["modelled"] * 3
@@ -49,20 +50,20 @@ def test_modelled_rows_are_labelled_as_a_model(tmp_path):
     # Checkpointing keeps less for backward; an nf4 base holds a quarter of the bf16 weights' bytes or less.
     assert checkpointed["modelled_peak_mb"] < plain["modelled_peak_mb"]
     assert nf4["modelled_held_mb"] < checkpointed["modelled_held_mb"]
-    table = bench.format_table(rows)
+    table = format_table(load_results(path)[1])
     assert table.count("MODELLED") == 3
 
 
 def test_validation_decodes_in_tiles_that_need_a_fraction_of_a_whole_decode():
-    from train.memory_model import modelled_validation
+    from bench.memory import modelled_validation
 
     narrow = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
                   norm_num_groups=8, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False)
     tiled = modelled_validation(None, 1024, vae_config=narrow)
     whole = modelled_validation(None, 1024, vae_config=narrow, tiled=False)  # diffusers' tile: the whole 1024²
-    assert tiled["status"] == "modelled" and tiled["settings"]["validation_tile"] == 512
-    assert tiled["modelled_decode_mb"] < 0.5 * whole["modelled_decode_mb"]
+    assert tiled.status == "modelled" and tiled.settings["validation_tile"] == 512
+    assert tiled.extra["modelled_decode_mb"] < 0.5 * whole.extra["modelled_decode_mb"]
 
 
 def test_modelled_nf4_t5_quantizes_what_transformers_quantizes(tiny_model):
@@ -70,8 +71,8 @@ def test_modelled_nf4_t5_quantizes_what_transformers_quantizes(tiny_model):
     import bitsandbytes as bnb  # noqa: F401  (transformers' 4-bit load needs it)
     from transformers import T5EncoderModel
 
-    from precompute.memory_model import _t5_in_nf4
-    from shards.modelled_layers import ModelledLinear4bit
+    from bench.modelled_layers import ModelledLinear4bit
+    from bench.precompute_memory import _t5_in_nf4
 
     t5 = T5EncoderModel.from_pretrained(f"{tiny_model}/text_encoder_3")
     _t5_in_nf4(t5, torch.bfloat16)
@@ -85,16 +86,16 @@ def test_modelled_precompute_peak_with_idle_encoders_on_the_host(monkeypatch):
     with `offload: idle` the peak is the largest encoder's phase, not everything at once; and the VAE
     encoder's modelled activations stay within the per-pixel figure `offload: auto` decides with (and near it,
     so the rule is not needlessly cautious)."""
-    from precompute import bench as pb
+    from bench import precompute as pb
+    from bench.precompute_memory import modelled_encode
     from precompute.encoders import VAE_ACTIVATION_BYTES_PER_PIXEL_FP32, vae_activation_bytes
-    from precompute.memory_model import modelled_encode
-    from shards.measure import MIB
+    from shards.gpu_margins import MIB
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
     monkeypatch.setattr(pb, "CLIP_L", {**pb.CLIP_L, **small})
     monkeypatch.setattr(pb, "CLIP_G", {**pb.CLIP_G, **small})
     monkeypatch.setattr(pb, "T5_XXL", {**pb.T5_XXL, "d_model": 1024, "d_ff": 4096, "num_layers": 6, "num_heads": 16})
-    rows = {o: modelled_encode(256, 1, t5_tokens=64, offload=o) for o in ("none", "idle")}
+    rows = {o: modelled_encode(256, 1, t5_tokens=64, offload=o).to_json() for o in ("none", "idle")}
     weights = rows["none"]["modelled_weights_mb"]
     everything = sum(weights.values())
     assert rows["none"]["status"] == "modelled" and rows["none"]["encoder_switches"] == 0

@@ -15,9 +15,9 @@ from shards.reader import iter_tar, load_tensors, read_samples
 
 
 def test_quick_row_streams_every_sample_through_the_trainer_pipeline():
-    from train.stream_bench import rows
+    from bench.stream import rows
 
-    (row,) = rows(quick=True)
+    (row,) = (r.to_json() for r in rows(quick=True))
     s = row["settings"]
     assert row["row"] == "stream" and s["resolution"] == 1024 and s["latent"] == [16, 128, 128]
     assert s["prompt_embeds"] == [333, 4096] and s["dtype"] == "bf16"
@@ -30,10 +30,10 @@ def test_quick_row_streams_every_sample_through_the_trainer_pipeline():
 
 
 def test_a_pipeline_that_loses_a_sample_fails_the_benchmark(monkeypatch):
-    import train.stream_bench
-    from train.stream_bench import stream_row
+    import bench.stream
+    from bench.stream import stream_row
 
-    real = train.stream_bench.bucket_batches
+    real = bench.stream.bucket_batches
 
     def lossy(*args, **kw):
         for i, batch in enumerate(real(*args, **kw)):
@@ -41,7 +41,7 @@ def test_a_pipeline_that_loses_a_sample_fails_the_benchmark(monkeypatch):
                 batch = dict(batch, keys=batch["keys"][1:])
             yield batch
 
-    monkeypatch.setattr(train.stream_bench, "bucket_batches", lossy)
+    monkeypatch.setattr(bench.stream, "bucket_batches", lossy)
     with pytest.raises(DataError, match="not each of the 6 written once"):
         stream_row(n=6, per_shard=4, batch_size=2, resolution=64, max_sequence_length=8)
 
@@ -146,6 +146,6 @@ def test_a_sample_handed_on_is_not_hashed_any_more(tmp_path):
 def test_cli_bench_quick_prints_the_row():
     from conftest import run_module
 
-    r = run_module("train.stream_bench", "--quick", timeout=120)
+    r = run_module("bench.stream", "--quick", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "stream:" in r.stdout and "samples/s" in r.stdout and "baseline" in r.stdout

@@ -141,7 +141,7 @@ def base_fingerprint(transformer, dtype: torch.dtype) -> dict:
 
 
 def freeze_and_place(t, dtype: torch.dtype, device: torch.device, quantize: str = "none"):
-    """Freeze the base, quantize its blocks if asked, move it to `device` (also used by train.bench)."""
+    """Freeze the base, quantize its blocks if asked, move it to `device` (also used by bench.train_step)."""
     t.requires_grad_(False)
     if quantize != "none":
         quantize_blocks(t, quantize, dtype, device)  # before .to(device): only 4/8-bit weights reach the GPU

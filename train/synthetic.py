@@ -1,6 +1,6 @@
-"""The trainer's inputs without a model folder or a shard set, for the benchmarks and the GPU-memory model: the
-config sections the step reads (at the trainer's defaults), SD3's manifest and scheduler constants, and random
-batches of the real shapes."""
+"""The trainer's inputs without a model folder or a shard set, for train.fake_gpu (the tests of the CUDA paths)
+and the benchmarks (bench.train_step, bench.memory): the config sections the step reads (at the trainer's
+defaults), SD3's manifest and scheduler constants, and random batches of the real shapes."""
 from types import SimpleNamespace
 
 import torch

@@ -8,7 +8,7 @@ ones `precompute.tiny` trains (the real vocabularies cannot be had offline); the
 vocabularies and every sequence is padded to the same length as with the real ones, so the encoders do the
 same work. `tiny`: the built-in tiny pipeline, so the harness runs on a CPU in tests.
 
-Rows follow the contract in `train.bench` (row, what, settings, metrics); one row per batch size, all from
+Rows are `bench.row.Row`s (`python -m bench --rows precompute` runs this module); one row per batch size, all from
 one loading of the encoders. Peak memory is reported for the whole row, per stage (text encoders, VAE
 encoder) and per component (CLIP-L, CLIP-G, T5, VAE encoder: the peak while it runs), with the weight
 memory of each component.
@@ -22,10 +22,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from shards.common.errors import UsageError
 from shards.common.dtypes import STORAGE_DTYPES
-from shards.measure import (CLIP_G, CLIP_L, MIB, SD3_VAE, T5_XXL, PeakMemory, max_peak, release, sync, timed_calls,
-                            unless_oom, write_rows)
+from shards.common.errors import UsageError
+from shards.gpu_margins import MIB
+
+from .measure import CLIP_G, CLIP_L, SD3_VAE, T5_XXL, PeakMemory, max_peak, release, sync, timed_calls, unless_oom
+from .row import Row
+from .stage import add_json_arg, reported
 
 # Real SD3 component configs (the published config files of the SD3 and SD3.5 repositories).
 _NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
@@ -68,7 +71,7 @@ def component(sub: str, device, clip_ids: Optional[dict] = None) -> torch.nn.Mod
 
 def write_pipeline(name: str, root: str, device: torch.device) -> str:
     """Write `name`'s encoders, tokenizers and VAE as the pipeline folder the precompute loaders read."""
-    from .tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_model
+    from precompute.tiny import build_clip_tokenizer, build_t5_tokenizer, build_tiny_model
 
     if name == "tiny":
         return build_tiny_model(root)
@@ -91,7 +94,7 @@ def write_pipeline(name: str, root: str, device: torch.device) -> str:
 # ---------------------------------------------------------------- the rows
 
 def captions(n: int) -> List[str]:
-    from .tiny import CAPTIONS
+    from precompute.tiny import CAPTIONS
 
     texts = list(CAPTIONS.values())
     return [texts[i % len(texts)] for i in range(n)]
@@ -99,11 +102,11 @@ def captions(n: int) -> List[str]:
 
 def encode_rows(name: str, root: str, batches: Sequence[int], resolution: int, device, t5_precision: str = "nf4",
                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, steps: int = 3, warmup: int = 1,
-                offload: str = "none") -> List[dict]:
+                offload: str = "none") -> List[Row]:
     """Load the encoders from `root` the way precompute does, then one row per batch size. `offload`: "none"
     (every encoder resident) or "idle" (each on the device only while it runs, as precompute's `offload: idle`)."""
-    from .config import TextConfig, VaeConfig
-    from .encoders import Residency, TextEncoders, VaeEncoder, resolve_dtype
+    from precompute.config import TextConfig, VaeConfig
+    from precompute.encoders import Residency, TextEncoders, VaeEncoder, resolve_dtype
 
     device = torch.device(device)
     if resolution <= 0 or resolution % 16:
@@ -136,16 +139,15 @@ def encode_rows(name: str, root: str, batches: Sequence[int], resolution: int, d
 
 
 def _batch_row(text, vae, batch: int, resolution: int, device, steps: int, warmup: int, settings: dict,
-               extra: dict) -> dict:
-    row = {"row": "precompute", "settings": settings,
-           "what": "precompute TextEncoders.encode + VaeEncoder.encode on random images and captions"}
+               extra: dict) -> Row:
+    what = "precompute TextEncoders.encode + VaeEncoder.encode on random images and captions"
     stages = unless_oom(lambda: _measure_batch(text, vae, batch, resolution, device, steps, warmup), device)
     if stages is None:
-        return {**row, "status": "OOM", **extra}
+        return Row("precompute", what, settings, status="OOM", extra=extra)
     if "group" in stages:
         # A group of GROUP_BATCHES batches paid one round of switches; precompute pays one per offload_group
         # images, so the batch's share of a round is batch / offload_group of it.
-        from .config import PrecomputeConfig
+        from precompute.config import PrecomputeConfig
 
         round_s, group = stages["switches"]["seconds"], PrecomputeConfig.offload_group
         seconds = (stages["group"]["seconds"] - round_s) / GROUP_BATCHES + round_s * batch / group
@@ -154,8 +156,8 @@ def _batch_row(text, vae, batch: int, resolution: int, device, steps: int, warmu
     else:
         seconds = stages["text"]["seconds"] + stages["vae"]["seconds"]
         peak = max_peak(stages["text"]["peak"], stages["vae"]["peak"])
-    return {**row, "status": "ok", "seconds": seconds, "images_per_s": batch / seconds, **peak, "stages": stages,
-            **extra}
+    return Row.of("precompute", what, settings, status="ok", seconds=seconds, images_per_s=batch / seconds, **peak,
+                  stages=stages, **extra)
 
 
 def _measure_batch(text, vae, batch: int, resolution: int, device, steps: int, warmup: int) -> dict:
@@ -213,7 +215,7 @@ def _component_peaks(fn: Callable, parts: Dict[str, Optional[torch.nn.Module]], 
 
 
 def rows(quick: bool, device=None, tiny_model: Optional[str] = None, batches: Optional[Sequence[int]] = None,
-         steps: Optional[int] = None, warmup: int = 1, offload: str = "none") -> List[dict]:
+         steps: Optional[int] = None, warmup: int = 1, offload: str = "none") -> List[Row]:
     """The precompute rows: `sd3` at 1024² (needs a GPU), or with `quick` the tiny pipeline at 128²
     and T5 length 77 (`tiny_model`: an existing tiny pipeline folder; else one is built in a temporary folder)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,7 +241,7 @@ def rows(quick: bool, device=None, tiny_model: Optional[str] = None, batches: Op
 def parse_args(argv: List[str]):
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m precompute.bench", description="Precompute throughput and peak "
+    ap = argparse.ArgumentParser(prog="python -m bench.precompute", description="Precompute throughput and peak "
                                  "memory on random-weight full-size SD3 encoders (CUDA) or, --quick, the tiny ones.")
     ap.add_argument("--quick", action="store_true", help="the tiny pipeline at 128² (runs on a CPU)")
     ap.add_argument("--tiny-model", default=None, help="--quick: an existing tiny pipeline folder (default: build one)")
@@ -247,7 +249,7 @@ def parse_args(argv: List[str]):
     ap.add_argument("--steps", type=int, default=None, help="timed batches per row (default 3; --quick 2)")
     ap.add_argument("--offload", choices=("none", "idle"), default="none",
                     help="idle: each encoder on the GPU only while it runs, as precompute's offload: idle")
-    ap.add_argument("--json", help="also write the rows to this file (python -m train.bench reads it)")
+    add_json_arg(ap)
     return ap.parse_args(argv)
 
 
@@ -259,17 +261,18 @@ def main(argv: List[str]) -> None:
         raise UsageError(f"--batches: '{a.batches}' is not a comma list of whole numbers") from None
     if (batches is not None and min(batches) < 1) or (a.steps is not None and a.steps < 1):
         raise UsageError("--batches and --steps need positive numbers")
-    out = rows(a.quick, tiny_model=a.tiny_model, batches=batches, steps=a.steps, offload=a.offload)
-    for r in out:
-        peak = r.get("peak_mem_mb", r.get("peak_rss_mb"))
-        idle = ", idle encoders on the host" if r["settings"]["offload"] == "idle" else ""
-        print(f"precompute {r['settings']['model']}{idle}, {r['settings']['resolution']}², batch {r['settings']['batch']}: "
-              + ("OOM" if r["status"] == "OOM" else f"{r['images_per_s']:.3g} images/s, peak {peak:.0f} MiB"))
-    if a.json:
-        write_rows(a.json, out)
+    reported(rows(a.quick, tiny_model=a.tiny_model, batches=batches, steps=a.steps, offload=a.offload), a.json, _show)
+
+
+def _show(r: Row) -> str:
+    s = r.settings
+    peak = r.peak_mem_mb if r.peak_mem_mb is not None else r.peak_rss_mb
+    idle = ", idle encoders on the host" if s["offload"] == "idle" else ""
+    return (f"precompute {s['model']}{idle}, {s['resolution']}², batch {s['batch']}: "
+            + ("OOM" if r.status == "OOM" else f"{r.images_per_s:.3g} images/s, peak {peak:.0f} MiB"))
 
 
 if __name__ == "__main__":
     from shards.common.config import run_cli
 
-    run_cli("precompute.bench", main)
+    run_cli("bench.precompute", main)

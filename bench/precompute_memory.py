@@ -1,7 +1,7 @@
 """Modelled GPU memory of precompute's encoding at real component sizes, on a fake GPU: a model, not a
-measurement (`python -m precompute.memory_model`).
+measurement (`python -m bench.precompute_memory`; `make bench ARGS="--rows modelled"` runs it too).
 
-The full-size CLIP-L, CLIP-G, T5-XXL and SD3 VAE encoder (precompute.bench's configs) are built in the dtypes
+The full-size CLIP-L, CLIP-G, T5-XXL and SD3 VAE encoder (bench.precompute's configs) are built in the dtypes
 precompute loads them in and run through the stage's own `TextEncoders.encode_batches` and `VaeEncoder.encode`
 on fake CUDA (shards.fake_cuda), with the stage's `Residency` deciding what is on the device: every encoder
 (`offload: none`) or only the one running (`offload: idle`, the others moved to the host). Work is done as
@@ -22,8 +22,11 @@ from typing import Optional
 import torch
 
 from shards.fake_cuda import FakeCuda, LiveBytes
-from shards.modelled_layers import ModelledLinear4bit
-from shards.measure import MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB, write_rows
+from shards.gpu_margins import MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB
+
+from .modelled_layers import ModelledLinear4bit
+from .row import Row
+from .stage import add_json_arg, reported
 
 CUDA = torch.device("cuda", 0)
 
@@ -41,12 +44,13 @@ def _on_device(modules) -> list:
 
 def modelled_encode(resolution: int = 1024, batch: int = 1, t5_precision: str = "nf4",
                     vae_dtype: torch.dtype = torch.float32, clip_dtype: torch.dtype = torch.float16,
-                    t5_tokens: int = 256, offload: str = "none", group: int = 2) -> dict:
+                    t5_tokens: int = 256, offload: str = "none", group: int = 2) -> Row:
     """Peak live bytes of the VAE phase and of the text phase over `group` batches of `batch` images, the
     second time round (so that under `offload: idle` every encoder has been switched in and out once)."""
-    from .bench import captions, component
-    from .encoders import Residency, TextEncoders, VaeEncoder, weight_bytes
-    from .tiny import build_clip_tokenizer, build_t5_tokenizer
+    from precompute.encoders import Residency, TextEncoders, VaeEncoder, weight_bytes
+    from precompute.tiny import build_clip_tokenizer, build_t5_tokenizer
+
+    from .precompute import captions, component
 
     compute = torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,31 +87,28 @@ def modelled_encode(resolution: int = 1024, batch: int = 1, t5_precision: str = 
                 live.reset_peak()
                 text.encode_batches(prompts)
                 peaks["text"] = live.peak
-    return {"row": "modelled", "status": "modelled", "what": "modelled precompute encoders on fake CUDA, SD3 sizes",
-            "settings": {"model": "sd3 encoders", "resolution": resolution, "batch": batch,
-                         "base_dtype": f"t5 {t5_precision}, clip {str(clip_dtype)[6:]}, vae {str(vae_dtype)[6:]}",
-                         "t5_tokens": t5_tokens, "offload": offload, "device": "fake cuda (modelled)"},
-            "modelled_weights_mb": {k: v / MIB for k, v in sizes.items()},
-            "modelled_text_peak_mb": peaks["text"] / MIB, "modelled_vae_peak_mb": peaks["vae"] / MIB,
-            "modelled_peak_mb": max(peaks.values()) / MIB,
-            "modelled_total_mb": (max(peaks.values()) * (1 + MARGIN_ALLOCATOR) + MARGIN_CONTEXT) / MIB,
-            "margin": f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / 2**30:.1f} GiB CUDA context",
-            "encoder_switches": residency.switches}
+    return Row.of(
+        "modelled", "modelled precompute encoders on fake CUDA, SD3 sizes",
+        {"model": "sd3 encoders", "resolution": resolution, "batch": batch,
+         "base_dtype": f"t5 {t5_precision}, clip {str(clip_dtype)[6:]}, vae {str(vae_dtype)[6:]}",
+         "t5_tokens": t5_tokens, "offload": offload, "device": "fake cuda (modelled)"},
+        status="modelled", modelled_weights_mb={k: v / MIB for k, v in sizes.items()},
+        modelled_text_peak_mb=peaks["text"] / MIB, modelled_vae_peak_mb=peaks["vae"] / MIB,
+        modelled_peak_mb=max(peaks.values()) / MIB,
+        modelled_total_mb=(max(peaks.values()) * (1 + MARGIN_ALLOCATOR) + MARGIN_CONTEXT) / MIB,
+        margin=f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / 2**30:.1f} GiB CUDA context",
+        encoder_switches=residency.switches)
 
 
 def main(argv: Optional[list] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m precompute.memory_model", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.precompute_memory", description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--json", help="also write the rows to this file (python -m train.bench reads it)")
+    add_json_arg(ap)
     a = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    rows = []
-    for vae_dtype in (torch.float32, torch.bfloat16):
-        for offload in ("none", "idle"):
-            rows.append(modelled_encode(a.resolution, a.batch, vae_dtype=vae_dtype, offload=offload))
-            print(json.dumps(rows[-1]), flush=True)
-    if a.json:
-        write_rows(a.json, rows)
+    rows = (modelled_encode(a.resolution, a.batch, vae_dtype=vae_dtype, offload=offload)
+            for vae_dtype in (torch.float32, torch.bfloat16) for offload in ("none", "idle"))
+    reported(rows, a.json, lambda r: json.dumps(r.to_json()))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ with a rank-16 LoRA on the trainer's default targets. Each merge runs as its own
 outside, with its peak RSS read from /proc (VmHWM), against copying the same checkpoint file. The page cache
 is warmed first by reading the inputs once, so merge and copy see the same cache.
 
-`python -m merge.bench [--quick]` prints the rows; `python -m train.bench --rows merge` puts them in the table.
+`python -m bench.merge [--quick]` prints the rows; `python -m bench --rows merge` puts them in the table.
 """
 import json
 import os
@@ -19,13 +19,15 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from merge.sd3_keys import plan
+from merge.single_file import transformer_jobs, write_single_file
+from merge.sources import folder_source
 from shards.common.errors import DataError
-from shards.measure import TRANSFORMER_CONFIGS, rows_cli
-
-from .sd3_keys import plan
-from .single_file import transformer_jobs, write_single_file
-from .sources import folder_source
 from shards.tensorfile import write_tensor_file
+
+from .measure import TRANSFORMER_CONFIGS
+from .row import Row
+from .stage import rows_cli
 
 # The trainer's default targets (train/config.py preset "attn"), as module-name suffixes.
 ATTN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -100,7 +102,7 @@ def _read_all(path: str) -> None:
                 pass
 
 
-_CHILD = ("import sys; from merge.run import main; from shards.measure import peak_rss_mb; main(sys.argv[1:]); "
+_CHILD = ("import sys; from merge.run import main; from bench.measure import peak_rss_mb; main(sys.argv[1:]); "
           "print('peak_rss_mb', peak_rss_mb())")
 
 
@@ -124,7 +126,7 @@ def timed_copy(src: str, dst: str) -> float:
     return time.perf_counter() - start
 
 
-def rows(quick: bool = False, repeats: int = 5) -> List[dict]:
+def rows(quick: bool = False, repeats: int = 5) -> List[Row]:
     """The merge rows: diffusers folder -> diffusers release, single file -> single file, against copying the
     checkpoint; the best of `repeats` timings of each (one with `quick`), the highest peak RSS."""
     repeats = 1 if quick else repeats
@@ -160,31 +162,30 @@ def rows(quick: bool = False, repeats: int = 5) -> List[dict]:
                     "seconds_all": copies}
         for kind, _ in kinds:
             seconds = min(t for t, _ in merges[kind])
-            out.append({
-                "row": "merge", "what": f"merge, {kind}, one process (imports included)",
-                "label": f"{model}: {kind.replace(' folder', '').replace(' release', '')}",
-                "settings": {"model": model, "layout": kind.replace(" folder", "").replace(" release", ""),
-                             "params": params, "dtype": "fp16", "checkpoint_mb": round(size_mb),
-                             "lora_rank": RANK, "lora_modules": modules, "repeats": repeats,
-                             "tensors": len(plan(shapes)) if "single" in kind else len(shapes)},
-                "seconds": seconds, "seconds_all": [t for t, _ in merges[kind]],
-                "peak_rss_mb": max(rss for _, rss in merges[kind]), "baseline": baseline,
-                "ratio": seconds / baseline["seconds"],
-            })
+            out.append(Row(
+                row="merge", what=f"merge, {kind}, one process (imports included)",
+                label=f"{model}: {kind.replace(' folder', '').replace(' release', '')}",
+                settings={"model": model, "layout": kind.replace(" folder", "").replace(" release", ""),
+                          "params": params, "dtype": "fp16", "checkpoint_mb": round(size_mb),
+                          "lora_rank": RANK, "lora_modules": modules, "repeats": repeats,
+                          "tensors": len(plan(shapes)) if "single" in kind else len(shapes)},
+                seconds=seconds, peak_rss_mb=max(rss for _, rss in merges[kind]), baseline=baseline,
+                ratio=seconds / baseline["seconds"], extra={"seconds_all": [t for t, _ in merges[kind]]},
+            ))
     return out
 
 
-def _show(r: dict) -> str:
-    return (f"{r['what']}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB; "
-            f"{r['baseline']['what']}: {r['baseline']['seconds']:.1f} s (x{r['ratio']:.2f}); {r['settings']}")
+def _show(r: Row) -> str:
+    return (f"{r.what}: {r.seconds:.1f} s, peak RSS {r.peak_rss_mb:.0f} MiB; "
+            f"{r.baseline['what']}: {r.baseline['seconds']:.1f} s (x{r.ratio:.2f}); {r.settings}")
 
 
 def main(argv: List[str]) -> None:
-    rows_cli(argv, "python -m merge.bench", "Merge a random full-size SD3 Medium checkpoint on the CPU: seconds and "
+    rows_cli(argv, "python -m bench.merge", "Merge a random full-size SD3 Medium checkpoint on the CPU: seconds and "
              "peak RSS against copying the file.", rows, _show, "a small model instead (seconds, for tests)")
 
 
 if __name__ == "__main__":
     from shards.common.config import run_cli
 
-    run_cli("merge.bench", main)
+    run_cli("bench.merge", main)

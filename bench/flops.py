@@ -6,10 +6,11 @@ from typing import Dict, Optional
 import torch
 
 from shards.common.errors import UsageError
-from shards.measure import sync
+
+from .measure import sync
 
 TEXT_TOKENS = 77 + 256  # CLIP's 77 + T5's 256 (the SD3 pipeline's max_sequence_length)
-MFU_DEFINITION = ("MFU = B·(2·F_dense + 3·F_attn) / (t_step · peak): F per sample from train.flops.flop_parts "
+MFU_DEFINITION = ("MFU = B·(2·F_dense + 3·F_attn) / (t_step · peak): F per sample from bench.flops.flop_parts "
                   "(2 FLOPs per multiply-add); the frozen base needs only activation gradients (one matmul per "
                   "linear, two per attention matmul); LoRA and checkpoint recompute not counted; peak = "
                   "a measured square matmul on this device")

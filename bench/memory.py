@@ -1,5 +1,5 @@
 """Modelled GPU memory of one LoRA training step at the published model sizes, on a fake GPU: the rows
-`make bench ARGS="--rows modelled"` prints. A model, not a measurement.
+`make bench ARGS="--rows modelled"` prints (`python -m bench.memory` alone). A model, not a measurement.
 
 Method: the full-size transformer is built on fake CUDA (shards.fake_cuda: real configs, real diffusers and
 peft code, no weights allocated); the run's own step (train.fake_gpu.lora_step) runs twice and the second
@@ -13,19 +13,28 @@ forward and backward that hold a dequantized copy of the weight in the compute d
 and save nothing of the input, as bitsandbytes' `MatMul4Bit` saves nothing for a frozen weight; the output
 is in the compute dtype, as the trainer's `Linear4bitInComputeDtype` returns it (`out_in_compute_dtype=False`:
 cast back to the input's dtype, as bitsandbytes' own `Linear4bit.forward` does); see
-shards.fake_cuda.ModelledLinear4bit.
+bench.modelled_layers.ModelledLinear4bit.
 
-Blind spots, added as the explicit `MARGIN_*` below rather than silently: the CUDA context (0.3-0.5 GiB,
-outside the allocator), the caching allocator's rounding beyond 512 B and its fragmentation (reserved vs
-allocated; typically 5-15% in training), cuDNN / cuBLAS workspaces (cuBLAS keeps a few MiB per stream).
+Blind spots, added as the explicit `MARGIN_*` of shards.gpu_margins rather than silently: the CUDA context
+(0.3-0.5 GiB, outside the allocator), the caching allocator's rounding beyond 512 B and its fragmentation
+(reserved vs allocated; typically 5-15% in training), cuDNN / cuBLAS workspaces (cuBLAS keeps a few MiB per
+stream).
 """
+import argparse
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
-from shards.modelled_layers import ModelledLinear4bit, ModelledLinear8bit
-from shards.measure import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB, TRANSFORMER_CONFIGS
+from shards.gpu_margins import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB
+
+from .matrix import QUICK_MODELLED, add_matrix_args, modelled_matrix, models_named, settle_matrix_args
+from .measure import TRANSFORMER_CONFIGS
+from .modelled_layers import ModelledLinear4bit, ModelledLinear8bit
+from .results import table_cells
+from .row import Row
+from .stage import add_json_arg, reported
+
 TEXT_TOKENS = 77 + 256
 
 
@@ -53,14 +62,14 @@ def quantize_int8_for_model(transformer, keeps_input: bool, compute_dtype: torch
 
 def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, quantize: str = "none",
                  text_tokens: int = TEXT_TOKENS, rank: int = 16, nf4_out: str = "compute",
-                 int8_layer: str = "trainer") -> dict:
+                 int8_layer: str = "trainer") -> Row:
     """One modelled row: the step's peak of live bytes on the GPU, what is held between steps, the margin."""
     from diffusers import SD3Transformer2DModel
 
     from shards.fake_cuda import FakeCuda
 
-    from .synthetic import bench_config
-    from .fake_gpu import CUDA, lora_step
+    from train.fake_gpu import CUDA, lora_step
+    from train.synthetic import bench_config
 
     if quantize not in ("none", "nf4", "int8"):
         raise ValueError(f"modelled rows cover bf16, nf4 and int8 bases, not {quantize}")
@@ -84,22 +93,10 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
                 **({"int8_layer": int8_layer} if quantize == "int8" else {}),
                 "lora_rank": rank, "lora_targets": "attn", "optimizer": "adamw", "text_tokens": text_tokens,
                 "device": "fake cuda (modelled)"}
-    return {"row": "modelled", "status": "modelled", "settings": settings,
-            "what": f"modelled LoRA step on fake CUDA, {model} at full size",
-            "modelled_peak_mb": peak / MIB, "modelled_held_mb": r.held_bytes / MIB,
-            "modelled_total_mb": total / MIB,
-            "margin": f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / GIB:.1f} GiB CUDA context",
-            "model_seconds": time.perf_counter() - t0}
-
-
-def modelled_matrix(models=("sd3-medium", "sd3.5-medium", "sd3.5-large"), resolutions=(512, 1024),
-                    batches=(1, 4), bases=("none", "nf4")) -> List[dict]:
-    """bf16 base: every model × resolution × batch × checkpointing; a quantized base: checkpointing, batch 1."""
-    rows = [dict(model=m, resolution=r, batch=b, checkpointing=c)
-            for m in models for r in resolutions for b in batches for c in (False, True)] if "none" in bases else []
-    rows += [dict(model=m, resolution=r, batch=1, checkpointing=True, quantize=q)
-             for q in bases if q != "none" for m in models for r in resolutions]
-    return rows
+    return Row.of("modelled", f"modelled LoRA step on fake CUDA, {model} at full size", settings, status="modelled",
+                  modelled_peak_mb=peak / MIB, modelled_held_mb=r.held_bytes / MIB, modelled_total_mb=total / MIB,
+                  margin=f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / GIB:.1f} GiB CUDA context",
+                  model_seconds=time.perf_counter() - t0)
 
 
 def host_check(config: dict, resolution: int, batch: int, checkpointing: bool, text_tokens: int = 77 + 77,
@@ -118,8 +115,8 @@ def host_check(config: dict, resolution: int, batch: int, checkpointing: bool, t
 
     from shards.fake_cuda import FakeHost
 
-    from .synthetic import bench_config
-    from .fake_gpu import lora_step
+    from train.fake_gpu import lora_step
+    from train.synthetic import bench_config
 
     cpu = torch.device("cpu")
     out = {}
@@ -137,24 +134,24 @@ def host_check(config: dict, resolution: int, batch: int, checkpointing: bool, t
 
 
 def modelled_validation(model: str = "sd3-medium", resolution: int = 1024, text_tokens: int = TEXT_TOKENS,
-                        tiled: bool = True, vae_config: Optional[dict] = None) -> dict:
+                        tiled: bool = True, vae_config: Optional[dict] = None) -> Row:
     """What a validation image adds to the GPU on top of what training holds between steps: the sampler's
     guided denoising step (inference, batch 2 for guidance) and the VAE decoder, which goes to the GPU only
     while it decodes one image at a time, tiled, in bf16 (train.sampling). Peaks of live bytes beyond the
     held state, each modelled alone (they run one after the other)."""
-    from shards.measure import SD3_VAE
+    from .measure import SD3_VAE
 
     denoise = modelled_denoise(model, resolution, text_tokens) if model else 0
     vae_config = vae_config or SD3_VAE
     decoder = modelled_decode(vae_config, resolution, tiled)
-    return {"row": "modelled", "status": "modelled", "what": f"modelled validation image on fake CUDA, {model}",
-            "settings": {"model": model, "resolution": resolution, "batch": 1, "base_dtype": "bf16",
-                         "part": "validation", "validation_tile": 512 if tiled else vae_config["sample_size"],
-                         "device": "fake cuda (modelled)"},
-            "modelled_denoise_mb": denoise / MIB, "modelled_decode_mb": decoder / MIB,
-            "modelled_peak_mb": max(denoise, decoder) / MIB,
-            "modelled_total_mb": max(denoise, decoder) * (1 + MARGIN_ALLOCATOR) / MIB,
-            "margin": f"+{MARGIN_ALLOCATOR:.0%} allocator (the context is already counted in the step's row)"}
+    return Row.of("modelled", f"modelled validation image on fake CUDA, {model}",
+                  {"model": model, "resolution": resolution, "batch": 1, "base_dtype": "bf16",
+                   "part": "validation", "validation_tile": 512 if tiled else vae_config["sample_size"],
+                   "device": "fake cuda (modelled)"},
+                  status="modelled", modelled_denoise_mb=denoise / MIB, modelled_decode_mb=decoder / MIB,
+                  modelled_peak_mb=max(denoise, decoder) / MIB,
+                  modelled_total_mb=max(denoise, decoder) * (1 + MARGIN_ALLOCATOR) / MIB,
+                  margin=f"+{MARGIN_ALLOCATOR:.0%} allocator (the context is already counted in the step's row)")
 
 
 def modelled_denoise(model: str, resolution: int, text_tokens: int = TEXT_TOKENS) -> int:
@@ -163,7 +160,7 @@ def modelled_denoise(model: str, resolution: int, text_tokens: int = TEXT_TOKENS
 
     from shards.fake_cuda import FakeCuda, LiveBytes, StepAudit
 
-    from .fake_gpu import CUDA, denoise_step
+    from train.fake_gpu import CUDA, denoise_step
 
     with FakeCuda():
         transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIGS[model]).requires_grad_(False).to(CUDA, torch.bfloat16)
@@ -181,8 +178,8 @@ def modelled_decode(vae_config: dict, resolution: int, tiled: bool = True) -> in
 
     from shards.fake_cuda import FakeCuda, LiveBytes
 
-    from .fake_gpu import CUDA
-    from .sampling import decode_one, tiled_for_validation
+    from train.fake_gpu import CUDA
+    from train.sampling import decode_one, tiled_for_validation
 
     with FakeCuda():
         vae = AutoencoderKL(**vae_config)
@@ -199,3 +196,30 @@ def modelled_decode(vae_config: dict, resolution: int, tiled: bool = True) -> in
             f = 2 ** (len(vae_config["block_out_channels"]) - 1)
             decode_one(vae, torch.zeros(1, vae_config["latent_channels"], resolution // f, resolution // f), CUDA)
     return live.peak
+
+
+def rows(quick: bool, models: List[str], resolutions: List[int], batches: List[int], bases: List[str]) -> Iterator[Row]:
+    """The modelled rows of the matrix (--quick: the tiny model's), then, at full size, what a validation image
+    adds at the largest resolution asked for."""
+    matrix = QUICK_MODELLED if quick else modelled_matrix(models_named(models), resolutions, batches, bases)
+    for s in matrix:
+        yield modelled_row(**s)
+    if not quick:
+        for m in dict.fromkeys(s["model"] for s in matrix):
+            yield modelled_validation(m, max(resolutions))
+
+
+def main(argv: List[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the tiny model (a check of the method, seconds)")
+    add_matrix_args(ap)
+    add_json_arg(ap)
+    a = ap.parse_args(argv)
+    settle_matrix_args(a)
+    reported(rows(a.quick, a.models, a.resolutions, a.batches, a.bases), a.json, lambda r: "  ".join(table_cells(r)))
+
+
+if __name__ == "__main__":
+    from shards.common.config import run_cli
+
+    run_cli("bench.memory", main)

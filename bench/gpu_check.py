@@ -1,4 +1,4 @@
-"""The first GPU session in one command: `make gpu-check` (`python -m train.gpu_check [--dry-run] [--out DIR]`).
+"""The first GPU session in one command: `make gpu-check` (`python -m bench.gpu_check [--dry-run] [--out DIR]`).
 
 On one CUDA GPU, each part in its own process, within a time budget (default 8 minutes):
   1. the tiny pipeline end to end on the GPU, bf16 and nf4 bases: precompute -> train 10 steps -> the same
@@ -10,20 +10,25 @@ On one CUDA GPU, each part in its own process, within a time budget (default 8 m
   5. with `train.deterministic=true`, a tiny run resumed at step 10 ends with the same bytes as one run through.
 It writes OUT/gpu-check-<device>-<date>.json (every part's exit status, seconds and output tail, and the
 rows) and prints one table, each measured row beside the modelled row of the same settings from the
-repository's bench/ results (modelled rows need no GPU: `make bench ARGS="--rows modelled"` makes them). Without CUDA it refuses in one line; `--dry-run` prints the plan and does
-nothing, on any machine.
+repository's bench/ results (modelled rows need no GPU: `make bench ARGS="--rows modelled"` makes them).
+Without CUDA it refuses in one line; `--dry-run` prints the plan and does nothing, on any machine. Like
+`python -m bench`, it imports no stage: each part is a command.
 """
 import argparse
 import datetime
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from typing import List
 
 from shards.common.errors import UsageError
+
+from .results import format_table, load_results
+from .row import Row
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_S = 8 * 60
@@ -56,17 +61,17 @@ def plan(out: str) -> List[dict]:
              cmd=f"{py} -m merge --config configs/tiny/merge.yaml model.path={model} "
                  f"lora.path={os.path.join(tiny, 'train-none', 'pytorch_lora_weights.safetensors')} out.dir={release}"),
         dict(name="tiny release sampled by diffusers on the GPU", timeout=60,
-             cmd=f"{py} -m train.gpu_check --sample {release}"),
+             cmd=f"{py} -m bench.gpu_check --sample {release}"),
         dict(name="SD3 Medium 1024² LoRA steps", timeout=150,
-             cmd=f"{py} -m train.bench --rows train --models sd3-medium --resolutions 1024 --batches 1,4 "
+             cmd=f"{py} -m bench --rows train --models sd3-medium --resolutions 1024 --batches 1,4 "
                  f"--steps 3 --warmup 1 --out {bench}"),
         dict(name="SD3.5 Large nf4 1024² batch 1 LoRA steps", timeout=120,
-             cmd=f"{py} -m train.bench --rows train --models sd3.5-large --resolutions 1024 --batches 1 "
+             cmd=f"{py} -m bench --rows train --models sd3.5-large --resolutions 1024 --batches 1 "
                  f"--bases nf4 --steps 3 --warmup 1 --out {bench}"),
         dict(name="precompute at real component sizes", timeout=120,
-             cmd=f"{py} -m train.bench --rows precompute --steps 2 --out {bench}"),
+             cmd=f"{py} -m bench --rows precompute --steps 2 --out {bench}"),
         dict(name="precompute at real component sizes, idle encoders on the host", timeout=120,
-             cmd=f"{py} -m precompute.bench --offload idle --batches 4 --steps 2 "
+             cmd=f"{py} -m bench.precompute --offload idle --batches 4 --steps 2 "
                  f"--json {os.path.join(bench, 'results-precompute-idle.json')}"),
     ]
     # train.deterministic: a run resumed at step 10 ends with the same bytes as one that ran through.
@@ -76,7 +81,7 @@ def plan(out: str) -> List[dict]:
     steps += [
         dict(name="deterministic run, resumed at step 10, equals one run through", timeout=120,
              cmd=f"{det} out.dir={through} train.max_steps=20 && {det} out.dir={resumed} train.max_steps=10 && "
-                 f"{det} out.dir={resumed} train.max_steps=20 && {py} -m train.gpu_check --same "
+                 f"{det} out.dir={resumed} train.max_steps=20 && {py} -m bench.gpu_check --same "
                  f"{through}/pytorch_lora_weights.safetensors {resumed}/pytorch_lora_weights.safetensors"),
     ]
     return steps
@@ -110,7 +115,7 @@ def sample_release(path: str) -> None:
 def run(out: str, budget_s: float) -> dict:
     import torch
 
-    from shards.measure import device_name
+    from .measure import device_name
 
     device = torch.device("cuda")
     started, parts = time.perf_counter(), []
@@ -121,56 +126,60 @@ def run(out: str, budget_s: float) -> dict:
             print(f"gpu_check: {step['name']}: not run, out of time", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        try:
-            p = subprocess.run(step["cmd"], shell=True, cwd=REPO, capture_output=True, text=True,
-                               timeout=min(step["timeout"], left))
-            status, tail = ("ok" if p.returncode == 0 else f"failed (exit {p.returncode})"), (p.stdout + p.stderr)[-3000:]
-        except subprocess.TimeoutExpired as e:
-            status, tail = "timed out", ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace")[-3000:]
+        status, tail = run_part(step["cmd"], min(step["timeout"], left))
         parts.append({**step, "status": status, "seconds": time.perf_counter() - t0, "output_tail": tail})
         print(f"gpu_check: {step['name']}: {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     rows = _rows(os.path.join(out, "bench"))
     rows += modelled_beside(rows, _rows(os.path.join(REPO, "bench")))
     result = {"device": torch.cuda.get_device_name(device), "date": datetime.date.today().isoformat(),
-              "seconds": time.perf_counter() - started, "parts": parts, "rows": rows}
+              "seconds": time.perf_counter() - started, "parts": parts, "rows": [r.to_json() for r in rows]}
     path = os.path.join(out, f"gpu-check-{device_name(device)}-{result['date']}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
-    result["path"] = path
+    result.update(path=path, rows=rows)
     return result
 
 
-def _rows(folder: str) -> List[dict]:
-    rows = []
-    for path in sorted(glob.glob(os.path.join(folder, "results-*.json"))):
-        with open(path) as f:
-            rows += json.load(f).get("rows", [])
-    return rows
+def run_part(cmd: str, timeout: float):
+    """(status, output tail) of one part. Its own process group, all of it killed at the timeout: `python -m
+    bench` runs each stage's benchmark as a child process, which must not go on using the GPU beside the next
+    part."""
+    p = subprocess.Popen(cmd, shell=True, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         errors="replace", start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return ("ok" if p.returncode == 0 else f"failed (exit {p.returncode})"), (out + err)[-3000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return "timed out", (out + err)[-3000:]
+
+
+def _rows(folder: str) -> List[Row]:
+    return [r for path in sorted(glob.glob(os.path.join(folder, "results-*.json"))) for r in load_results(path)[1]]
 
 
 SAME = ("model", "resolution", "batch", "base_dtype", "checkpointing")
 
 
-def modelled_beside(measured: List[dict], known: List[dict]) -> List[dict]:
+def modelled_beside(measured: List[Row], known: List[Row]) -> List[Row]:
     """The newest modelled row for each measured train row's settings (model, size, batch, base, checkpointing)."""
-    modelled = {tuple(r["settings"].get(k) for k in SAME): r for r in known if r.get("row") == "modelled"}
+    modelled = {tuple(r.settings.get(k) for k in SAME): r for r in known if r.row == "modelled"}
     out = []
     for r in measured:
-        match = modelled.get(tuple(r.get("settings", {}).get(k) for k in SAME)) if r.get("row") == "train" else None
+        match = modelled.get(tuple(r.settings.get(k) for k in SAME)) if r.row == "train" else None
         if match is not None and match not in out:
             out.append(match)
     return out
 
 
 def table(result: dict) -> str:
-    from .bench import format_table
-
     lines = [f"{p['status']:<28} {p.get('seconds', 0):6.0f} s  {p['name']}" for p in result["parts"]]
     return "\n".join(lines + ["", format_table(result["rows"]) if result["rows"] else "(no rows)"])
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.gpu_check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="print the plan and do nothing (any machine)")
     ap.add_argument("--out", default=os.path.join("build", "gpu-check"), help="folder of everything it writes")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all parts together (default 480)")
@@ -205,4 +214,4 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     from shards.common.config import run_cli
 
-    run_cli("train.gpu_check", main)
+    run_cli("bench.gpu_check", main)

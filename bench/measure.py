@@ -1,8 +1,7 @@
 """What every stage's benchmark (`make bench`) measures with: device sync, peak memory (CUDA allocator
 or the process's peak RSS), out-of-memory detection, timing of repeated calls, and the published SD3
-transformer configs the benchmarks build at full size with random weights.
-
-It lives here because `shards` is the one package precompute, train and merge may all import.
+configs the benchmarks build at full size with random weights. It imports no stage, so each stage's
+benchmark module can use it.
 """
 import gc
 import re
@@ -12,11 +11,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-MIB = 2 ** 20
-GIB = 2 ** 30
-# What a model of live bytes leaves out, added to modelled peaks as explicit margins.
-MARGIN_CONTEXT = 0.5 * GIB  # the CUDA context and cuBLAS workspaces (upper end)
-MARGIN_ALLOCATOR = 0.10  # caching-allocator rounding and fragmentation, as a share of the modelled peak
+from shards.gpu_margins import MIB
 
 # Exact SD3Transformer2DModel configs of the published models; `tiny` is precompute/tiny.py's.
 _SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
@@ -153,29 +148,3 @@ def max_peak(*peaks: Optional[Dict[str, float]]) -> Dict[str, float]:
     """Key-wise maximum of several `PeakMemory.read()` results."""
     peaks = [p for p in peaks if p]
     return {k: max(p[k] for p in peaks if k in p) for k in peaks[0] if isinstance(peaks[0][k], (int, float))}
-
-
-def write_rows(path: str, rows: List[dict]) -> None:
-    """A stage's benchmark rows as JSON, for `python -m train.bench`, which runs each other stage's benchmark as
-    its own process (stages do not import each other, and each row's peak memory is then its process's own)."""
-    import json
-
-    from .common.atomic import write_json
-
-    write_json(path, json.loads(json.dumps({"rows": rows}, default=str)))
-
-
-def rows_cli(argv: List[str], prog: str, description: str, rows: Callable[[bool], List[dict]],
-             show: Callable[[dict], str], quick_help: str) -> None:
-    """The command line of a stage's benchmark that has only `--quick` and `--json`."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--quick", action="store_true", help=quick_help)
-    ap.add_argument("--json", help="also write the rows to this file (python -m train.bench reads it)")
-    a = ap.parse_args(argv)
-    out = rows(a.quick)
-    for r in out:
-        print(show(r))
-    if a.json:
-        write_rows(a.json, out)

@@ -1,4 +1,4 @@
-"""Host memory of loading a quantized base: `python -m train.load_bench [--models sd3-medium,sd3.5-large]`.
+"""Host memory of loading a quantized base: `python -m bench.load [--models sd3-medium,sd3.5-large]`.
 
 Writes a random-weight transformer folder of each published config (bf16, one safetensors file, written
 tensor by tensor), then loads it with `model.quantize=nf4` onto the CPU in a fresh process per loader and
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from shards.measure import TRANSFORMER_CONFIGS, peak_rss_mb
+from .measure import TRANSFORMER_CONFIGS, peak_rss_mb
 
 LOADERS = ("streamed", "whole")
 
@@ -49,7 +49,7 @@ def load(folder: str, loader: str, quantize: str) -> dict:
     """Load in this process; its peak RSS (from process start) and the seconds loading took."""
     from diffusers import SD3Transformer2DModel
 
-    from .model import freeze_and_place, load_transformer
+    from train.model import freeze_and_place, load_transformer
 
     cpu, t0 = torch.device("cpu"), time.perf_counter()
     root = os.path.dirname(folder)
@@ -63,7 +63,7 @@ def load(folder: str, loader: str, quantize: str) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m train.load_bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="sd3-medium,sd3.5-large")
     ap.add_argument("--quantize", default="nf4", choices=("nf4", "int8"))
     ap.add_argument("--loaders", default=",".join(LOADERS))
@@ -79,10 +79,10 @@ def main(argv=None) -> None:
         if not os.path.exists(os.path.join(folder, "config.json")):
             write_random_transformer(model, folder)
         for loader in a.loaders.split(","):
-            p = subprocess.run([sys.executable, "-m", "train.load_bench", "--quantize", a.quantize, "--load", folder,
+            p = subprocess.run([sys.executable, "-m", "bench.load", "--quantize", a.quantize, "--load", folder,
                                 loader], capture_output=True, text=True)
             if p.returncode != 0:
-                raise SystemExit(f"load_bench: {model} {loader} failed:\n{p.stderr[-2000:]}")
+                raise SystemExit(f"bench.load: {model} {loader} failed:\n{p.stderr[-2000:]}")
             r = json.loads(p.stdout.strip().splitlines()[-1])
             print(json.dumps({"model": model, "quantize": a.quantize, "loader": loader, **r}), flush=True)
 

@@ -6,7 +6,7 @@ and storage dtype), so the bytes read are exactly what precompute would have pro
 timed is the trainer's own: `Prefetch(bucket_batches(...))` over `shards.reader.read_samples` with the
 manifest's sha256 checks, collate included.
 
-`python -m train.stream_bench [--quick]` prints the row; `python -m train.bench --rows stream` puts it in the table.
+`python -m bench.stream [--quick]` prints the row; `python -m bench --rows stream` puts it in the table.
 """
 import math
 import os
@@ -19,14 +19,15 @@ from typing import List, Optional
 import torch
 
 from shards.common.errors import DataError
-from shards.measure import rows_cli
 from shards.format import FORMAT_VERSION
 from shards.manifest import Manifest, SampleSpec
 from shards.writer import ShardSetWriter, torch_dtype
+from train.config import DataConfig
+from train.data import bucket_batches
+from train.prefetch import Prefetch
 
-from .config import DataConfig
-from .data import bucket_batches
-from .prefetch import Prefetch
+from .row import Row
+from .stage import rows_cli
 
 RESOLUTION = 1024
 DOWNSAMPLE = 8  # SD3 VAE
@@ -79,14 +80,14 @@ def write_random_set(out_dir: str, n: int, per_shard: int, dtype: str = "bf16", 
                              "validation_pooled_prompt_embeds": torch.zeros(1, POOLED_DIM)},
                             {"validation_prompts": ["random"]})
         return writer.close({
-            "model": {"path": "random values (train.stream_bench)", "revision": None, "components": {}},
+            "model": {"path": "random values (bench.stream)", "revision": None, "components": {}},
             "vae": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "downsample_factor": DOWNSAMPLE},
             "latent_channels": LATENT_CHANNELS,
             "embeddings": {"prompt_embeds_dim": EMBED_DIM, "clip_tokens": CLIP_TOKENS, "pooled_dim": POOLED_DIM},
             "max_sequence_length": max_sequence_length,
             "precisions": {"clip": dtype, "t5": dtype, "vae": dtype},
             "flipped_latents": flip,
-            "config": {"bench": "train.stream_bench", "samples": n, "resolution": resolution},
+            "config": {"bench": "bench.stream", "samples": n, "resolution": resolution},
         })
     except BaseException:
         writer.abort()
@@ -127,7 +128,7 @@ def pipeline_read(set_dir: str, n: int, batch_size: int, shuffle_buffer: int, se
 def stream_row(n: int, per_shard: int, batch_size: int = 4, repeats: int = 1, dtype: str = "bf16",
                resolution: int = RESOLUTION, flip: bool = True, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
                shuffle_buffer: Optional[int] = None, workdir: Optional[str] = None,
-               version: int = FORMAT_VERSION) -> dict:
+               version: int = FORMAT_VERSION) -> Row:
     shuffle_buffer = DataConfig.shuffle_buffer if shuffle_buffer is None else shuffle_buffer
     tmp = tempfile.mkdtemp(prefix="shardtune-stream-bench-", dir=workdir)
     try:
@@ -157,54 +158,52 @@ def stream_row(n: int, per_shard: int, batch_size: int = 4, repeats: int = 1, dt
         if tuple(batch[name].shape[1:]) != shape or batch[name].dtype != torch_dtype(dtype):
             raise DataError(f"batch tensor {name} is {tuple(batch[name].shape)} {batch[name].dtype}")
     mb = tar_bytes / 1e6
-    return {
-        "row": "stream",
-        "label": f"trainer data pipeline, {resolution}² SD3 samples, format v{version}",
-        "what": "trainer data pipeline (Prefetch + bucket_batches + read_samples with sha256 checks + collate), "
-                f"{resolution}² SD3 samples from page-cached shards, CPU",
-        "settings": {"resolution": resolution, "format_version": version, "sample_bytes": tar_bytes // n,
-                     "tensor_bytes": tensor_bytes,
-                     "dtype": dtype, "samples": n, "shards": len(tars), "batch_size": batch_size,
-                     "shuffle_buffer": shuffle_buffer, "flipped_latents": flip,
-                     "prompt_embeds": list(shapes["prompt_embeds"]), "latent": list(shapes["latent_mean"]),
-                     "pin_memory": best["pin"], "repeats": repeats, "cpu_count": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads()},
-        "samples_read": len(best["keys"]),
-        "batches": best["batches"],
-        "samples_per_s": n / best["seconds"],
-        "mb_per_s": mb / best["seconds"],
-        "seconds": best["seconds"],
-        "seconds_all": [r["seconds"] for r in runs],
-        "baseline": {"what": "raw tar read (same bytes, tarfile streaming read, no hashing or decoding)",
-                     "samples_per_s": n / raw["seconds"], "mb_per_s": mb / raw["seconds"],
-                     "seconds": raw["seconds"], "seconds_all": [r["seconds"] for r in raws]},
-        "ratio": best["seconds"] / raw["seconds"],  # as in every row: measured time / baseline time
-    }
+    return Row(
+        row="stream",
+        label=f"trainer data pipeline, {resolution}² SD3 samples, format v{version}",
+        what="trainer data pipeline (Prefetch + bucket_batches + read_samples with sha256 checks + collate), "
+             f"{resolution}² SD3 samples from page-cached shards, CPU",
+        settings={"resolution": resolution, "format_version": version, "sample_bytes": tar_bytes // n,
+                  "tensor_bytes": tensor_bytes,
+                  "dtype": dtype, "samples": n, "shards": len(tars), "batch_size": batch_size,
+                  "shuffle_buffer": shuffle_buffer, "flipped_latents": flip,
+                  "prompt_embeds": list(shapes["prompt_embeds"]), "latent": list(shapes["latent_mean"]),
+                  "pin_memory": best["pin"], "repeats": repeats, "cpu_count": os.cpu_count(),
+                  "torch_threads": torch.get_num_threads()},
+        samples_per_s=n / best["seconds"],
+        seconds=best["seconds"],
+        baseline={"what": "raw tar read (same bytes, tarfile streaming read, no hashing or decoding)",
+                  "samples_per_s": n / raw["seconds"], "mb_per_s": mb / raw["seconds"],
+                  "seconds": raw["seconds"], "seconds_all": [r["seconds"] for r in raws]},
+        ratio=best["seconds"] / raw["seconds"],  # as in every row: measured time / baseline time
+        extra={"samples_read": len(best["keys"]), "batches": best["batches"], "mb_per_s": mb / best["seconds"],
+               "seconds_all": [r["seconds"] for r in runs]},
+    )
 
 
-def rows(quick: bool = False) -> List[dict]:
+def rows(quick: bool = False) -> List[Row]:
     """quick: a few samples, one pass (tests); full: 512 samples (~2.4 GB of shards), best of 5."""
     if quick:
         return [stream_row(n=24, per_shard=8, batch_size=4, repeats=1)]
     return [stream_row(n=512, per_shard=64, batch_size=4, repeats=5)]
 
 
-def format_row(r: dict) -> str:
-    s, b = r["settings"], r["baseline"]
-    return (f"{r['row']}: {r['samples_per_s']:.1f} samples/s, {r['mb_per_s']:.0f} MB/s "
-            f"({r['samples_read']} samples in {r['seconds']:.2f} s; runs {', '.join(f'{x:.2f}' for x in r['seconds_all'])} s)\n"
+def format_row(r: Row) -> str:
+    s, b, x = r.settings, r.baseline, r.extra
+    return (f"{r.row}: {r.samples_per_s:.1f} samples/s, {x['mb_per_s']:.0f} MB/s "
+            f"({x['samples_read']} samples in {r.seconds:.2f} s; runs {', '.join(f'{t:.2f}' for t in x['seconds_all'])} s)\n"
             f"  baseline, {b['what']}: {b['samples_per_s']:.1f} samples/s, {b['mb_per_s']:.0f} MB/s "
-            f"(runs {', '.join(f'{x:.2f}' for x in b['seconds_all'])} s)\n"
-            f"  pipeline time / raw read time: {r['ratio']:.2f}\n"
+            f"(runs {', '.join(f'{t:.2f}' for t in b['seconds_all'])} s)\n"
+            f"  pipeline time / raw read time: {r.ratio:.2f}\n"
             f"  settings: {s}")
 
 
 def main(argv: List[str]) -> None:
-    rows_cli(argv, "python -m train.stream_bench", "Samples/s of the trainer's data pipeline on 1024² SD3 samples, "
+    rows_cli(argv, "python -m bench.stream", "Samples/s of the trainer's data pipeline on 1024² SD3 samples, "
              "against a raw read of the same tar bytes.", rows, format_row, "a few samples, one pass (for tests)")
 
 
 if __name__ == "__main__":
     from shards.common.config import run_cli
 
-    run_cli("train.stream_bench", main)
+    run_cli("bench.stream", main)

@@ -1,0 +1,92 @@
+"""Training bf16 weights without fp32 master copies: each update reaches the weight through stochastic rounding.
+
+A bf16 weight near 1.0 moves in steps of 2⁻⁷; an update smaller than half of that is rounded away every time, so a
+long run at a small learning rate stalls. Rounding up with probability (distance to the lower bf16 value) / (step
+between the two) makes the expected stored weight the exact one, so many small updates add up as in fp32, at 2
+bytes per weight instead of the 4 more an fp32 master copy costs.
+"""
+from typing import Optional
+
+import torch
+
+_LOW_BITS = 1 << 16  # float32 bits below bfloat16's mantissa
+_KEEP_HIGH = -_LOW_BITS  # int32 mask clearing those bits
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+    """dst (bfloat16) ← src (float32) rounded to one of its two neighbouring bf16 values, up with the probability
+    that makes the expectation src. Adding uniform noise below bit 16 and clearing those bits does it: the sum
+    carries into the kept bits exactly as often as the dropped part is large (for negative values too, as the
+    bits are sign and magnitude). Non-finite values pass unchanged."""
+    src = src.float().contiguous()
+    noise = torch.randint(0, _LOW_BITS, src.shape, dtype=torch.int32, device=src.device, generator=generator)
+    rounded = ((src.view(torch.int32) + noise) & _KEEP_HIGH).view(torch.float32)
+    dst.copy_(torch.where(torch.isfinite(src), rounded, src))  # exact: the low bits are zero
+
+
+class AdamWStochasticBf16(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected moments in fp32) whose bf16 parameters take each step's new
+    value by stochastic rounding; fp32 parameters are updated as torch's AdamW updates them. The rounding draws come
+    from one generator per device, seeded from `seed` and kept in the state dict, so a resumed run draws what the
+    uninterrupted one would."""
+
+    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+        self._generators = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.lerp_(grad, 1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                x = p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                if p.dtype == torch.bfloat16:
+                    stochastic_round_(p, x, self._generator(p.device))
+                else:
+                    p.copy_(x)
+        return loss
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["rounding_rng"] = {k: g.get_state() for k, g in self._generators.items()}
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("rounding_rng", {})
+        super().load_state_dict(state_dict)
+        # torch's loader casts floating state to each parameter's dtype; the moments stay fp32 (bf16 moments would
+        # make a resumed run differ from the uninterrupted one).
+        saved = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, index in zip(group["params"], saved_group["params"]):
+                for name in ("exp_avg", "exp_avg_sq"):
+                    if index in saved and name in saved[index]:
+                        self.state[p][name] = saved[index][name].to(p.device, torch.float32, copy=True)
+        for key, s in rng.items():
+            self._generator(torch.device(key)).set_state(s)

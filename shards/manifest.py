@@ -4,6 +4,7 @@ import json
 import os
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import cached_property
 from typing import Callable, Dict, List, Optional
 
 from . import format as F
@@ -225,7 +226,7 @@ class Manifest:
         out = asdict(self)
         return {k: v for k, v in out.items() if not (k in _OMITTED_WHEN_NONE and v is None)}
 
-    @property
+    @cached_property  # read once per sample by verify and the readers; fields never change (frozen)
     def spec(self) -> SampleSpec:
         e = self.embeddings
         view = dict(clip_tokens=e.clip_tokens, t5_tokens=self.max_sequence_length, width=e.prompt_embeds_dim,

@@ -68,6 +68,7 @@ def test_manifest_is_typed_and_written_as_its_json(tmp_path):
         assert os.path.getsize(tmp_path / s.name) == s.bytes
     assert manifest.extras.validation_prompts == ["p1", "p2"]
     assert manifest.spec.view_shapes() == {"prompt_embeds": (5, 6), "pooled_prompt_embeds": (5,)}
+    assert manifest.spec is manifest.spec and "spec" not in manifest.to_json()  # built once, not per sample read
     # The last thing written is the manifest; no temp files are left.
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     assert manifest.excluded == {}

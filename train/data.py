@@ -64,8 +64,8 @@ def set_shards(paths: Sequence[str], manifests: Optional[Sequence[Manifest]] = N
     out = []
     for i, path in enumerate(paths):
         m = manifests[i] if manifests else read_manifest(path)
-        excluded = frozenset(m.excluded)
-        out += [Shard(join(path, s.name), s.sha256, s.samples, excluded, m.spec) for s in m.shards]
+        excluded, spec = frozenset(m.excluded), m.spec
+        out += [Shard(join(path, s.name), s.sha256, s.samples, excluded, spec) for s in m.shards]
     return out
 
 

@@ -9,6 +9,21 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The files that take longest start first: `--dist loadfile` hands each worker a whole file, in collection order
+# (`--no-loadscope-reorder`, set in pyproject), and on two cores a long file started last leaves the other core
+# idle until it ends. The rest follow in name order.
+LONGEST_FIRST = ("test_demo.py", "test_train_scale.py", "test_train_runs.py", "test_precompute_runs.py",
+                 "test_bench.py", "test_train.py", "test_memory_model.py", "test_train_faults.py",
+                 "test_merge_release.py", "test_merge_single_file.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 600):
     """Run `python -m module args...` as a user would; returns the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -155,3 +170,24 @@ def copy_of_set(src: str, out: str, rename=lambda key: key, spec="same") -> dict
     skip = ("format", "format_version", "producer", "stored", "dtype", "buckets", "shards", "counts", "extras",
             "files", "manifest_sha256", "rejected_reasons", "truncated_captions", "excluded", "numerics")
     return w.close({k: v for k, v in m.to_json().items() if k not in skip})
+
+
+@pytest.fixture
+def stages_in_process(monkeypatch, tmp_path):
+    """`python -m bench` with each stage's module run in this process: the same `main(["--json", FILE, ...])`
+    and rows file its own process would run and write, without the 10-15 s a new interpreter spends importing
+    torch, diffusers and peft. One test runs a stage as the driver does, in a process of its own."""
+    import contextlib
+    import importlib
+    import io
+
+    from bench import driver
+    from bench.results import load_results
+
+    def stage_rows(module, *args):
+        path = str(tmp_path / f"{module}.rows.json")
+        with contextlib.redirect_stdout(io.StringIO()):  # the driver sends a stage's stdout to /dev/null
+            importlib.import_module(module).main(["--json", path, *args])
+        yield from load_results(path)[1]
+
+    monkeypatch.setattr(driver, "stage_rows", stage_rows)

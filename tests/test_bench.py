@@ -160,7 +160,7 @@ def test_out_of_memory_becomes_an_oom_row(monkeypatch):
     assert format_table([r]).splitlines()[2].count("OOM") == 4
 
 
-def test_orchestrator_quick_writes_json_and_prints_one_table(tiny_model, tmp_path, capsys):
+def test_orchestrator_quick_writes_json_and_prints_one_table(tiny_model, tmp_path, capsys, stages_in_process):
     path = driver.main(["--quick", "--rows", "train,precompute", "--out", str(tmp_path), "--steps", "1",
                        "--warmup", "1", "--tiny-model", tiny_model])
     assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith("results-cpu-")
@@ -229,8 +229,9 @@ def test_full_size_precompute_path_with_shrunk_configs(monkeypatch, tmp_path):
         {"clip_l", "clip_g", "t5"}
 
 
-def test_merge_rows_through_the_orchestrator(tmp_path, capsys):
-    """`--rows merge` runs `python -m bench.merge --quick` as its own process: both layouts, timed against a copy."""
+def test_merge_rows_through_the_orchestrator(tmp_path, capsys, stages_in_process):
+    """`--rows merge` runs bench.merge's `--quick` rows: both layouts, each merge a process of its own, timed
+    against a copy."""
     path = driver.main(["--quick", "--rows", "merge", "--out", str(tmp_path)])
     with open(path) as f:
         rows = json.load(f)["rows"]
@@ -243,7 +244,16 @@ def test_merge_rows_through_the_orchestrator(tmp_path, capsys):
     assert sum(line.startswith("merge ") for line in capsys.readouterr().out.splitlines()) == 2
 
 
-def test_a_failing_stage_is_one_line(tmp_path):
+def test_a_stage_runs_as_its_own_process_and_a_failing_one_is_one_line(tmp_path, capsys):
+    """The driver as `make bench` runs it: the stage's module in a process of its own (the stream rows, the
+    quickest), its rows read from the file it writes, one table printed."""
+    path = driver.main(["--quick", "--rows", "stream", "--out", str(tmp_path)])
+    with open(path) as f:
+        (row,) = json.load(f)["rows"]
+    assert row["row"] == "stream" and row["status"] == "ok" and row["settings"]["quick"]
+    assert row["samples_per_s"] > 0 and row["baseline"]["samples_per_s"] > 0
+    out = capsys.readouterr().out
+    assert sum(line.startswith("stream ") for line in out.splitlines()) == 1 and path in out
     with pytest.raises(DataError, match=r"`python -m bench.merge --nonsense` failed \(exit 2"):
         list(driver.stage_rows("bench.merge", "--nonsense"))
 

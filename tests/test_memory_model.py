@@ -37,7 +37,7 @@ def test_a_modelled_nf4_layer_holds_what_bitsandbytes_holds():
     assert ModelledLinear4bit(linear, torch.bfloat16, out_in_compute_dtype=False)(x).dtype == real(x).dtype == x.dtype
 
 
-def test_modelled_rows_are_labelled_as_a_model(tmp_path):
+def test_modelled_rows_are_labelled_as_a_model(tmp_path, stages_in_process):
     from bench import driver
     from bench.results import format_table, load_results
 

@@ -55,16 +55,23 @@ def _same_lora(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-COMMON = ["train.max_steps=8", "checkpoint.every=2", "train.grad_accum=2", "train.log_every=3"]
+STEPS = 10
+COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=2", "train.grad_accum=2", "train.log_every=3"]
+# The stopped run: until Ctrl-C, its first step logged as soon as it ends. The schedule is constant, so its
+# max_steps and intervals change nothing it computes; the resumes finish it with COMMON's.
+UNTIL_STOPPED = ["train.max_steps=100000", "checkpoint.every=0", "train.grad_accum=2", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
 def two_processes(tiny_model, shard_set_fp32, tmp_path_factory):
-    """One torchrun launch of two processes (each launch costs ~17 s here, mostly imports) that first counts
-    the gradient all-reduces of three steps at grad_accum 1 and 4 through a DDP comm hook, then trains the
-    uninterrupted run the kill test compares with. Returns the counts and that run's out.dir."""
+    """One torchrun launch of two processes (each launch costs ~35 s of CPU here, mostly imports) that counts
+    the gradient all-reduces of three steps at grad_accum 1 and 4 through a DDP comm hook, trains the
+    uninterrupted run the resumes are compared with, then starts the run a terminal's Ctrl-C stops: the
+    signal goes to the whole foreground group, torchrun forwards it to its workers (they run in sessions of
+    their own), and both must stop after the same step with one complete checkpoint. Returns the counts, the
+    two runs' out.dirs and torchrun's stderr."""
     tmp = tmp_path_factory.mktemp("two")
-    straight = tmp / "straight"
+    straight, stopped = tmp / "straight", tmp / "stopped"
     script = tmp / "count.py"
     script.write_text(f"""
 import json, os, sys
@@ -93,47 +100,79 @@ for accum in (1, 4):
     run.stream.close()
     counts[accum] = len(calls)
 if dist.get_rank() == 0:
-    print("COUNTS", json.dumps(counts))
+    print("COUNTS", json.dumps(counts), flush=True)
 train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, straight, *COMMON)!r}))
+from train.__main__ import command  # what `python -m train` runs, Ctrl-C's message and exit included
+command({_args(tiny_model, shard_set_fp32, stopped, *UNTIL_STOPPED)!r})
 """)
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {"counts": json.loads(r.stdout.split("COUNTS", 1)[1].strip().splitlines()[0]), "straight": straight}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    drained = {}  # read as they come, so that neither pipe fills and blocks the workers
+    readers = [threading.Thread(target=lambda n=n, f=f: drained.__setitem__(n, f.read()))
+               for n, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in readers:
+        t.start()
+    metrics, deadline = stopped / "metrics.jsonl", time.time() + 600
+    while not (metrics.exists() and metrics.stat().st_size):
+        assert proc.poll() is None and time.time() < deadline, "the stopped run ended before its first step"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends the whole foreground group
+    proc.wait(timeout=300)
+    for t in readers:
+        t.join()
+    assert "COUNTS" in drained["out"], drained["err"][-3000:]
+    return {"counts": json.loads(drained["out"].split("COUNTS", 1)[1].strip().splitlines()[0]),
+            "straight": straight, "stopped": stopped, "stderr": drained["err"]}
 
 
-def test_two_processes_sigkill_then_resume_bit_identical_and_resume_with_one(tiny_model, shard_set_fp32, tmp_path,
-                                                                           two_processes):
-    straight = two_processes["straight"]
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(two_processes):
+    err = two_processes["stderr"]
+    stopped = [line for line in err.splitlines() if "stopped at step" in line]
+    assert stopped, err[-3000:]
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    ckpt = two_processes["stopped"] / "checkpoints" / f"step-{step:06d}"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "rank-0.pt").exists() and (ckpt / "rank-1.pt").exists()
+    assert json.load(open(ckpt / "state.json"))["step"] == step
+    assert os.listdir(ckpt.parent) == [ckpt.name]
+
+
+def test_two_processes_resume_after_ctrl_c_and_sigkill_bit_identical_and_resume_with_one(tiny_model, shard_set_fp32,
+                                                                                     tmp_path, two_processes):
+    """The stopped run resumed under torchrun, SIGKILLed after its next checkpoint, resumed again to the end:
+    its LoRA equals the uninterrupted run's bit for bit."""
+    straight, run = two_processes["straight"], two_processes["stopped"]
     lines = [json.loads(line) for line in open(straight / "metrics.jsonl")]
-    assert [x["step"] for x in lines] == list(range(1, 9))
+    assert [x["step"] for x in lines] == list(range(1, STEPS + 1))
     for line in lines:  # each step: two micro-batches per process (an epoch's last batch may be short)
         assert all(2 <= len(keys) <= 4 for keys in line["keys"])
     rank0, rank1 = lines[0]["keys"]  # in their first epoch the processes read disjoint shares
     assert not set(rank0) & set(rank1)
-    killed = tmp_path / "killed"
-    proc = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *COMMON), wait=False)
-    marker = killed / "checkpoints" / "step-000004" / "COMPLETE"
+    (stop,) = os.listdir(run / "checkpoints")
+    after = int(stop.split("-")[1]) // 2 * 2 + 2  # the first periodic checkpoint after the stop
+    assert after < STEPS, f"the stop came at {stop}, too late to be killed before the end"
+    proc = _torchrun(2, *_args(tiny_model, shard_set_fp32, run, *COMMON), wait=False)
+    marker = run / "checkpoints" / f"step-{after:06d}" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.005)
     _kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: a kill of its group misses them
     proc.wait()
-    assert not (killed / "pytorch_lora_weights.safetensors").exists()
-    r = _torchrun(2, *_args(tiny_model, shard_set_fp32, killed, *COMMON))
+    assert not (run / "pytorch_lora_weights.safetensors").exists()
+    r = _torchrun(2, *_args(tiny_model, shard_set_fp32, run, *COMMON))
     assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout, r.stderr[-3000:]
-    assert _same_lora(straight, killed)
-    assert [json.loads(x)["step"] for x in open(killed / "metrics.jsonl")] == list(range(1, 9))
-    # The same checkpoint resumed by one process: it takes over both processes' share of the data.
+    assert _same_lora(straight, run)
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    # A checkpoint of the two processes resumed by one: it takes over both processes' share of the data.
     from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import train
 
     r = train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "one", *COMMON,
-                                             f"resume={straight / 'checkpoints' / 'step-000006'}")))
-    assert r["steps"] == 8
+                                             f"resume={straight / 'checkpoints' / 'step-000008'}")))
+    assert r["steps"] == STEPS
     read = r["data_read"][0]
     assert read["resume_samples"] >= 0 and read["bytes"] > 0 and read["rchar"] >= read["bytes"]
     assert not _same_lora(straight, tmp_path / "one")  # one process trains on half the data per step
@@ -251,28 +290,6 @@ def test_a_tracker_that_cannot_log_is_refused_with_its_key():
         with pytest.raises(UsageError, match="'train.trackers'.*not installed"):
             make_accelerator("cpu", "no", 1, ["wandb"])
     assert make_accelerator("cpu", "no", 1, ["tensorboard"], "/tmp").log_with
-
-
-def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(tiny_model, shard_set_fp32, tmp_path):
-    """A terminal's Ctrl-C reaches torchrun, which forwards it to its workers (they run in their own session).
-    Both must stop after the same step and write one complete checkpoint."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "train",
-           *_args(tiny_model, shard_set_fp32, out, "train.max_steps=100000", "checkpoint.every=0", "train.log_every=1")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends the whole foreground group
-    _, err = proc.communicate(timeout=120)
-    stopped = [line for line in err.splitlines() if "stopped at step" in line]
-    assert stopped, err[-3000:]
-    step = int(stopped[0].split("stopped at step ")[1].split()[0])
-    ckpt = out / "checkpoints" / f"step-{step:06d}"
-    assert (ckpt / "COMPLETE").exists() and (ckpt / "rank-0.pt").exists() and (ckpt / "rank-1.pt").exists()
-    assert json.load(open(ckpt / "state.json"))["step"] == step
 
 
 def test_auto_precision_follows_the_gpu_and_ddp_never_rebroadcasts_buffers(tiny_model, shard_set_fp32, monkeypatch):

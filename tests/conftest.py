@@ -6,6 +6,11 @@ import sys
 
 import pytest
 
+# One compute thread per process, for the test workers and every process they start (set before torch is
+# imported): `-n auto` runs a worker per core and many tests start processes of their own, and with torch's
+# default of a thread per core in each, OpenMP's spinning waits took 30% of the suite's CPU time here.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -138,17 +138,6 @@ def test_a_quantized_bench_model_is_built_without_its_full_precision_weights():
                and n.endswith(".weight") and "norm" not in n)
 
 
-def test_train_row_on_cpu():
-    r = train_step.train_row("tiny", 128, 2, quantize="nf4", checkpointing=True, device=CPU, steps=2, warmup=1,
-                             text_tokens=154).to_json()
-    assert r["status"] == "ok" and r["settings"]["base_dtype"] == "nf4" and r["settings"]["checkpointing"]
-    for key in ("seconds", "samples_per_s", "peak_rss_mb", "forward_flops", "step_flops", "peak_flops"):
-        assert math.isfinite(r[key]) and r[key] > 0, key
-    assert 0 < r["mfu"] <= 1
-    assert r["forward_flops"] == flops.forward_flops(MODELS["tiny"], 128, 128, 154)
-    assert r["samples_per_s"] == pytest.approx(2 / r["seconds"])
-
-
 def test_out_of_memory_becomes_an_oom_row(monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -172,7 +161,9 @@ def test_orchestrator_quick_writes_json_and_prints_one_table(tiny_model, tmp_pat
         {("fp32", False), ("fp32", True), ("nf4", False), ("nf4", True)}
     assert all(r["settings"]["quick"] for r in saved["rows"])
     for r in saved["rows"][:4]:
-        assert r["status"] == "ok" and 0 < r["mfu"] <= 1 and r["samples_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["status"] == "ok" and 0 < r["mfu"] <= 1 and r["peak_rss_mb"] > 0
+        assert r["forward_flops"] == flops.forward_flops(MODELS["tiny"], 128, 128, 154) and r["step_flops"] > 0
+        assert r["samples_per_s"] == pytest.approx(2 / r["seconds"]) and r["peak_flops"] > 0
     p = saved["rows"][4]  # the precompute row: T5 in nf4 as the stage loads it, per stage and per component
     assert p["status"] == "ok" and p["settings"]["base_dtype"].startswith("t5 nf4") and p["settings"]["batch"] == 2
     for key in ("seconds", "images_per_s", "peak_rss_mb", "load_seconds"):

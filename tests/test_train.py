@@ -27,7 +27,7 @@ def trained(model_without_text_encoders, shard_set_fp32, tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("train"))
     cfg = load_config(TrainConfig, train_args(model_without_text_encoders, shard_set_fp32, out,
-                                              "train.max_steps=100", "train.lr=5e-3"))
+                                              "train.max_steps=50", "train.lr=5e-3"))
     return train(cfg)
 
 
@@ -66,7 +66,7 @@ def test_loss_falls_when_overfitting(trained, shard_set_fp32):
 def test_outputs_written(trained):
     out = os.path.dirname(trained["lora"])
     lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
-    assert len(lines) == 100 and json.loads(lines[-1])["step"] == 100
+    assert len(lines) == 50 and json.loads(lines[-1])["step"] == 50
     assert Image.open(trained["loss_curve"]).size == (800, 400)
     assert Image.open(trained["loss_by_sigma"]).size == (800, 400)
     first = json.loads(lines[0])
@@ -82,7 +82,7 @@ def test_lora_file_metadata(trained):
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert adapter["transformer.r"] == adapter["transformer.lora_alpha"] == 4  # alpha / rank is in lora_B
     info = json.loads(meta["shardtune"])
-    assert info["rank"] == 4 and info["alpha"] == 8 and info["scale_folded_into_lora_B"] == 2 and info["steps"] == 100
+    assert info["rank"] == 4 and info["alpha"] == 8 and info["scale_folded_into_lora_B"] == 2 and info["steps"] == 50
     assert len(info["shard_sets"][0]["manifest_sha256"]) == 64
     assert all(k.startswith("transformer.transformer_blocks.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
     # 2 blocks x 8 projections (the last block has no to_add_out: context_pre_only) x A and B.

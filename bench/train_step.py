@@ -2,7 +2,7 @@
 
 `python -m bench.train_step [--quick] [--models ...] [--resolutions ...] [--batches ...] [--bases ...]
 [--steps N] [--warmup N] [--json FILE]` prints a line per row; `python -m bench --rows train` runs it and
-puts the rows in the table. Each row is one LoRA step (`LoraStep`: flow loss, AdamW) on a transformer
+puts the rows in the table. Each row is one LoRA step (`TrainStep`: flow loss, AdamW) on a transformer
 built at a published config with random weights (quantized as the trainer's loader leaves it), fed one
 random batch of the real shapes again and again: peak memory, median step time, samples/s, FLOPs and MFU.
 """
@@ -43,11 +43,11 @@ def build_transformer(name: str, dtype: torch.dtype, device, quantize: str = "no
 
 class BenchRun:
     """The trainer's own parts without a shard set: the run's Accelerator, `prepare_lora`, `Objective` and
-    `LoraStep`, on a given transformer, fed one random batch of the real shapes again and again."""
+    `TrainStep`, on a given transformer, fed one random batch of the real shapes again and again."""
 
     def __init__(self, transformer, cfg, resolution: int, text_tokens: int, device):
         from train.objective import Objective, prepare_lora, resolve_dtypes
-        from train.step import LoraStep, make_accelerator
+        from train.step import TrainStep, make_accelerator
 
         self.device = device
         weight_dtype, amp = resolve_dtypes(cfg, device)
@@ -58,7 +58,7 @@ class BenchRun:
         extras = {"empty_prompt_embeds": torch.zeros(text_tokens, c.joint_attention_dim),
                   "empty_pooled_prompt_embeds": torch.zeros(c.pooled_projection_dim)}
         objective = Objective(cfg, BENCH_MANIFEST, extras, SD3_SCHEDULER, device, weight_dtype)
-        self.stepper = LoraStep(self.accel, transformer, params, objective, cfg.train)
+        self.stepper = TrainStep(self.accel, transformer, params, objective, cfg.train)
         self.batch = random_batch(c, resolution, cfg.train.batch_size, text_tokens, cfg.train.seed,
                                   pin=device.type == "cuda")
 
@@ -101,7 +101,7 @@ def train_row(model: str, resolution: int, batch: int, quantize: str = "none", c
                 "base_dtype": quantize if quantize != "none" else ("bf16" if cuda else "fp32"),
                 "checkpointing": checkpointing, "lora_rank": rank, "lora_targets": "attn", "optimizer": "adamw",
                 "text_tokens": text_tokens, "steps": steps, "warmup": warmup, "device": device_name(device)}
-    what = f"LoRA step (trainer's LoraStep, flow loss, AdamW) on random {model} weights"
+    what = f"LoRA step (trainer's TrainStep, flow loss, AdamW) on random {model} weights"
     peak_flops = peak_flops or matmul_peak_flops(device)
     measured = unless_oom(lambda: _measure_train(model, resolution, batch, quantize, checkpointing, device, steps,
                                                  warmup, text_tokens, rank), device)

@@ -129,6 +129,25 @@ def _base_name(path: str) -> str:
     return path  # a hub id is already a name people know
 
 
+def trained_info(cfg: MergeConfig) -> Optional[Dict]:
+    """What the fully fine-tuned transformer's training recorded (its shardtune.json), for the card; None without
+    transformer.path, {} for a folder that records nothing."""
+    if not cfg.transformer.path:
+        return None
+    try:
+        with open(os.path.join(cfg.transformer.folder(), "shardtune.json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return {"trained weights": "(not recorded)"}
+    c = info.get("config", {}).get("train", {})
+    facts = {"trained weights": len(info.get("trained", [])), "steps": info.get("steps"),
+             "learning rate": c.get("lr"), "optimizer": c.get("optimizer"), "weights dtype": info.get("dtype"),
+             "EMA": info.get("ema"), "blocks": info.get("config", {}).get("full", {}).get("blocks"),
+             "instance prompt": info.get("instance_prompt"), "caption prefix": info.get("caption_prefix"),
+             "shard set": ", ".join(s["path"] for s in info.get("shard_sets", []))}
+    return {k: v for k, v in facts.items() if v not in (None, "", [])}
+
+
 def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files: List[str],
                text_merged: Optional[Dict[str, int]] = None, text_left_out: Optional[Dict[str, int]] = None) -> str:
     """Write out_dir/README.md (and copy sample grids into out_dir/samples/); returns the card's path.
@@ -138,24 +157,33 @@ def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files:
     hub_base = not (is_single_file(cfg.model.path) or os.path.isdir(cfg.model.path))
     headers = [lora_header(f) for f in lora_files]
     facts = [lora_facts(f, h) for f, h in zip(lora_files, headers)]
-    prompts = sorted({str(f[k]) for f in facts for k in ("instance prompt", "caption prefix") if f.get(k)})
+    trained = trained_info(cfg)
+    prompts = sorted({str(f[k]) for f in facts + [trained or {}] for k in ("instance prompt", "caption prefix")
+                      if f.get(k)})
 
     front = ["---"]
     if hub_base:
         front += [f"base_model: {cfg.model.path}", "base_model_relation: finetune"]
     if fmt == "diffusers":
         front.append("library_name: diffusers")
-    front += ["pipeline_tag: text-to-image", "tags:", "- stable-diffusion-3", "- lora", "- shardtune"]
+    front += ["pipeline_tag: text-to-image", "tags:", "- stable-diffusion-3"] + ["- lora"] * bool(lora_files) + \
+        ["- shardtune"]
     if prompts:
         front.append(f"instance_prompt: {json.dumps(prompts[0])}")
     front.append("---")
 
-    title = cfg.out.name if fmt == "single_file" else \
-        " + ".join([_base_name(cfg.model.path)] + [os.path.basename(p) for p in lora_files])
+    title = cfg.out.name if fmt == "single_file" else " + ".join(
+        [_base_name(cfg.model.path)] + [_base_name(cfg.transformer.path)] * (trained is not None)
+        + [os.path.basename(p) for p in lora_files])
     into = "the transformer" + (" and text encoders" if text_merged else "")
-    lines = front + ["", f"# {title}", "",
-                     f"Stable Diffusion 3 with {len(lora_files)} LoRA{'s' if len(lora_files) > 1 else ''} folded into "
-                     f"{into} by shardtune's merge stage.", "",
+    made = [f"Stable Diffusion 3 with {len(lora_files)} LoRA{'s' if len(lora_files) > 1 else ''} folded into "
+            f"{into} by shardtune's merge stage."]
+    if trained is not None:
+        made = [f"Stable Diffusion 3 with a fully fine-tuned transformer (shardtune, train.mode=full: "
+                f"{trained['trained weights']} of its weights trained)"
+                + (f", and {len(lora_files)} LoRA{'s' if len(lora_files) > 1 else ''} folded into {into}" if lora_files
+                   else "") + ", released by shardtune's merge stage."]
+    lines = front + ["", f"# {title}", ""] + made + ["",
                      f"- base model: `{_base_name(cfg.model.path)}`",
                      f"- release format: {fmt} ({', '.join(files)}), out.dtype {cfg.out.dtype}"]
     if fmt == "single_file" and cfg.out.include:
@@ -170,6 +198,10 @@ def write_card(out_dir: str, cfg: MergeConfig, lora_files: Sequence[str], files:
     lines.append("")
 
     samples_out = os.path.join(out_dir, SAMPLES_DIR)
+    if trained is not None:
+        lines += [f"## Fine-tuned transformer: `{cfg.transformer.path}`", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v} |" for k, v in trained.items()]
+        lines.append("")
     for i, (path, scale, fact) in enumerate(zip(lora_files, cfg.lora.scales(), facts), start=1):
         lines += [f"## LoRA {i}: `{os.path.basename(path)}` (scale {scale:g})", ""]
         if fact:

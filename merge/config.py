@@ -47,6 +47,9 @@ class LoraConfig:
             return [float(v) for v in self.scale]
         return [float(self.scale)] * len(self.paths())
 
+    def given(self) -> bool:
+        return self.path not in ("", [], ())
+
     def problems(self) -> List[str]:
         p = []
         if not isinstance(self.path, (str, list, tuple)) or any(not isinstance(x, str) for x in
@@ -63,6 +66,26 @@ class LoraConfig:
             p.append(f"config key 'lora.scale' has {len(values)} values for {len(paths)} lora.path entries; "
                      "give one scale per LoRA, or a single number for all")
         return p
+
+
+@dataclass
+class TransformerConfig:
+    # A transformer trained in full (train.mode=full): its diffusers folder, or the training run's out.dir
+    # holding it as transformer/. It takes the place of the base's transformer in the release.
+    path: str = ""
+
+    def folder(self) -> str:
+        """The model folder itself: a training out.dir's transformer/ where the path names the run."""
+        inner = os.path.join(self.path, "transformer")
+        if not os.path.exists(os.path.join(self.path, "config.json")) and os.path.isdir(inner):
+            return inner
+        return self.path
+
+    def problems(self) -> List[str]:
+        if self.path and not os.path.exists(os.path.join(self.folder(), "config.json")):
+            return [f"config key 'transformer.path': {self.path} is not a transformer folder (no config.json) nor "
+                    "a training out.dir holding transformer/"]
+        return []
 
 
 @dataclass
@@ -109,13 +132,16 @@ class OutConfig:
 RANGES = {"out.max_shard_bytes": "[1, inf)", "merge.probe_max_params": "[0, inf)"}
 
 CHOICES = {"out.dtype": DTYPES, "out.link": LINKS, "out.format": FORMATS, "out.include": INCLUDES}
-REQUIRED = ("model.path", "lora.path", "out.dir")
+REQUIRED = ("model.path", "out.dir")
 # What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
 # tables name the same keys with the same defaults).
 HELP = {
     "model.path": "base: diffusers SD3 folder, hub id, or a local original single-file .safetensors",
     "lora.path": "a LoRA .safetensors file (diffusers or kohya format) or a folder holding "
-                 "pytorch_lora_weights.safetensors; or a list of them",
+                 "pytorch_lora_weights.safetensors; or a list of them (required unless transformer.path is given)",
+    "transformer.path": "a fully fine-tuned transformer (train.mode=full): its folder, or the training out.dir "
+                        "holding transformer/; it replaces the base's transformer, and LoRAs in lora.path fold "
+                        "into it",
     "lora.scale": "strength of the LoRA: one number for all, or a list with one per lora.path",
     "out.dir": "release folder",
     "out.dtype": "merged transformer's dtype: auto (the base's), bf16, fp16, fp32",
@@ -139,12 +165,16 @@ HELP = {
 class MergeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
     out: OutConfig = field(default_factory=OutConfig)
     merge: MergeOptions = field(default_factory=MergeOptions)
 
     def __post_init__(self):
         # Validated here rather than per section so one run reports every problem at once.
-        p = self.model.problems() + self.lora.problems() + self.out.problems()
+        loras = self.lora.problems() if self.lora.given() or not self.transformer.path else []
+        if not self.lora.given() and not self.transformer.path:
+            loras = ["config key 'lora.path' is required (or transformer.path, a fully fine-tuned transformer)"]
+        p = self.model.problems() + loras + self.transformer.problems() + self.out.problems()
         check_choices(self, CHOICES, p)
         check_ranges(self, RANGES, p)
         if is_single_file(self.model.path):

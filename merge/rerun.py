@@ -22,7 +22,7 @@ NOT_CONTENT = ("model.path", "out.dir", "out.overwrite", "out.link", "merge.veri
 
 def merge_inputs(cfg: MergeConfig, base_path: str, lora_files: Sequence[str]) -> dict:
     """This merge's inputs: `base_path` is the local base (a single file, or the resolved pipeline folder)."""
-    config = {k: v for k, v in flat_keys(to_dict(cfg)).items() if k not in NOT_CONTENT and k != "lora.path"}
+    config = {k: v for k, v in flat_keys(to_dict(cfg)).items() if k not in NOT_CONTENT and k not in ("lora.path", "transformer.path")}
     return {"config": config, "base": folder_fingerprint(base_path),
             "loras": [file_sha256(p) for p in lora_files]}
 

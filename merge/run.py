@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from shards.common.config import load_config
-from shards.common.errors import UsageError
+from shards.common.errors import DataError, UsageError
+from shards.common.fingerprint import folder_fingerprint
 from shards.common.lock import sibling_lock
 from shards.common.hub import resolve_model
 
@@ -74,6 +75,23 @@ def _text_encoder_sources(model: str, stack: ExitStack) -> Dict[str, Source]:
     return sources
 
 
+def trained_transformer(cfg: MergeConfig, base: Source, stack: ExitStack) -> Source:
+    """The transformer of the release: the base's, or the fully fine-tuned one of transformer.path, which must
+    hold the base's tensors in their shapes (the same architecture) and nothing else."""
+    if not cfg.transformer.path:
+        return base
+    trained = stack.enter_context(folder_source(cfg.transformer.folder(), "trained transformer"))
+    missing = [n for n in base.names if n not in set(trained.names)]
+    extra = [n for n in trained.names if n not in set(base.names)]
+    shapes = [n for n in base.names if n in set(trained.names) and base.shape(n) != trained.shape(n)]
+    if missing or extra or shapes:
+        what = (f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the base has not" if extra else
+                f"holds {shapes[0]} as {trained.shape(shapes[0])}, the base as {base.shape(shapes[0])}")
+        raise DataError(f"transformer.path {cfg.transformer.path} is not a transformer of model.path's architecture "
+                        f"(it {what}); give the base the transformer was trained from")
+    return trained
+
+
 def warn_if_other_base(lora_files: Sequence[str], base: Source, model_path: str) -> None:
     for line in other_base_warnings(lora_files, [lora_header(f) for f in lora_files], base, model_path):
         print(line, file=sys.stderr)
@@ -86,7 +104,7 @@ def _merge_into(cfg: MergeConfig, tmp: str, loras: MergeLoras, lora_files: Seque
     fmt = cfg.release_format()
     updates, te = loras.updates, TextMerge()
     if is_single_file(cfg.model.path):
-        base = stack.enter_context(OriginalSource(cfg.model.path))
+        base = trained_transformer(cfg, stack.enter_context(OriginalSource(cfg.model.path)), stack)
         warn_if_other_base(lora_files, base, cfg.model.path)
         carried = stack.enter_context(OtherKeys(cfg.model.path))
         out_file = os.path.join(tmp, single_file_name(cfg))
@@ -100,7 +118,8 @@ def _merge_into(cfg: MergeConfig, tmp: str, loras: MergeLoras, lora_files: Seque
         return result, base, lambda: OriginalSource(out_file, "release"), None, {}, te
     model = resolve_model_path(cfg.model.path)
     transformer_dir = os.path.join(model, "transformer")
-    base = stack.enter_context(folder_source(transformer_dir, "base transformer"))
+    base = trained_transformer(cfg, stack.enter_context(folder_source(transformer_dir, "base transformer")), stack)
+    transformer_dir = cfg.transformer.folder() or transformer_dir
     warn_if_other_base(lora_files, base, cfg.model.path)
     if fmt == "single_file":
         jobs = transformer_jobs(base, updates, cfg.out.dtype)
@@ -148,18 +167,21 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> MergeResult:
 
 
 def _run_merge(cfg: MergeConfig, progress: bool) -> MergeResult:
-    lora_files = [find_lora_file(p) for p in cfg.lora.paths()]
+    lora_files = [find_lora_file(p) for p in cfg.lora.paths()] if cfg.lora.given() else []
     if is_single_file(cfg.model.path) and not os.path.isfile(cfg.model.path):
         raise UsageError(f"model.path '{cfg.model.path}' does not exist (a single-file base must be a local file)")
     local_model = [cfg.model.path] if os.path.exists(cfg.model.path) else []
     clean_leftovers(cfg.out.dir)  # first: a merge killed while publishing may have an earlier release to put back
     base_path = cfg.model.path if is_single_file(cfg.model.path) else resolve_model_path(cfg.model.path)
     inputs = merge_inputs(cfg, base_path, lora_files)
+    if cfg.transformer.path:
+        inputs["transformer"] = folder_fingerprint(cfg.transformer.folder())
     earlier = recorded_inputs(cfg.out.dir)
     if not cfg.out.overwrite and earlier is not None and {k: earlier.get(k) for k in inputs} == inputs:
         made = earlier.get("made", {})
         return MergeResult(made.get("modules", 0), made.get("tensors", 0), made.get("files", []), up_to_date=True)
-    check_out_dir(cfg.out.dir, cfg.out.overwrite, inputs=local_model + lora_files)
+    check_out_dir(cfg.out.dir, cfg.out.overwrite, inputs=local_model + lora_files +
+                  [cfg.transformer.path] * bool(cfg.transformer.path))
     loras = read_merge_loras(lora_files, cfg.lora.scales())
     for line in loras.warnings:
         print(line, file=sys.stderr)
@@ -178,7 +200,7 @@ def _run_merge(cfg: MergeConfig, progress: bool) -> MergeResult:
                 conv = conv_modules(updates)
                 if not updates or conv:  # the probe hooks linear layers, and needs a module to hook
                     report.probe_skipped = (f"'{conv[0]}' has a conv LoRA, which the probe does not apply unmerged"
-                                            if conv else "no transformer LoRA modules")
+                                            if conv else "nothing to apply unmerged: no transformer LoRA")
                 else:
                     report = probe_or_skip(report, transformer_dir, base, out, updates, cfg.merge.probe_max_params)
             lines.append(verify_text_encoders(te))
@@ -211,8 +233,10 @@ def main(argv: List[str]) -> None:
         where = (f"{cfg.out.dir} ({result.tensors} tensors in {len(result.files)} file(s), out.dtype {cfg.out.dtype}; "
                  f"other components: {placed or 'none'} (out.link {cfg.out.link}))")
     loras = ", ".join(f"{os.path.basename(os.path.normpath(p))} x {s:g}" for p, s in zip(cfg.lora.paths(), cfg.lora.scales()))
-    print(f"merge: folded {result.modules} LoRA modules ({loras}) into the transformer; "
-          f"wrote {where} and README.md in {time.monotonic() - start:.1f} s")
+    what = f"folded {result.modules} LoRA modules ({loras}) into the transformer" if cfg.lora.given() else ""
+    if cfg.transformer.path:
+        what = f"took the transformer trained in {cfg.transformer.path}" + (f" and {what}" if what else "")
+    print(f"merge: {what}; wrote {where} and README.md in {time.monotonic() - start:.1f} s")
     if result.verify:
         for line in result.verify.lines():
             print(line)

@@ -35,9 +35,12 @@ class VerifyReport:
     probe_skipped: str = ""  # why there was no probe
 
     def lines(self):
-        yield (f"verify: {self.tensors} tensors read back; {self.targets} LoRA targets match base + scale * B @ A "
-               f"(worst relative error {self.worst_relative_error:.2e}, in '{self.worst_tensor}'), every other "
-               "tensor equals the base")
+        if not self.targets:
+            yield f"verify: {self.tensors} tensors read back, each equal to its source"
+        else:
+            yield (f"verify: {self.tensors} tensors read back; {self.targets} LoRA targets match base + scale * B @ A "
+                   f"(worst relative error {self.worst_relative_error:.2e}, in '{self.worst_tensor}'), every other "
+                   "tensor equals the base")
         if self.probe_relative_error is not None:
             yield f"verify: forward probe, merged vs base with the LoRAs unmerged: relative error {self.probe_relative_error:.2e}"
         else:

@@ -82,3 +82,46 @@ def test_a_resumed_run_rounds_as_the_uninterrupted_one():
     assert opt2.state[w2]["exp_avg"].dtype == torch.float32
     steps(w2, opt2, grads[10:])
     assert torch.equal(w2, w)
+
+
+def _per_weight(kind):
+    from train.config import TrainLoopConfig
+    from train.optim import make_optimizer
+
+    def make(params, lr, weight_decay, seed=0):
+        t = TrainLoopConfig(optimizer=kind, lr=lr, weight_decay=weight_decay, seed=seed)
+        return make_optimizer(params, t)
+    return make
+
+
+@pytest.mark.parametrize("kind", ["adamw8bit", "adafactor"])
+def test_other_optimizers_step_bf16_weights_one_at_a_time_and_keep_tiny_updates(kind):
+    """bitsandbytes' 8-bit AdamW and Adafactor on bf16 weights: each steps an fp32 copy of one weight and the
+    result comes back by stochastic rounding, so updates of a fortieth of a bf16 step still move the weights,
+    as far as the same optimizer moves fp32 weights; a resume continues with the same bits."""
+    from train.bf16_optim import PerWeightBf16
+
+    make = _per_weight(kind)
+    start, fp32 = _train(make, torch.float32, steps=600)
+    start16, ours = _train(make, torch.bfloat16, steps=600)
+    moved = (start - fp32).mean().item()
+    assert moved > 0.05  # ~2e-4 a step, where one bf16 step at 1.0-1.5 is 2^-7 to 2^-6
+    assert (start16 - ours).mean().item() == pytest.approx(moved, rel=0.03)
+    w = torch.nn.Parameter(torch.randn(4096, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16))
+    opt = make([w], lr=1e-3, weight_decay=0.0, seed=7)
+    assert isinstance(opt, PerWeightBf16)
+    grads = [torch.randn(4096, generator=torch.Generator().manual_seed(i)) for i in range(12)]
+    for g in grads[:6]:
+        w.grad = g.to(torch.bfloat16)
+        opt.step()
+    saved_w, saved = w.detach().clone(), copy.deepcopy(opt.state_dict())
+    for g in grads[6:]:
+        w.grad = g.to(torch.bfloat16)
+        opt.step()
+    w2 = torch.nn.Parameter(saved_w.clone())
+    opt2 = make([w2], lr=1e-3, weight_decay=0.0, seed=7)
+    opt2.load_state_dict(saved)
+    for g in grads[6:]:
+        w2.grad = g.to(torch.bfloat16)
+        opt2.step()
+    assert torch.equal(w2, w)

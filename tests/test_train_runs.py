@@ -139,7 +139,7 @@ def test_a_quantized_base_is_read_tensor_by_tensor_into_the_same_model(kind, tin
     cfg = bench_config(kind, checkpointing=False, batch=2)
     cfg.model.precision = "fp32"
     steps = [lora_step(t, cfg, 64, 77 + 32, device=cpu).stepper for t in (streamed, whole)]
-    la, lb = (dict(s.named_lora_params()) for s in steps)
+    la, lb = (dict(s.named_trained_params()) for s in steps)
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
     assert any(v.abs().sum() > 0 for k, v in la.items() if "lora_B" in k)  # the step moved the LoRA
 

@@ -57,6 +57,7 @@ def _same_lora(a, b) -> bool:
 
 STEPS = 10
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=2", "train.grad_accum=2", "train.log_every=3"]
+FULL = ["train.mode=full", "train.max_steps=3", "checkpoint.every=2", "train.lr=1e-3"]
 # The stopped run: until Ctrl-C, its first step logged as soon as it ends. The schedule is constant, so its
 # max_steps and intervals change nothing it computes; the resumes finish it with COMMON's.
 UNTIL_STOPPED = ["train.max_steps=100000", "checkpoint.every=0", "train.grad_accum=2", "train.log_every=1"]
@@ -102,6 +103,7 @@ for accum in (1, 4):
 if dist.get_rank() == 0:
     print("COUNTS", json.dumps(counts), flush=True)
 train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, straight, *COMMON)!r}))
+train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'full', *FULL)!r}))
 from train.__main__ import command  # what `python -m train` runs, Ctrl-C's message and exit included
 command({_args(tiny_model, shard_set_fp32, stopped, *UNTIL_STOPPED)!r})
 """)
@@ -124,7 +126,7 @@ command({_args(tiny_model, shard_set_fp32, stopped, *UNTIL_STOPPED)!r})
         t.join()
     assert "COUNTS" in drained["out"], drained["err"][-3000:]
     return {"counts": json.loads(drained["out"].split("COUNTS", 1)[1].strip().splitlines()[0]),
-            "straight": straight, "stopped": stopped, "stderr": drained["err"]}
+            "straight": straight, "stopped": stopped, "stderr": drained["err"], "full": tmp / "full"}
 
 
 def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(two_processes):
@@ -178,6 +180,20 @@ def test_two_processes_resume_after_ctrl_c_and_sigkill_bit_identical_and_resume_
     assert not _same_lora(straight, tmp_path / "one")  # one process trains on half the data per step
 
 
+def test_full_mode_under_two_processes(two_processes, tiny_model):
+    """train.mode=full under DDP: the processes end with the same weights (the run checks a checksum of every
+    process's trained weights), each saves its own stream state, and the main process writes the transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    run = two_processes["full"]
+    ckpt = run / "checkpoints" / "step-000002"
+    assert {"rank-0.pt", "rank-1.pt", "transformer.safetensors", "COMPLETE"} <= set(os.listdir(ckpt))
+    trained = SD3Transformer2DModel.from_pretrained(str(run / "transformer"))
+    base = SD3Transformer2DModel.from_pretrained(os.path.join(tiny_model, "transformer"))
+    b = dict(base.named_parameters())
+    assert sum(not torch.equal(p, b[n]) for n, p in trained.named_parameters()) > len(b) // 2
+
+
 def test_only_the_last_micro_batch_of_a_step_all_reduces(two_processes):
     """With grad_accum=4 the all-reduces a DDP comm hook counts equal those of grad_accum=1."""
     counts = two_processes["counts"]
@@ -226,7 +242,7 @@ def test_host_syncs_one_per_step_and_one_transfer_per_log_interval(tiny_model, s
 
     for name in ("item", "cpu", "tolist", "__bool__", "__float__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    real_step, real_flush = loop.LoraStep.step, loop.Metrics.flush
+    real_step, real_flush = loop.TrainStep.step, loop.Metrics.flush
 
     def step(self, next_batch):
         in_step[0] = True
@@ -243,7 +259,7 @@ def test_host_syncs_one_per_step_and_one_transfer_per_log_interval(tiny_model, s
         finally:
             in_step[0] = False
 
-    monkeypatch.setattr(loop.LoraStep, "step", step)
+    monkeypatch.setattr(loop.TrainStep, "step", step)
     monkeypatch.setattr(loop.Metrics, "flush", flush)
     loop.train(load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path, "train.max_steps=10",
                                               "train.log_every=5", "train.grad_accum=2", "checkpoint.every=0")))

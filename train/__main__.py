@@ -13,7 +13,7 @@ def main(argv):
         if result["rank"] == 0:
             print(f"train: up to date: {cfg.out.dir} holds the finished run ({result['steps']} steps, "
                   f"{result['up_to_date']}); raise train.max_steps to train on, or set out.overwrite=true to redo it")
-    elif "lora" in result:  # the main process of a multi-process run writes and reports
+    elif "lora" in result or "transformer_dir" in result:  # the main process of a multi-process run reports
         print(summary(result))
 
 

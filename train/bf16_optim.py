@@ -90,3 +90,81 @@ class AdamWStochasticBf16(torch.optim.Optimizer):
                         self.state[p][name] = saved[index][name].to(p.device, torch.float32, copy=True)
         for key, s in rng.items():
             self._generator(torch.device(key)).set_state(s)
+
+
+class PerWeightBf16(torch.optim.Optimizer):
+    """Any torch optimizer (bitsandbytes' 8-bit AdamW, Adafactor) for bf16 weights, one weight at a time: the
+    weight and its gradient are copied to fp32 scratch, an optimizer of that weight's own steps the copy, and the
+    result returns by stochastic rounding. One weight's fp32 copy exists at a time (SD3 Medium's largest matrix:
+    36 MiB), never an fp32 master copy of the model (8 GiB). `make(params)` builds the inner optimizer; the outer
+    param groups carry the hyperparameters the schedule and a resume set, copied into each inner one before its
+    step."""
+
+    def __init__(self, params, make, defaults: dict, seed: int = 0):
+        super().__init__(params, defaults)
+        self._make, self.seed = make, seed
+        self._inner = {}  # weight -> (its fp32 scratch Parameter, its optimizer)
+        self._generators = {}
+
+    def _pair(self, p: torch.nn.Parameter):
+        if p not in self._inner:
+            scratch = torch.nn.Parameter(torch.empty(0, device=p.device))
+            self._inner[p] = (scratch, self._make([scratch]))
+        return self._inner[p]
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    @torch.no_grad()
+    def step_weight(self, p: torch.nn.Parameter, group: dict) -> None:
+        """One weight's update, from its gradient (the fused backward step calls this as each gradient is done)."""
+        scratch, inner = self._pair(p)
+        for g in inner.param_groups:
+            g.update({k: v for k, v in group.items() if k != "params" and k in g})
+        scratch.data = p.detach().float()
+        scratch.grad = p.grad.float()
+        inner.step()
+        if p.dtype == torch.bfloat16:
+            stochastic_round_(p, scratch.data, self._generator(p.device))
+        else:
+            p.copy_(scratch.data)
+        scratch.grad = None
+        scratch.data = torch.empty(0, device=p.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_weight(p, group)
+        return loss
+
+    def _weights(self):
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["inner"] = [self._inner[p][1].state_dict() if p in self._inner else None for p in self._weights()]
+        out["rounding_rng"] = {k: g.get_state() for k, g in self._generators.items()}
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        inner, rng = state_dict.pop("inner"), state_dict.pop("rounding_rng", {})
+        super().load_state_dict(state_dict)
+        for p, saved in zip(self._weights(), inner):
+            if saved is None:
+                continue
+            scratch, opt = self._pair(p)
+            scratch.data = torch.empty(p.shape, device=p.device)  # the loader casts state to the weight's shape
+            opt.load_state_dict(saved)
+            scratch.data = torch.empty(0, device=p.device)
+        for key, s in rng.items():
+            self._generator(torch.device(key)).set_state(s)

@@ -1,6 +1,7 @@
 """Checkpoints for exact resume: `out.dir/checkpoints/step-NNNNNN/`, complete once COMPLETE exists.
 
-Holds the LoRA weights, optimizer, LR schedule, EMA, gradient scaler, every RNG state, each process's
+Holds the trained weights and nothing frozen (`lora.safetensors`; full mode: `transformer.safetensors`, in
+files of at most 2 GiB, `transformer-00001-of-00003.safetensors`...), optimizer, LR schedule, EMA, gradient scaler, every RNG state, each process's
 data stream position and the resolved config; `resume: auto` continues from the newest complete one.
 """
 import json
@@ -20,6 +21,38 @@ from shards.common.errors import DataError, UsageError
 from .resume import changes
 
 MARKER = "COMPLETE"
+SHARD_BYTES = 2 << 30  # largest weights file of a checkpoint (SD3 Medium's 2B bf16 weights: three files)
+
+
+def weights_name(cfg) -> str:
+    """The checkpoint's weights file stem: the LoRA, or the transformer's trained weights (full mode)."""
+    return "transformer" if cfg.train.mode == "full" else "lora"
+
+
+def _write_weights(folder: str, stem: str, tensors: Dict[str, torch.Tensor]) -> None:
+    groups, size = [[]], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
+    for i, names in enumerate(groups, 1):
+        file = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: tensors[k] for k in names}, os.path.join(folder, file))
+
+
+def _read_weights(folder: str, stem: str) -> Dict[str, torch.Tensor]:
+    shard = re.compile(rf"^{stem}-\d{{5}}-of-\d{{5}}\.safetensors$")
+    files = [n for n in os.listdir(folder) if n == f"{stem}.safetensors" or shard.match(n)]
+    if not files:
+        raise UsageError(f"resume: {folder} holds no {stem} weights ({stem}.safetensors); it was written by a run "
+                         "of another train.mode")
+    out = {}
+    for name in sorted(files):
+        out.update(load_file(os.path.join(folder, name)))
+    return out
 _STEP = re.compile(r"^step-(\d{6,})$")
 
 
@@ -67,15 +100,15 @@ class GlobalRng:
         random.setstate(state["python"])
 
 
-def save(out_dir: str, step: int, accel, lora: Dict[str, torch.Tensor], shared: Dict, per_rank: Dict,
-         state: dict, keep: int) -> str:
+def save(out_dir: str, step: int, accel, trained: Dict[str, torch.Tensor], shared: Dict, per_rank: Dict,
+         state: dict, keep: int, stem: str = "lora") -> str:
     """Write step-NNNNNN.tmp/, then rename it and write the marker; prune to the newest `keep`.
 
     `shared` and `per_rank` map names to parts with `state_dict()`: the main process writes the shared
-    parts (`shared.pt`), the LoRA and `state.json`; every process writes its own parts (`rank-R.pt`: its
+    parts (`shared.pt`), the trained weights (files named `stem`) and `state.json`; every process writes its own parts (`rank-R.pt`: its
     noise generator, data stream position, RNG states)."""
     try:
-        return _save(out_dir, step, accel, lora, shared, per_rank, state, keep)
+        return _save(out_dir, step, accel, trained, shared, per_rank, state, keep, stem)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         tmp = os.path.join(checkpoint_root(out_dir), f"step-{step:06d}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +119,8 @@ def save(out_dir: str, step: int, accel, lora: Dict[str, torch.Tensor], shared: 
                         "same command again") from None
 
 
-def _save(out_dir: str, step: int, accel, lora, shared: Dict, per_rank: Dict, state: dict, keep: int) -> str:
+def _save(out_dir: str, step: int, accel, trained, shared: Dict, per_rank: Dict, state: dict, keep: int,
+          stem: str) -> str:
     root = checkpoint_root(out_dir)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = final + ".tmp"
@@ -99,7 +133,7 @@ def _save(out_dir: str, step: int, accel, lora, shared: Dict, per_rank: Dict, st
                os.path.join(tmp, f"rank-{accel.process_index}.pt"))
     accel.wait_for_everyone()
     if main:
-        save_file(lora, os.path.join(tmp, "lora.safetensors"))
+        _write_weights(tmp, stem, trained)
         torch.save({name: part.state_dict() for name, part in shared.items()}, os.path.join(tmp, "shared.pt"))
         write_json(os.path.join(tmp, "state.json"), {**state, "processes": accel.num_processes})
         for name in os.listdir(tmp):
@@ -126,7 +160,7 @@ def find(out_dir: str, resume: str) -> Optional[str]:
     return resume
 
 
-def load(path: str, accel, cfg, lora_target, shared: Dict, per_rank: Dict) -> dict:
+def load(path: str, accel, cfg, trained_target, shared: Dict, per_rank: Dict) -> dict:
     """Restore what `save` wrote into the parts; returns state.json (step, run state, config...).
 
     With another number of processes than the run that saved it, the parts that can (`repartition`: the
@@ -139,7 +173,7 @@ def load(path: str, accel, cfg, lora_target, shared: Dict, per_rank: Dict) -> di
     if not os.path.exists(os.path.join(path, "shared.pt")) or len(ranks) != state.get("processes"):
         raise UsageError(f"resume: {path} was written by an older shardtune (no stream position); "
                          "resume=none starts over")
-    lora_target.load_lora_state(load_file(os.path.join(path, "lora.safetensors")), path)
+    trained_target.load_trained_state(_read_weights(path, weights_name(cfg)), path)
     saved = torch.load(os.path.join(path, "shared.pt"), map_location="cpu", weights_only=False)
     for name, part in shared.items():
         part.load_state_dict(saved[name])

@@ -32,6 +32,7 @@ RANGES = {
     "train.adam_beta2": "[0, 1)", "train.adam_eps": "(0, inf)", "train.max_grad_norm": "(0, inf)",
     "train.warmup_steps": "[0, inf)", "train.ema": "[0, 1)", "train.max_bad_steps": "[1, inf)", "train.seed": SEEDS,
     "train.log_every": "[1, inf)",
+    "full.blocks": "[0, inf)",
     "lora.rank": "[1, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)", "lora.blocks": "[0, inf)",
     "loss.logit_mean": "(-inf, inf)", "loss.logit_std": "(0, inf)", "loss.mode_scale": "(-inf, inf)",
     "loss.shift": "(0, inf)", "loss.caption_dropout": "[0, 1]", "loss.prior_weight": "[0, inf)",
@@ -44,7 +45,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 CHOICES = {
     "model.precision": ("auto", "bf16", "fp16", "fp32"), "model.quantize": ("none", "nf4", "int8"),
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"), "train.optimizer": OPTIMIZERS,
-    "train.lr_schedule": SCHEDULES, "loss.timestep_sampling": TIMESTEP_SAMPLING, "loss.weighting": LOSS_WEIGHTING,
+    "train.lr_schedule": SCHEDULES, "train.mode": ("lora", "full"), "loss.timestep_sampling": TIMESTEP_SAMPLING, "loss.weighting": LOSS_WEIGHTING,
 }
 REQUIRED = ("model.path", "data.shards", "out.dir")
 # What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
@@ -68,10 +69,17 @@ HELP = {
     "resume": "auto: continue from the newest complete checkpoint in out.dir; none; or a step-NNNNNN folder",
     "checkpoint.every": "steps between checkpoints (0: only the final one)",
     "checkpoint.keep": "how many complete checkpoints to keep",
+    "train.mode": "lora: train LoRA adapters on the frozen transformer; full: train the transformer's own weights "
+                  "(all of them, or those full.blocks and full.include choose), written as out.dir/transformer",
+    "full.blocks": "full mode: only these transformer block indices train, e.g. [8,9,10] (default: all blocks "
+                   "and every other weight, unless full.include names some)",
+    "full.include": "full mode: weights outside the chosen blocks that train too, as name patterns, e.g. "
+                    "[norm_out, context_embedder, pos_embed.*]; a pattern matching no weight is an error",
     "train.max_steps": "optimizer steps",
     "train.batch_size": "samples per micro-batch (one bucket per batch)",
     "train.grad_accum": "micro-batches per optimizer step",
-    "train.optimizer": "adamw, adamw8bit (bitsandbytes), adafactor",
+    "train.optimizer": "adamw, adamw8bit (bitsandbytes), adafactor; bf16 weights (full mode on a GPU) take "
+                       "every update by stochastic rounding",
     "train.lr": "learning rate",
     "train.lr_schedule": "constant, cosine or linear (to 0 at max_steps), after the warmup",
     "train.warmup_steps": "steps of linear warmup from 0 to train.lr",
@@ -80,8 +88,8 @@ HELP = {
     "train.adam_beta2": "Adam second-moment decay",
     "train.adam_eps": "Adam epsilon",
     "train.max_grad_norm": "gradient clipping",
-    "train.ema": "decay of an EMA of the LoRA weights (e.g. 0.999), saved as "
-                 "pytorch_lora_weights_ema.safetensors; 0 = off",
+    "train.ema": "decay of an EMA of the trained weights (e.g. 0.999), saved as "
+                 "pytorch_lora_weights_ema.safetensors (full mode: transformer_ema/); 0 = off",
     "train.max_bad_steps": "non-finite steps in a row before the run saves a checkpoint and stops",
     "train.trackers": "accelerate trackers, e.g. [tensorboard] (the trackers extra installs it) or [wandb]; "
                       "logs go to out.dir/trackers",
@@ -187,6 +195,7 @@ class OutConfig:
 
 @dataclass
 class TrainLoopConfig:
+    mode: str = "lora"  # lora | full
     max_steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
@@ -199,7 +208,7 @@ class TrainLoopConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes) | adafactor
     lr_schedule: str = "constant"  # constant | cosine | linear (to 0 at max_steps), after warmup
     warmup_steps: int = 0
-    ema: float = 0.0  # decay of an EMA of the LoRA weights, saved beside the raw ones (0 = off)
+    ema: float = 0.0  # decay of an EMA of the trained weights, saved beside the raw ones (0 = off)
     max_bad_steps: int = 5  # non-finite steps in a row before the run saves a checkpoint and stops
     trackers: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     mixed_precision: str = "auto"  # autocast: auto (bf16 or fp16 on CUDA, none on CPU), bf16, fp16, no
@@ -219,6 +228,16 @@ class LoraConfig:
 
     def target_names(self) -> List[str]:
         return list(TARGET_PRESETS[self.targets]) if isinstance(self.targets, str) else [str(t) for t in self.targets]
+
+
+@dataclass
+class FullConfig:
+    """Which of the transformer's own weights train in full mode (the rest stay frozen)."""
+    blocks: Optional[List[int]] = None  # these transformer block indices (None: all, unless include is given)
+    include: List[str] = field(default_factory=list)  # name patterns of weights outside the blocks
+
+    def everything(self) -> bool:
+        return self.blocks is None and not self.include
 
 
 @dataclass
@@ -259,6 +278,7 @@ class TrainConfig:
     out: OutConfig = field(default_factory=OutConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    full: FullConfig = field(default_factory=FullConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -283,6 +303,9 @@ class TrainConfig:
             one_of(p, "lora.targets", self.lora.targets, tuple(TARGET_PRESETS))
         elif not self.lora.targets:
             p.append("config key 'lora.targets' must be a preset name or a non-empty list of module names")
+        if self.train.mode == "full" and self.model.quantize != "none":
+            p.append(f"config key 'model.quantize': {self.model.quantize} weights cannot train in train.mode=full "
+                     "(bitsandbytes' packed weights take no updates); use model.quantize=none, or train.mode=lora")
         v = self.validation
         if (v.height or v.width) and (v.height % 16 or v.width % 16 or v.height <= 0 or v.width <= 0):
             p.append("config keys 'validation.height'/'validation.width' must both be positive multiples of 16")

@@ -1,7 +1,7 @@
 """The trainer's own LoRA step on a fake CUDA device (shards.fake_cuda): what a GPU run does, on any machine.
 
 Everything is the run's code: `resolve_dtypes` for the device, the run's Accelerator (its autocast wraps the
-model's forward as on a GPU), `prepare_lora`, `Objective`, `LoraStep` with its EMA, and the validation
+model's forward as on a GPU), `prepare_lora`, `Objective`, `TrainStep` with its EMA, and the validation
 sampler's denoising step. Only the Accelerator's device is set by hand to the fake `cuda:0` (Accelerate
 would otherwise look for a real GPU). Used by the tests of the CUDA code paths and by `make bench`'s
 modelled-memory rows.
@@ -43,7 +43,7 @@ def empty_extras(config, text_tokens: int) -> dict:
 
 def lora_step(transformer, cfg, resolution: int, text_tokens: int, memory: bool = False,
               audit: Optional[StepAudit] = None, device: torch.device = CUDA) -> SimpleNamespace:
-    """One training step of the run's LoraStep on `transformer` (already on fake CUDA, frozen, in the base
+    """One training step of the run's TrainStep on `transformer` (already on fake CUDA, frozen, in the base
     dtype) inside an open `FakeCuda()` (or, with `device` the CPU, on the host). Returns the step's output and
     the audit of the step; with `memory` the step is the run's second (the first creates the optimizer state)
     and the result has the peak of live bytes during it (`LiveBytes`) and the bytes held before it (weights,
@@ -61,13 +61,13 @@ def lora_step(transformer, cfg, resolution: int, text_tokens: int, memory: bool 
 def _run_steps(accel, transformer, cfg, resolution, text_tokens, memory, audit, device, weight_dtype, amp):
     from .synthetic import BENCH_MANIFEST, SD3_SCHEDULER, random_batch
     from .objective import Objective, prepare_lora
-    from .step import LoraStep
+    from .step import TrainStep
 
     torch.manual_seed(cfg.train.seed)
     params = prepare_lora(transformer, cfg.lora, cfg.model)
     objective = Objective(cfg, BENCH_MANIFEST, empty_extras(transformer.config, text_tokens), SD3_SCHEDULER, device,
                           weight_dtype)
-    stepper = LoraStep(accel, transformer, params, objective, cfg.train)
+    stepper = TrainStep(accel, transformer, params, objective, cfg.train)
     batch = random_batch(transformer.config, resolution, cfg.train.batch_size, text_tokens, cfg.train.seed)
     audit = audit or StepAudit()
     live = None

@@ -1,4 +1,4 @@
-"""Stage 2: stream a shard set into a LoRA on the frozen SD3 transformer."""
+"""Stage 2: stream a shard set into a LoRA on the frozen SD3 transformer, or into the transformer itself."""
 import contextlib
 import json
 import os
@@ -24,11 +24,12 @@ from . import checkpoint, resume
 from .config import TrainConfig
 from .data import BatchStream
 from .prefetch import TrainStream
+from .full import EMA_TRANSFORMER_DIR, TRANSFORMER_DIR
 from .lora_file import EMA_WEIGHT_NAME, WEIGHT_NAME
 from .model import base_fingerprint, check_shard_set, load_transformer, scheduler_config, warn_if_other_vae
-from .objective import Objective, prepare_lora, resolve_dtypes
+from .objective import Objective, prepare_trainable, resolve_dtypes
 from .outputs import Metrics, RunState, close_trackers, finish, init_trackers, keep_metrics_until
-from .step import LoraStep, make_accelerator
+from .step import TrainStep, make_accelerator
 from .stop import StopRequest
 from .validation import Validator
 
@@ -36,7 +37,8 @@ from .validation import Validator
 MODEL_FILES = ["model_index.json", "transformer/*", "scheduler/*", "vae/*"]
 # Written when a run starts afresh: the files beside it are that run's (see prepare_out_dir).
 RUN_MARKER = ".shardtune-train-run.json"
-RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, "metrics.jsonl", "loss.png", "loss_by_sigma.png", "samples",
+RUN_OUTPUTS = (WEIGHT_NAME, EMA_WEIGHT_NAME, TRANSFORMER_DIR, EMA_TRANSFORMER_DIR, "metrics.jsonl", "loss.png",
+               "loss_by_sigma.png", "samples",
                "checkpoints", "trackers", RUN_MARKER)
 
 
@@ -84,13 +86,14 @@ def _train(cfg: TrainConfig, accel, t_start: float) -> dict:
 
 
 def _finished(cfg: TrainConfig, resume_from: str) -> Optional[str]:
-    """The LoRA of a finished run this command would only repeat; refuses what resuming cannot honour."""
+    """The output (LoRA, or transformer folder) of a finished run this command would only repeat; refuses what
+    resuming cannot honour."""
     step = checkpoint.step_of(resume_from)
     if step > cfg.train.max_steps:  # resuming would re-save an earlier step with this later state
         raise UsageError(f"resume: {resume_from} is at step {step}, past train.max_steps {cfg.train.max_steps}; "
                          f"raise train.max_steps, resume from an earlier checkpoint (resume=PATH), or choose "
                          "another out.dir")
-    lora = os.path.join(cfg.out.dir, WEIGHT_NAME)
+    lora = final_output(cfg)
     if step < cfg.train.max_steps or not os.path.exists(lora):
         return None
     with open(os.path.join(resume_from, "state.json")) as f:
@@ -100,6 +103,13 @@ def _finished(cfg: TrainConfig, resume_from: str) -> Optional[str]:
                          f"({'; '.join(f'{k} {a} -> {b}' for k, a, b, _ in found[:4])}); set out.overwrite=true "
                          "to train again with these, raise train.max_steps to continue it, or choose another out.dir")
     return lora
+
+
+def final_output(cfg: TrainConfig) -> str:
+    """What a finished run leaves: the LoRA file, or (full mode) the transformer folder, swapped in whole."""
+    if cfg.train.mode == "full":
+        return os.path.join(cfg.out.dir, TRANSFORMER_DIR)
+    return os.path.join(cfg.out.dir, WEIGHT_NAME)
 
 
 def _train_steps(run, t_start: float) -> None:
@@ -191,7 +201,8 @@ def deterministic_kernels():
 
 
 def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
-    """The run's parts: model with LoRA, objective, step, data stream, validator, counters."""
+    """The run's parts: model with LoRA (or its own weights trainable), objective, step, data stream, validator,
+    counters."""
     device, rank, world = accel.device, accel.process_index, accel.num_processes
     weight_dtype, _ = resolve_dtypes(cfg, device)
     torch.manual_seed(cfg.train.seed)  # peft's LoRA A init draws from the global generator
@@ -209,13 +220,13 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
     extras = read_extras(sets[0])  # empty-prompt and validation embeddings: the first set's
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
     transformer = load_transformer(root, weight_dtype, device, cfg.model.quantize)
-    base = base_fingerprint(transformer, weight_dtype)  # before the LoRA is added
+    base = base_fingerprint(transformer, weight_dtype)  # before the LoRA is added or any weight trains
     check_shard_set(manifest, transformer.config)
     warn_if_other_vae(manifest, root)
-    params = prepare_lora(transformer, cfg.lora, cfg.model)
+    params = prepare_trainable(transformer, cfg)
     sched = scheduler_config(root)
     objective = Objective(cfg, manifest, extras, sched, device, weight_dtype, rank)
-    stepper = LoraStep(accel, transformer, params, objective, cfg.train)
+    stepper = TrainStep(accel, transformer, params, objective, cfg.train)
     stream = TrainStream(BatchStream(sets, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_buffer, rank,
                                      world, cfg.data.weights(), manifests), pin=device.type == "cuda")
     state = RunState()
@@ -230,8 +241,9 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
 
 def save_checkpoint(run, step: int) -> str:
     cfg = run.cfg
-    return checkpoint.save(cfg.out.dir, step, run.accel, run.stepper.lora_state(), run.shared, run.per_rank,
-                           {"step": step, "run": run.state.state_dict(), "config": to_dict(cfg)}, cfg.checkpoint.keep)
+    return checkpoint.save(cfg.out.dir, step, run.accel, run.stepper.trained_state(), run.shared, run.per_rank,
+                           {"step": step, "run": run.state.state_dict(), "config": to_dict(cfg)}, cfg.checkpoint.keep,
+                           checkpoint.weights_name(cfg))
 
 
 def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
@@ -258,10 +270,10 @@ def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
 
 
 def _check_ranks_agree_and_gather_reads(run) -> list:
-    """What each process read of the shard data; under DDP also a checksum of each process's LoRA, which
-    must agree."""
+    """What each process read of the shard data; under DDP also a checksum of each process's trained weights,
+    which must agree."""
     accel, stats = run.accel, run.stream.stats
-    checksum = sum(float(p.detach().double().sum()) for _, p in run.stepper.named_lora_params())
+    checksum = sum(float(p.detach().double().sum()) for _, p in run.stepper.named_trained_params())
     mine = {"rank": accel.process_index, "checksum": checksum, "bytes": stats.get("bytes", 0),
             "rchar": stats.get("rchar"), "samples": stats.get("samples", 0),
             "resume_samples": stats.get("resume_samples", 0), "resume_bytes": stats.get("resume_bytes", 0),
@@ -269,7 +281,7 @@ def _check_ranks_agree_and_gather_reads(run) -> list:
     reads = accel.gather_for_metrics([mine], use_gather_object=True)
     sums = [r["checksum"] for r in reads]
     if len(set(sums)) != 1:
-        raise DataError(f"the {accel.num_processes} processes ended with different LoRA weights (checksums {sums})")
+        raise DataError(f"the {accel.num_processes} processes ended with different trained weights (checksums {sums})")
     return reads
 
 
@@ -285,7 +297,8 @@ def prepare_out_dir(cfg: TrainConfig) -> Optional[str]:
     # Every finished run leaves a final checkpoint and its LoRA; with neither, a run that marked out.dir as
     # its own stopped before its first checkpoint, and nothing there can be continued: the same command
     # starts it again. Without the marker the files may be anyone's, and are refused as before.
-    unfinished = ours and RUN_MARKER in ours and WEIGHT_NAME not in ours and not checkpoint.complete_checkpoints(d)
+    unfinished = ours and RUN_MARKER in ours and WEIGHT_NAME not in ours and TRANSFORMER_DIR not in ours \
+        and not checkpoint.complete_checkpoints(d)
     if ours and unfinished and not cfg.out.overwrite and cfg.resume == "auto":
         tqdm.write(f"train: out.dir {d} holds a run stopped before its first checkpoint ({', '.join(ours)}); "
                    "starting it again from step 0")

@@ -21,10 +21,22 @@ def resolve_dtypes(cfg: TrainConfig, device: torch.device):
     weights = cfg.model.precision
     if weights == "auto":
         weights = half if device.type == "cuda" else "fp32"
+        if weights == "fp16" and cfg.train.mode == "full":  # fp16 weights would lose small updates and overflow
+            weights = "fp32"
     amp = cfg.train.mixed_precision
     if amp == "auto":
         amp = half if device.type == "cuda" else "no"
     return STORAGE_DTYPES[weights], amp
+
+
+def prepare_trainable(transformer, cfg: TrainConfig):
+    """The run's trainable parameters on the transformer as its train.mode asks: LoRA adapters on the frozen
+    weights, or (full) the transformer's own chosen weights, which train in the weights' dtype."""
+    if cfg.train.mode == "full":
+        from .full import unfreeze
+
+        return _ready(transformer, unfreeze(transformer, cfg.full), cfg.model)
+    return prepare_lora(transformer, cfg.lora, cfg.model)
 
 
 def prepare_lora(transformer, lora: LoraConfig, model: ModelConfig):
@@ -32,6 +44,10 @@ def prepare_lora(transformer, lora: LoraConfig, model: ModelConfig):
     params = add_lora(transformer, lora)
     for p in params:  # LoRA weights train in fp32 whatever the base precision
         p.data = p.data.float()
+    return _ready(transformer, params, model)
+
+
+def _ready(transformer, params, model: ModelConfig):
     if model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if model.compile:

@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedules and an EMA of the LoRA weights."""
+"""Optimizers, learning-rate schedules and an EMA of the trained weights."""
 import contextlib
 import math
 from typing import List
@@ -9,6 +9,12 @@ from .config import TrainLoopConfig
 
 
 def make_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
+    if any(p.dtype == torch.bfloat16 for p in params):
+        return bf16_optimizer(params, t)
+    return _plain_optimizer(params, t)
+
+
+def _plain_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
     if t.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -22,6 +28,21 @@ def make_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torc
                          scale_parameter=False, warmup_init=False)
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                              weight_decay=t.weight_decay)
+
+
+def bf16_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
+    """For bf16 weights (full mode on a GPU): each update reaches the weight by stochastic rounding, so updates
+    smaller than a bf16 step add up instead of being rounded away (train.bf16_optim). AdamW does it in its own
+    step; the other optimizers step one weight at a time on an fp32 copy of it."""
+    from .bf16_optim import AdamWStochasticBf16, PerWeightBf16
+
+    if t.optimizer == "adamw":
+        return AdamWStochasticBf16(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                   weight_decay=t.weight_decay, seed=t.seed)
+    settings = {"lr": t.lr, "weight_decay": t.weight_decay}  # what the schedule and a resume may change
+    if t.optimizer == "adamw8bit":
+        settings.update(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    return PerWeightBf16(params, lambda scratch: _plain_optimizer(scratch, t), settings, seed=t.seed)
 
 
 def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:

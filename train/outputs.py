@@ -135,7 +135,8 @@ def manifest_hash(path: str) -> str:
 
 
 def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: List[dict], seconds: float) -> dict:
-    """Write the LoRA (and its EMA), the loss curves; the run's result for the summary."""
+    """Write the LoRA or (full mode) the transformer folder, with its EMA, and the loss curves; the run's
+    result for the summary."""
     state, manifest = run.state, run.manifest
     info = {
         "base_model": cfg.model.path, "base_fingerprint": run.base_fingerprint,  # merge compares it with its base
@@ -151,10 +152,21 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
         # The config above is the last one; a resume that changed keys is recorded with its step.
         "config_changes": state.config_changes,
     }
-    lora_path = save_lora(cfg.out.dir, run.transformer, info)
-    if run.stepper.ema:
-        with run.stepper.ema.swapped():
-            save_lora(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_WEIGHT_NAME)
+    if cfg.train.mode == "full":
+        from .full import EMA_TRANSFORMER_DIR, save_transformer, trained_names
+
+        lora_info = ("rank", "alpha", "targets", "blocks")
+        info = {k: v for k, v in info.items() if k not in lora_info}
+        info.update(mode="full", trained=trained_names(run.transformer, cfg.full), dtype=str(run.weight_dtype)[6:])
+        output = {"transformer_dir": save_transformer(cfg.out.dir, run.transformer, info)}
+        if run.stepper.ema:
+            with run.stepper.ema.swapped():
+                save_transformer(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_TRANSFORMER_DIR)
+    else:
+        output = {"lora": save_lora(cfg.out.dir, run.transformer, info)}
+        if run.stepper.ema:
+            with run.stepper.ema.swapped():
+                save_lora(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_WEIGHT_NAME)
     history = state.history
     steps, losses, lrs = metric_series(metrics_path)
     # metrics.jsonl has each step's number and lr; the history from the checkpoint is whole even where the
@@ -163,7 +175,7 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
         if len(losses) >= len(history) else loss_curve_png(history, os.path.join(cfg.out.dir, "loss.png"))
     by_sigma = loss_by_sigma_png(metrics_path, os.path.join(cfg.out.dir, "loss_by_sigma.png"))
     tenth = max(1, len(history) // 10)
-    result = {"lora": lora_path, "metrics": metrics_path, "loss_curve": curve, "loss_by_sigma": by_sigma,
+    result = {**output, "metrics": metrics_path, "loss_curve": curve, "loss_by_sigma": by_sigma,
               "loss_change_at_equal_sigma": change_at_equal_sigma(metrics_path),
               "samples": last_samples, "steps": len(history),
               "first_loss": sum(history[:tenth]) / tenth if history else float("nan"),
@@ -178,7 +190,7 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
 
 
 def summary(r: dict) -> str:
-    lines = [f"LoRA: {r['lora']}",
+    lines = [f"LoRA: {r['lora']}" if "lora" in r else f"transformer: {r['transformer_dir']}",
              f"  {r['steps']} steps, {r['mean_step_seconds'] * 1000:.0f} ms/step ({r['samples_per_second']:.2f} samples/s), "
              f"{r['seconds']:.1f} s in all, "
              f"mean loss {r['first_loss']:.4f} -> {r['last_loss']:.4f} (first/last tenth of the steps)"

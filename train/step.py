@@ -62,14 +62,15 @@ def non_finite_inputs(batches: List[Dict]) -> List[str]:
     return bad
 
 
-class LoraStep:
-    """The trainable LoRA on a frozen transformer, its optimizer, LR schedule and EMA; `step` runs one
-    optimizer step over `grad_accum` micro-batches. `state_dict` holds what a checkpoint must restore."""
+class TrainStep:
+    """The trained parameters (LoRA adapters, or the transformer's own weights in full mode) on the
+    transformer, their optimizer, LR schedule and EMA; `step` runs one optimizer step over `grad_accum`
+    micro-batches. `state_dict` holds what a checkpoint must restore besides the weights."""
 
     def __init__(self, accel, transformer, params: List[torch.nn.Parameter], objective, t):
         self.accel, self.transformer, self.params, self.objective = accel, transformer, params, objective
         self.grad_accum, self.max_grad_norm = t.grad_accum, t.max_grad_norm
-        # Under DDP the prepared model averages the LoRA gradients across processes in backward.
+        # Under DDP the prepared model averages the trained parameters' gradients across processes in backward.
         self.model = accel.prepare_model(transformer, device_placement=False)
         self.opt = accel.prepare_optimizer(make_optimizer(params, t), device_placement=False)
         # The schedule drives the wrapped optimizer itself: accelerate's scheduler wrapper would advance it
@@ -77,8 +78,8 @@ class LoraStep:
         self.schedule = make_schedule(self.opt.optimizer, t)
         self.ema = Ema(params, t.ema) if t.ema > 0 else None
 
-    def named_lora_params(self):
-        return [(n, p) for n, p in self.transformer.named_parameters() if "lora_" in n]
+    def named_trained_params(self):
+        return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
 
     def step(self, next_batch: Callable[[], Dict]) -> dict:
         """One optimizer step. Everything returned stays on the device except `keys` and `applied`.
@@ -155,13 +156,15 @@ class LoraStep:
             g["lr"] = lr
         self.schedule._last_lr = [lr] * len(groups)
 
-    def lora_state(self) -> Dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().float().contiguous() for n, p in self.named_lora_params()}
+    def trained_state(self) -> Dict[str, torch.Tensor]:
+        """The trained parameters on the host, in their own dtype (LoRA: fp32; full mode: the weights')."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_trained_params()}
 
-    def load_lora_state(self, lora: Dict[str, torch.Tensor], path: str) -> None:
-        params = dict(self.named_lora_params())
+    def load_trained_state(self, lora: Dict[str, torch.Tensor], path: str) -> None:
+        params = dict(self.named_trained_params())
         if set(lora) != set(params):
-            raise UsageError(f"resume: {path} holds LoRA weights for other modules than this run's lora settings")
+            raise UsageError(f"resume: {path} holds trained weights of other modules than this run's lora / full "
+                             "settings")
         with torch.no_grad():
             for name, p in params.items():
                 if tuple(p.shape) != tuple(lora[name].shape):

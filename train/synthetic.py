@@ -21,7 +21,7 @@ SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
 def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int = 1, rank: int = LORA_RANK,
                  seed: int = 0) -> SimpleNamespace:
-    """The sections of a TrainConfig that `LoraStep`, `Objective`, `prepare_lora` and `resolve_dtypes` read, at the
+    """The sections of a TrainConfig that `TrainStep`, `Objective`, `prepare_lora` and `resolve_dtypes` read, at the
     trainer's defaults (a TrainConfig itself insists on a model folder and a shard set)."""
     from .config import DataConfig, LoraConfig, LossConfig, ModelConfig, TrainLoopConfig
 

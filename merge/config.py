@@ -40,6 +40,8 @@ class LoraConfig:
     scale: Any = 1.0
 
     def paths(self) -> List[str]:
+        if not self.given():
+            return []
         return [self.path] if isinstance(self.path, str) else [str(p) for p in self.path]
 
     def scales(self) -> List[float]:
@@ -48,7 +50,7 @@ class LoraConfig:
         return [float(self.scale)] * len(self.paths())
 
     def given(self) -> bool:
-        return self.path not in ("", [], ())
+        return self.path not in (None, "", [], ())
 
     def problems(self) -> List[str]:
         p = []

@@ -167,3 +167,48 @@ def test_merge_releases_a_full_run_in_both_layouts(tiny_model, shard_set_fp32, t
     p = cli("merge", f"model.path={tiny_model}", f"transformer.path={other}", f"out.dir={tmp_path / 'bad'}")
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "not a transformer of model.path's architecture" \
         in p.stderr, p.stderr
+
+
+def test_the_fused_step_updates_in_backward_and_never_holds_the_whole_gradient(tiny_model, shard_set_fp32, tmp_path,
+                                                                               monkeypatch):
+    """train.fused_step=true: each weight is updated by the hook that runs when its gradient is done, and that
+    gradient is freed, so while backward runs at most a handful of gradients exist (without it: all of them at
+    the step). Unclipped, the result equals the unfused step's; bf16 weights with Adafactor step the same way."""
+    from train import bf16_optim
+
+    live, real = [], bf16_optim.AdamWStochasticBf16.step_weight
+    params = {}
+
+    def counting(self, p, group):
+        live.append(sum(q.grad is not None for q in params["all"]))
+        return real(self, p, group)
+
+    monkeypatch.setattr(bf16_optim.AdamWStochasticBf16, "step_weight", counting)
+    from train import step as step_module
+
+    real_init = step_module.TrainStep.__init__
+
+    def init(self, accel, transformer, ps, objective, t):
+        params["all"] = ps
+        real_init(self, accel, transformer, ps, objective, t)
+
+    monkeypatch.setattr(step_module.TrainStep, "__init__", init)
+    common = ("train.max_steps=3", "train.max_grad_norm=1e9")
+    fused = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "fused", *common, "train.fused_step=true"))
+    n = len(params["all"])
+    assert len(live) == 3 * n and max(live) <= 3 < n  # every weight stepped once a step, its gradient freed at once
+    plain = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "plain", *common))
+    a, b = (dict(r["transformer"].named_parameters()) for r in (fused, plain))
+    base = dict(_base(tiny_model).named_parameters())
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+    assert sum(not torch.equal(a[k], base[k]) for k in a) > len(a) // 2
+    lines = [json.loads(x) for x in open(tmp_path / "fused" / "metrics.jsonl")]
+    plain_lines = [json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl")]
+    assert [x["grad_norm"] for x in lines] == pytest.approx([x["grad_norm"] for x in plain_lines], rel=1e-4)
+    bf16 = _train(*_args(tiny_model, shard_set_fp32, tmp_path / "bf16", "train.max_steps=2", "train.fused_step=true",
+                         "model.precision=bf16", "train.optimizer=adafactor"))
+    w = dict(bf16["transformer"].named_parameters())
+    base16 = dict(_base(tiny_model).to(torch.bfloat16).named_parameters())
+    assert sum(not torch.equal(w[k], base16[k]) for k in w) > len(w) // 2
+    with pytest.raises(UsageError, match="train.fused_step' needs train.mode=full and train.grad_accum=1"):
+        _train(*_args(tiny_model, shard_set_fp32, tmp_path / "x", "train.fused_step=true", "train.grad_accum=2"))

@@ -49,27 +49,31 @@ class AdamWStochasticBf16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.lerp_(grad, 1 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-                x = p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                if p.dtype == torch.bfloat16:
-                    stochastic_round_(p, x, self._generator(p.device))
-                else:
-                    p.copy_(x)
+                if p.grad is not None:
+                    self.step_weight(p, group)
         return loss
+
+    @torch.no_grad()
+    def step_weight(self, p: torch.nn.Parameter, group: dict) -> None:
+        """One weight's update, from its gradient (the fused backward step calls this as each gradient is done)."""
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        grad = p.grad.float()
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+        x = p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        if p.dtype == torch.bfloat16:
+            stochastic_round_(p, x, self._generator(p.device))
+        else:
+            p.copy_(x)
 
     def state_dict(self) -> dict:
         out = super().state_dict()

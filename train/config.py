@@ -71,6 +71,10 @@ HELP = {
     "checkpoint.keep": "how many complete checkpoints to keep",
     "train.mode": "lora: train LoRA adapters on the frozen transformer; full: train the transformer's own weights "
                   "(all of them, or those full.blocks and full.include choose), written as out.dir/transformer",
+    "train.fused_step": "full mode: apply each weight's update inside backward as soon as its gradient is "
+                        "complete, and free that gradient, so the whole model's gradient never exists at once; "
+                        "train.max_grad_norm then clips each weight's gradient by its own norm; one process, "
+                        "train.grad_accum=1, no fp16",
     "full.blocks": "full mode: only these transformer block indices train, e.g. [8,9,10] (default: all blocks "
                    "and every other weight, unless full.include names some)",
     "full.include": "full mode: weights outside the chosen blocks that train too, as name patterns, e.g. "
@@ -196,6 +200,7 @@ class OutConfig:
 @dataclass
 class TrainLoopConfig:
     mode: str = "lora"  # lora | full
+    fused_step: bool = False  # full mode: each weight's update applied in backward, as soon as its gradient is done
     max_steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
@@ -303,6 +308,10 @@ class TrainConfig:
             one_of(p, "lora.targets", self.lora.targets, tuple(TARGET_PRESETS))
         elif not self.lora.targets:
             p.append("config key 'lora.targets' must be a preset name or a non-empty list of module names")
+        if self.train.fused_step and (self.train.mode != "full" or self.train.grad_accum != 1):
+            p.append("config key 'train.fused_step' needs train.mode=full and train.grad_accum=1 (a weight's update "
+                     "is applied as soon as its gradient is complete, which with accumulation is only after the "
+                     "last micro-batch)")
         if self.train.mode == "full" and self.model.quantize != "none":
             p.append(f"config key 'model.quantize': {self.model.quantize} weights cannot train in train.mode=full "
                      "(bitsandbytes' packed weights take no updates); use model.quantize=none, or train.mode=lora")

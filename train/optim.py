@@ -9,8 +9,8 @@ from .config import TrainLoopConfig
 
 
 def make_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
-    if any(p.dtype == torch.bfloat16 for p in params):
-        return bf16_optimizer(params, t)
+    if t.fused_step or any(p.dtype == torch.bfloat16 for p in params):
+        return per_weight_optimizer(params, t)
     return _plain_optimizer(params, t)
 
 
@@ -30,10 +30,11 @@ def _plain_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> to
                              weight_decay=t.weight_decay)
 
 
-def bf16_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
-    """For bf16 weights (full mode on a GPU): each update reaches the weight by stochastic rounding, so updates
-    smaller than a bf16 step add up instead of being rounded away (train.bf16_optim). AdamW does it in its own
-    step; the other optimizers step one weight at a time on an fp32 copy of it."""
+def per_weight_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
+    """An optimizer that can step one weight at a time (`step_weight`, what the fused backward step calls), and
+    whose bf16 weights (full mode on a GPU) take each update by stochastic rounding, so updates smaller than a
+    bf16 step add up instead of being rounded away (train.bf16_optim). AdamW does it in its own step; the other
+    optimizers step an fp32 copy of the weight."""
     from .bf16_optim import AdamWStochasticBf16, PerWeightBf16
 
     if t.optimizer == "adamw":

@@ -62,6 +62,40 @@ def non_finite_inputs(batches: List[Dict]) -> List[str]:
     return bad
 
 
+class FusedUpdates:
+    """The optimizer step fused into backward: a hook on each trained weight runs as soon as backward has
+    finished its gradient, clips that gradient by its own norm, applies the weight's update
+    (`optimizer.step_weight`) and frees the gradient. So at most the gradients backward is still filling exist
+    at once, never the model's whole gradient. A weight whose gradient is not finite keeps its value (its
+    optimizer moments move as for a zero gradient); nothing here waits for the device."""
+
+    def __init__(self, optimizer, params: List[torch.nn.Parameter], max_norm: float):
+        self.optimizer, self.max_norm = optimizer, max_norm
+        group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+        self.squares = []  # each weight's squared gradient norm this step, on the device: no host sync
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda w, g=group_of[p]: self._update(w, g))
+
+    @torch.no_grad()
+    def _update(self, p: torch.nn.Parameter, group: dict) -> None:
+        square = p.grad.float().square().sum()
+        self.squares.append(square)
+        norm = square.sqrt()
+        ok = torch.isfinite(norm)
+        scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)  # clipped by its own norm
+        p.grad.copy_(torch.where(ok, p.grad * scale.to(p.grad.dtype), torch.zeros_like(p.grad)))
+        before = p.detach().clone()  # deciding on the host whether to step would wait for the device
+        self.optimizer.step_weight(p, group)
+        p.copy_(torch.where(ok, p, before))
+        p.grad = None
+
+    def finish(self) -> torch.Tensor:
+        """The step's gradient norm (over every weight, before clipping); resets for the next step."""
+        norm = torch.stack(self.squares).sum().sqrt() if self.squares else torch.tensor(0.0)
+        self.squares = []
+        return norm
+
+
 class TrainStep:
     """The trained parameters (LoRA adapters, or the transformer's own weights in full mode) on the
     transformer, their optimizer, LR schedule and EMA; `step` runs one optimizer step over `grad_accum`
@@ -77,6 +111,11 @@ class TrainStep:
         # once per process and step.
         self.schedule = make_schedule(self.opt.optimizer, t)
         self.ema = Ema(params, t.ema) if t.ema > 0 else None
+        self.fused = FusedUpdates(self.opt.optimizer, params, t.max_grad_norm) if t.fused_step else None
+        if self.fused and (accel.num_processes > 1 or accel.scaler is not None):
+            raise UsageError("config key 'train.fused_step' runs in one process without fp16 (its updates happen "
+                             "inside backward, before DDP averages gradients or the fp16 scaler unscales them); "
+                             "set train.fused_step=false")
 
     def named_trained_params(self):
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -98,15 +137,19 @@ class TrainStep:
             sigmas.append(sigma.detach())
             per_sample.append(each)
             keys += batch["keys"]
-        grad_norm = accel.clip_grad_norm_(self.params, self.max_grad_norm)  # unscales fp16 gradients first
         loss = torch.stack(losses).mean()
         overflow = False
-        if accel.scaler is not None:
+        if self.fused:  # every update happened in backward; a weight whose gradient was not finite kept its value
+            grad_norm = self.fused.finish()
+            applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        elif accel.scaler is not None:
+            grad_norm = accel.clip_grad_norm_(self.params, self.max_grad_norm)  # unscales fp16 gradients first
             finite_loss = bool(torch.isfinite(loss))
             self.opt.step()  # the scaler skips a step whose gradients overflowed and lowers its scale
             overflow = finite_loss and self.opt.step_was_skipped
             applied = finite_loss and not overflow
         else:
+            grad_norm = accel.clip_grad_norm_(self.params, self.max_grad_norm)
             applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
             if applied:
                 self.opt.step()
@@ -115,6 +158,8 @@ class TrainStep:
             # The scaler swaps the optimizer's step method while it steps, which torch's scheduler takes for
             # a step called out of order; the order here is right.
             warnings.filterwarnings("ignore", message=re.escape("Seems like `optimizer.step()` has been overridden"))
+            # The fused step updates through `step_weight`, which the scheduler's check does not see.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.schedule.step()  # the schedule follows steps taken or skipped
         if applied and self.ema:
             self.ema.update()

@@ -21,6 +21,7 @@ Blind spots, added as the explicit `MARGIN_*` of shards.gpu_margins rather than 
 stream).
 """
 import argparse
+import contextlib
 import time
 from typing import Iterator, List, Optional
 
@@ -30,7 +31,7 @@ from shards.gpu_margins import GIB, MARGIN_ALLOCATOR, MARGIN_CONTEXT, MIB
 
 from .matrix import QUICK_MODELLED, add_matrix_args, modelled_matrix, models_named, settle_matrix_args
 from .measure import TRANSFORMER_CONFIGS
-from .modelled_layers import ModelledLinear4bit, ModelledLinear8bit
+from .modelled_layers import ModelledAdamW8bit, ModelledLinear4bit, ModelledLinear8bit
 from .results import table_cells
 from .row import Row
 from .stage import add_json_arg, reported
@@ -95,6 +96,61 @@ def modelled_row(model: str, resolution: int, batch: int, checkpointing: bool, q
                 "device": "fake cuda (modelled)"}
     return Row.of("modelled", f"modelled LoRA step on fake CUDA, {model} at full size", settings, status="modelled",
                   modelled_peak_mb=peak / MIB, modelled_held_mb=r.held_bytes / MIB, modelled_total_mb=total / MIB,
+                  margin=f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / GIB:.1f} GiB CUDA context",
+                  model_seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def modelled_full_optimizers():
+    """The full-mode optimizers as the model runs them on fake CUDA: bitsandbytes' 8-bit AdamW as
+    `ModelledAdamW8bit`, and the stochastic rounding's draws from the global generator, as fake CUDA has no
+    generator object (a generator holds no device memory)."""
+    from train import bf16_optim, optim
+
+    plain = optim._plain_optimizer
+    saved = bf16_optim.AdamWStochasticBf16._generator, bf16_optim.PerWeightBf16._generator
+
+    def modelled(params, t):
+        if t.optimizer == "adamw8bit":
+            return ModelledAdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+        return plain(params, t)
+
+    optim._plain_optimizer = modelled
+    bf16_optim.AdamWStochasticBf16._generator = bf16_optim.PerWeightBf16._generator = lambda self, device: None
+    try:
+        yield
+    finally:
+        optim._plain_optimizer = plain
+        bf16_optim.AdamWStochasticBf16._generator, bf16_optim.PerWeightBf16._generator = saved
+
+
+def modelled_full_row(model: str, resolution: int, batch: int, checkpointing: bool, optimizer: str, fused: bool,
+                      text_tokens: int = TEXT_TOKENS) -> Row:
+    """One modelled full fine-tuning step (train.mode=full, every weight trained, bf16 weights updated by
+    stochastic rounding; optionally the fused backward step): peak of live bytes, what is held, the margin."""
+    from diffusers import SD3Transformer2DModel
+
+    from shards.fake_cuda import FakeCuda
+
+    from train.fake_gpu import CUDA, lora_step
+    from train.synthetic import bench_config
+
+    t0 = time.perf_counter()
+    cfg = bench_config("none", checkpointing, batch)
+    cfg.model.precision = cfg.train.mixed_precision = "bf16"
+    cfg.train.mode, cfg.train.optimizer, cfg.train.fused_step = "full", optimizer, fused
+    with FakeCuda(), modelled_full_optimizers():
+        transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIGS[model]).requires_grad_(False)
+        transformer.to(CUDA, torch.bfloat16)
+        r = lora_step(transformer, cfg, resolution, text_tokens, memory=True)
+    peak = r.peak_bytes
+    total = peak * (1 + MARGIN_ALLOCATOR) + MARGIN_CONTEXT
+    settings = {"model": model, "resolution": resolution, "batch": batch, "base_dtype": "bf16",
+                "checkpointing": checkpointing, "mode": "full", "optimizer": optimizer, "fused_step": fused,
+                "text_tokens": text_tokens, "device": "fake cuda (modelled)"}
+    return Row.of("modelled", f"modelled full fine-tuning step on fake CUDA, {model} at full size", settings,
+                  status="modelled", modelled_peak_mb=peak / MIB, modelled_held_mb=r.held_bytes / MIB,
+                  modelled_total_mb=total / MIB,
                   margin=f"+{MARGIN_ALLOCATOR:.0%} allocator, +{MARGIN_CONTEXT / GIB:.1f} GiB CUDA context",
                   model_seconds=time.perf_counter() - t0)
 
@@ -204,6 +260,12 @@ def rows(quick: bool, models: List[str], resolutions: List[int], batches: List[i
     matrix = QUICK_MODELLED if quick else modelled_matrix(models_named(models), resolutions, batches, bases)
     for s in matrix:
         yield modelled_row(**s)
+    # Full fine-tuning at the issue's target: 8-bit AdamW with and without the fused step, checkpointing.
+    full = [("tiny", 128)] if quick else [(m, 1024) for m in dict.fromkeys(s["model"] for s in matrix)
+                                          if m == "sd3-medium"]
+    for m, res in full:
+        for fused in (True, False):
+            yield modelled_full_row(m, res, 1, True, "adamw8bit", fused)
     if not quick:
         for m in dict.fromkeys(s["model"] for s in matrix):
             yield modelled_validation(m, max(resolutions))

@@ -88,3 +88,35 @@ class _Int8Matmul(torch.autograd.Function):
         layer = ctx.layer
         w = torch.empty(layer.out_features, layer.in_features, dtype=grad.dtype, device=grad.device)
         return grad @ w, None
+
+
+BNB_OPT_BLOCK = 256  # bitsandbytes' blockwise optimizer states: one fp32 absmax per 256 values
+BNB_MIN_8BIT_SIZE = 4096  # weights with fewer values keep 32-bit states (bitsandbytes' min_8bit_size)
+
+
+class ModelledAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes' AdamW8bit as it holds memory, for the GPU-memory models only (its kernels cannot run on
+    fake tensors): per weight two uint8 moments and one fp32 absmax per 256 values each (fp32 moments below
+    4096 values); its kernel dequantizes and updates in registers, so a step allocates nothing beyond them.
+    The update itself is a plain gradient step of the same shape and dtype, which moves no byte count."""
+
+    def __init__(self, params, lr: float = 1e-5, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    small = p.numel() < BNB_MIN_8BIT_SIZE
+                    dtype = torch.float32 if small else torch.uint8
+                    state["state1"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                    state["state2"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                    if not small:
+                        blocks = -(-p.numel() // BNB_OPT_BLOCK)
+                        state["absmax1"] = torch.zeros(blocks, device=p.device)
+                        state["absmax2"] = torch.zeros(blocks, device=p.device)
+                p.add_(p.grad, alpha=-group["lr"])

@@ -44,14 +44,29 @@ def test_modelled_rows_are_labelled_as_a_model(tmp_path, stages_in_process):
     path = driver.main(["--quick", "--rows", "modelled", "--out", str(tmp_path)])
     with open(path) as f:
         rows = json.load(f)["rows"]
-    assert [r["row"] for r in rows] == ["modelled"] * 3
+    assert [r["row"] for r in rows] == ["modelled"] * 5
     assert all(r["status"] == "modelled" and "modelled" in r["what"] for r in rows)
-    plain, checkpointed, nf4 = rows
+    plain, checkpointed, nf4, full_fused, full = rows
+    # Full fine-tuning: held = bf16 weights + 8-bit AdamW's moments (one byte each, two per weight, and an fp32
+    # absmax per 256; weights under 4096 values keep fp32 moments), with or without the fused step. (What the
+    # fused step saves shows at full size, where the gradient outweighs one weight's transients: BENCHMARKS.md.)
+    from bench.measure import TRANSFORMER_CONFIGS
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        t = SD3Transformer2DModel(**TRANSFORMER_CONFIGS["tiny"])
+    sizes = [p.numel() for p in t.parameters()]
+    state = sum(2 * n + 2 * 4 * -(-n // 256) if n >= 4096 else 2 * 4 * n for n in sizes)
+    buffers = sum(b.numel() * 4 for b in t.buffers())  # the fp32 position grid, cast to bf16 with the model
+    assert full["settings"]["mode"] == "full" and full_fused["settings"]["fused_step"]
+    assert abs(full["modelled_held_mb"] * 2 ** 20 - (2 * sum(sizes) + state)) <= buffers
+    assert full_fused["modelled_held_mb"] == full["modelled_held_mb"]
+    assert full["modelled_peak_mb"] > full["modelled_held_mb"] and full_fused["modelled_peak_mb"] > full["modelled_held_mb"]
     # Checkpointing keeps less for backward; an nf4 base holds a quarter of the bf16 weights' bytes or less.
     assert checkpointed["modelled_peak_mb"] < plain["modelled_peak_mb"]
     assert nf4["modelled_held_mb"] < checkpointed["modelled_held_mb"]
     table = format_table(load_results(path)[1])
-    assert table.count("MODELLED") == 3
+    assert table.count("MODELLED") == 5
 
 
 def test_validation_decodes_in_tiles_that_need_a_fraction_of_a_whole_decode():

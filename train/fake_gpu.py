@@ -60,11 +60,11 @@ def lora_step(transformer, cfg, resolution: int, text_tokens: int, memory: bool 
 
 def _run_steps(accel, transformer, cfg, resolution, text_tokens, memory, audit, device, weight_dtype, amp):
     from .synthetic import BENCH_MANIFEST, SD3_SCHEDULER, random_batch
-    from .objective import Objective, prepare_lora
+    from .objective import Objective, prepare_trainable
     from .step import TrainStep
 
     torch.manual_seed(cfg.train.seed)
-    params = prepare_lora(transformer, cfg.lora, cfg.model)
+    params = prepare_trainable(transformer, cfg)
     objective = Objective(cfg, BENCH_MANIFEST, empty_extras(transformer.config, text_tokens), SD3_SCHEDULER, device,
                           weight_dtype)
     stepper = TrainStep(accel, transformer, params, objective, cfg.train)
@@ -91,8 +91,11 @@ def _state_tensors(transformer, stepper):
     """Every tensor a run holds between steps: weights and buffers, LoRA, optimizer state, EMA."""
     yield from transformer.parameters()
     yield from transformer.buffers()
-    for state in stepper.opt.optimizer.state.values():
-        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+    opt = stepper.opt.optimizer
+    inner = [o for _, o in getattr(opt, "_inner", {}).values()]  # per-weight optimizers (train.bf16_optim)
+    for o in [opt] + inner:
+        for state in o.state.values():
+            yield from (v for v in state.values() if isinstance(v, torch.Tensor))
     if stepper.ema is not None:
         yield from stepper.ema.shadow
 

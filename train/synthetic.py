@@ -23,10 +23,10 @@ def bench_config(quantize: str = "none", checkpointing: bool = False, batch: int
                  seed: int = 0) -> SimpleNamespace:
     """The sections of a TrainConfig that `TrainStep`, `Objective`, `prepare_lora` and `resolve_dtypes` read, at the
     trainer's defaults (a TrainConfig itself insists on a model folder and a shard set)."""
-    from .config import DataConfig, LoraConfig, LossConfig, ModelConfig, TrainLoopConfig
+    from .config import DataConfig, FullConfig, LoraConfig, LossConfig, ModelConfig, TrainLoopConfig
 
     return SimpleNamespace(model=ModelConfig(quantize=quantize, gradient_checkpointing=checkpointing),
-                           train=TrainLoopConfig(batch_size=batch, seed=seed), lora=LoraConfig(rank=rank),
+                           train=TrainLoopConfig(batch_size=batch, seed=seed), lora=LoraConfig(rank=rank), full=FullConfig(),
                            loss=LossConfig(), data=DataConfig())
 
 

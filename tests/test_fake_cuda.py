@@ -56,7 +56,7 @@ def test_the_lora_step_runs_on_cuda_in_the_dtypes_it_means(precision, checkpoint
         stepper = r.stepper
         assert r.out["applied"] is True
         # The one host read the step makes, and no copy back to the host.
-        assert [w for _, w in r.audit.syncs] == ["train/step.py:153"], r.audit.syncs
+        assert [w for _, w in r.audit.syncs] == ["train/step.py:161"], r.audit.syncs
         assert r.audit.host_copies == []
         for name in ("loss", "grad_norm", "sigmas", "losses"):
             assert r.out[name].device == CUDA, name

@@ -212,3 +212,15 @@ def test_the_fused_step_updates_in_backward_and_never_holds_the_whole_gradient(t
     assert sum(not torch.equal(w[k], base16[k]) for k in w) > len(w) // 2
     with pytest.raises(UsageError, match="train.fused_step' needs train.mode=full and train.grad_accum=1"):
         _train(*_args(tiny_model, shard_set_fp32, tmp_path / "x", "train.fused_step=true", "train.grad_accum=2"))
+
+
+def test_sharded_launches_are_refused_in_one_line(monkeypatch):
+    """`accelerate launch --use_fsdp` (or DeepSpeed) sets these; the trainer does not shard yet, and says so."""
+    from train.step import make_accelerator
+
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(UsageError, match=rf"sharded training \({name}\) is not supported yet; launch with torchrun"):
+            make_accelerator("cpu")
+        monkeypatch.delenv(var)
+    assert make_accelerator("cpu").distributed_type.value == "NO"

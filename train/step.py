@@ -25,6 +25,14 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
     # notebooks) starts from the settings it asks for, not from the previous run's.
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # `accelerate launch --use_fsdp` / `--use_deepspeed` (or their config files) say so through these. Sharded
+    # weights, gradients and optimizer state are not wired into the checkpoints, the fused step or the outputs
+    # yet, and no GPU run has checked them: refused rather than run half-right.
+    sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(var, "false").lower() == "true"]
+    if sharded:
+        raise UsageError(f"sharded training ({sharded[0]}) is not supported yet; launch with torchrun or "
+                         "`accelerate launch` without FSDP / DeepSpeed: each process then trains a whole copy (DDP)")
     cpu = device == "cpu" or not torch.cuda.is_available()
     if not cpu and device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         torch.cuda.set_device(torch.device(device))

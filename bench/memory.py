@@ -107,8 +107,7 @@ def modelled_full_optimizers():
     generator object (a generator holds no device memory)."""
     from train import bf16_optim, optim
 
-    plain = optim._plain_optimizer
-    saved = bf16_optim.AdamWStochasticBf16._generator, bf16_optim.PerWeightBf16._generator
+    plain, saved = optim._plain_optimizer, bf16_optim.WeightByWeight._generator
 
     def modelled(params, t):
         if t.optimizer == "adamw8bit":
@@ -116,12 +115,12 @@ def modelled_full_optimizers():
         return plain(params, t)
 
     optim._plain_optimizer = modelled
-    bf16_optim.AdamWStochasticBf16._generator = bf16_optim.PerWeightBf16._generator = lambda self, device: None
+    bf16_optim.WeightByWeight._generator = lambda self, device: None
     try:
         yield
     finally:
         optim._plain_optimizer = plain
-        bf16_optim.AdamWStochasticBf16._generator, bf16_optim.PerWeightBf16._generator = saved
+        bf16_optim.WeightByWeight._generator = saved
 
 
 def modelled_full_row(model: str, resolution: int, batch: int, checkpointing: bool, optimizer: str, fused: bool,

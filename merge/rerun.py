@@ -22,9 +22,12 @@ NOT_CONTENT = ("model.path", "out.dir", "out.overwrite", "out.link", "merge.veri
 
 def merge_inputs(cfg: MergeConfig, base_path: str, lora_files: Sequence[str]) -> dict:
     """This merge's inputs: `base_path` is the local base (a single file, or the resolved pipeline folder)."""
-    config = {k: v for k, v in flat_keys(to_dict(cfg)).items() if k not in NOT_CONTENT and k not in ("lora.path", "transformer.path")}
-    return {"config": config, "base": folder_fingerprint(base_path),
-            "loras": [file_sha256(p) for p in lora_files]}
+    paths = ("lora.path", "transformer.path")  # their content is fingerprinted below, not their names
+    config = {k: v for k, v in flat_keys(to_dict(cfg)).items() if k not in NOT_CONTENT and k not in paths}
+    inputs = {"config": config, "base": folder_fingerprint(base_path), "loras": [file_sha256(p) for p in lora_files]}
+    if cfg.transformer.path:  # a fully fine-tuned transformer replaces the base's: its content is an input too
+        inputs["transformer"] = folder_fingerprint(cfg.transformer.folder())
+    return inputs
 
 
 def write_inputs(release_dir: str, inputs: dict) -> None:

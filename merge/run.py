@@ -15,7 +15,6 @@ import torch
 
 from shards.common.config import load_config
 from shards.common.errors import DataError, UsageError
-from shards.common.fingerprint import folder_fingerprint
 from shards.common.lock import sibling_lock
 from shards.common.hub import resolve_model
 
@@ -81,9 +80,10 @@ def trained_transformer(cfg: MergeConfig, base: Source, stack: ExitStack) -> Sou
     if not cfg.transformer.path:
         return base
     trained = stack.enter_context(folder_source(cfg.transformer.folder(), "trained transformer"))
-    missing = [n for n in base.names if n not in set(trained.names)]
-    extra = [n for n in trained.names if n not in set(base.names)]
-    shapes = [n for n in base.names if n in set(trained.names) and base.shape(n) != trained.shape(n)]
+    theirs, ours = set(trained.names), set(base.names)
+    missing = [n for n in base.names if n not in theirs]
+    extra = [n for n in trained.names if n not in ours]
+    shapes = [n for n in base.names if n in theirs and base.shape(n) != trained.shape(n)]
     if missing or extra or shapes:
         what = (f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the base has not" if extra else
                 f"holds {shapes[0]} as {trained.shape(shapes[0])}, the base as {base.shape(shapes[0])}")
@@ -174,8 +174,6 @@ def _run_merge(cfg: MergeConfig, progress: bool) -> MergeResult:
     clean_leftovers(cfg.out.dir)  # first: a merge killed while publishing may have an earlier release to put back
     base_path = cfg.model.path if is_single_file(cfg.model.path) else resolve_model_path(cfg.model.path)
     inputs = merge_inputs(cfg, base_path, lora_files)
-    if cfg.transformer.path:
-        inputs["transformer"] = folder_fingerprint(cfg.transformer.folder())
     earlier = recorded_inputs(cfg.out.dir)
     if not cfg.out.overwrite and earlier is not None and {k: earlier.get(k) for k in inputs} == inputs:
         made = earlier.get("made", {})

@@ -147,6 +147,8 @@ def test_merge_releases_a_full_run_in_both_layouts(tiny_model, shard_set_fp32, t
     assert all(torch.equal(got[n], trained[n]) for n in trained)
     changed = {n for n in base if not torch.equal(got[n], base[n])}
     assert changed and all(n.startswith("transformer_blocks.0.") for n in changed)
+    again = cli("merge", f"model.path={tiny_model}", f"transformer.path={run}", f"out.dir={out}", "merge.verify=true")
+    assert again.returncode == 0 and "merge: up to date" in again.stdout, again.stderr
     card = (out / "README.md").read_text()
     assert "fully fine-tuned transformer" in card and "- lora" not in card and "| steps | 3 |" in card
     single = tmp_path / "single"

@@ -24,15 +24,14 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: Optional[
     dst.copy_(torch.where(torch.isfinite(src), rounded, src))  # exact: the low bits are zero
 
 
-class AdamWStochasticBf16(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay, bias-corrected moments in fp32) whose bf16 parameters take each step's new
-    value by stochastic rounding; fp32 parameters are updated as torch's AdamW updates them. The rounding draws come
-    from one generator per device, seeded from `seed` and kept in the state dict, so a resumed run draws what the
+class WeightByWeight(torch.optim.Optimizer):
+    """An optimizer stepped one weight at a time (a subclass's `step_weight(p, group)`, which the fused backward step calls as each
+    gradient is done; `step` calls it for every weight), rounding bf16 results stochastically with draws from one
+    generator per device, seeded from `seed` and kept in the state dict, so a resumed run draws what the
     uninterrupted one would."""
 
-    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 seed: int = 0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, defaults: dict, seed: int = 0):
+        super().__init__(params, defaults)
         self.seed = seed
         self._generators = {}
 
@@ -41,6 +40,12 @@ class AdamWStochasticBf16(torch.optim.Optimizer):
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
+
+    def _store(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        if p.dtype == torch.bfloat16:
+            stochastic_round_(p, value, self._generator(p.device))
+        else:
+            p.copy_(value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -54,9 +59,31 @@ class AdamWStochasticBf16(torch.optim.Optimizer):
                     self.step_weight(p, group)
         return loss
 
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["rounding_rng"] = {k: g.get_state() for k, g in self._generators.items()}
+        return out
+
+    def _load_rounding(self, state_dict: dict) -> dict:
+        """state_dict without the generators' states, which it restores."""
+        state_dict = dict(state_dict)
+        for key, s in state_dict.pop("rounding_rng", {}).items():
+            self._generator(torch.device(key)).set_state(s)
+        return state_dict
+
+
+class AdamWStochasticBf16(WeightByWeight):
+    """AdamW (decoupled weight decay, bias-corrected moments in fp32) whose bf16 parameters take each step's new
+    value by stochastic rounding; fp32 parameters are updated as torch's AdamW updates them. The rounding draws come
+    from one generator per device, seeded from `seed` and kept in the state dict, so a resumed run draws what the
+    uninterrupted one would."""
+
+    def __init__(self, params, lr: float = 1e-5, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), seed)
+
     @torch.no_grad()
     def step_weight(self, p: torch.nn.Parameter, group: dict) -> None:
-        """One weight's update, from its gradient (the fused backward step calls this as each gradient is done)."""
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         grad = p.grad.float()
         state = self.state[p]
@@ -69,20 +96,10 @@ class AdamWStochasticBf16(torch.optim.Optimizer):
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-        x = p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-        if p.dtype == torch.bfloat16:
-            stochastic_round_(p, x, self._generator(p.device))
-        else:
-            p.copy_(x)
-
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["rounding_rng"] = {k: g.get_state() for k, g in self._generators.items()}
-        return out
+        self._store(p, p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t)))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        rng = state_dict.pop("rounding_rng", {})
+        state_dict = self._load_rounding(state_dict)
         super().load_state_dict(state_dict)
         # torch's loader casts floating state to each parameter's dtype; the moments stay fp32 (bf16 moments would
         # make a resumed run differ from the uninterrupted one).
@@ -92,11 +109,9 @@ class AdamWStochasticBf16(torch.optim.Optimizer):
                 for name in ("exp_avg", "exp_avg_sq"):
                     if index in saved and name in saved[index]:
                         self.state[p][name] = saved[index][name].to(p.device, torch.float32, copy=True)
-        for key, s in rng.items():
-            self._generator(torch.device(key)).set_state(s)
 
 
-class PerWeightBf16(torch.optim.Optimizer):
+class PerWeightBf16(WeightByWeight):
     """Any torch optimizer (bitsandbytes' 8-bit AdamW, Adafactor) for bf16 weights, one weight at a time: the
     weight and its gradient are copied to fp32 scratch, an optimizer of that weight's own steps the copy, and the
     result returns by stochastic rounding. One weight's fp32 copy exists at a time (SD3 Medium's largest matrix:
@@ -105,10 +120,9 @@ class PerWeightBf16(torch.optim.Optimizer):
     step."""
 
     def __init__(self, params, make, defaults: dict, seed: int = 0):
-        super().__init__(params, defaults)
-        self._make, self.seed = make, seed
+        super().__init__(params, defaults, seed)
+        self._make = make
         self._inner = {}  # weight -> (its fp32 scratch Parameter, its optimizer)
-        self._generators = {}
 
     def _pair(self, p: torch.nn.Parameter):
         if p not in self._inner:
@@ -116,39 +130,17 @@ class PerWeightBf16(torch.optim.Optimizer):
             self._inner[p] = (scratch, self._make([scratch]))
         return self._inner[p]
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
-
     @torch.no_grad()
     def step_weight(self, p: torch.nn.Parameter, group: dict) -> None:
-        """One weight's update, from its gradient (the fused backward step calls this as each gradient is done)."""
         scratch, inner = self._pair(p)
         for g in inner.param_groups:
             g.update({k: v for k, v in group.items() if k != "params" and k in g})
         scratch.data = p.detach().float()
         scratch.grad = p.grad.float()
         inner.step()
-        if p.dtype == torch.bfloat16:
-            stochastic_round_(p, scratch.data, self._generator(p.device))
-        else:
-            p.copy_(scratch.data)
+        self._store(p, scratch.data)
         scratch.grad = None
         scratch.data = torch.empty(0, device=p.device)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_weight(p, group)
-        return loss
 
     def _weights(self):
         return [p for group in self.param_groups for p in group["params"]]
@@ -156,12 +148,11 @@ class PerWeightBf16(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         out = super().state_dict()
         out["inner"] = [self._inner[p][1].state_dict() if p in self._inner else None for p in self._weights()]
-        out["rounding_rng"] = {k: g.get_state() for k, g in self._generators.items()}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        inner, rng = state_dict.pop("inner"), state_dict.pop("rounding_rng", {})
+        state_dict = self._load_rounding(state_dict)
+        inner = state_dict.pop("inner")
         super().load_state_dict(state_dict)
         for p, saved in zip(self._weights(), inner):
             if saved is None:
@@ -170,5 +161,3 @@ class PerWeightBf16(torch.optim.Optimizer):
             scratch.data = torch.empty(p.shape, device=p.device)  # the loader casts state to the weight's shape
             opt.load_state_dict(saved)
             scratch.data = torch.empty(0, device=p.device)
-        for key, s in rng.items():
-            self._generator(torch.device(key)).set_state(s)

@@ -29,6 +29,33 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: a file's tests keep their order
 
 
+def eval_loss(transformer, shards):
+    """Loss over every sample at fixed sigmas and fixed noise: comparable before and after training."""
+    import torch
+
+    from shards import read_manifest, read_samples
+    from train import flow
+
+    m = read_manifest(shards)
+    g = torch.Generator().manual_seed(0)
+    table = flow.sigma_table(1000, 3.0)
+    losses = []
+    with torch.no_grad():
+        for s in read_samples(shards):
+            for u in (0.2, 0.4, 0.6, 0.8):
+                eps = torch.randn(s["latent_mean"][None].shape, generator=g)
+                x0 = flow.model_latents(s["latent_mean"][None], s["latent_std"][None], eps,
+                                        m.vae.shift_factor, m.vae.scaling_factor)
+                noise = torch.randn(x0.shape, generator=g)
+                sigma = flow.sigmas_for(torch.tensor([u]), table)
+                noisy = flow.noisy_latents(x0, noise, sigma)
+                out = transformer(hidden_states=noisy, timestep=sigma * 1000,
+                                  encoder_hidden_states=s["prompt_embeds"][None].float(),
+                                  pooled_projections=s["pooled_prompt_embeds"][None].float(), return_dict=False)[0]
+                losses.append(flow.flow_matching_loss(out, x0, noise, noisy, sigma).item())
+    return sum(losses) / len(losses)
+
+
 def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 600):
     """Run `python -m module args...` as a user would; returns the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": REPO}

@@ -47,12 +47,41 @@ def test_caption_dropout_trains_on_the_empty_prompt(tiny_model, shard_set_fp32):
     empty_batch = dict(batch, prompt_embeds=extras["empty_prompt_embeds"].expand(2, -1, -1).clone(),
                        pooled_prompt_embeds=extras["empty_pooled_prompt_embeds"].expand(2, -1).clone())
     with torch.no_grad():
-        dropped = objective(1.0)(t, dict(batch))[0]
-        # Same generator state: the dropout draw comes after the latents, noise and sigma draws.
-        reference = objective(0.0)(t, empty_batch)[0]
-        kept = objective(0.0)(t, dict(batch))[0]
+        dropped = objective(1.0)(t, dict(batch), 0)[0]
+        # Same per-sample draws: the dropout draw comes after the latents, noise and sigma draws.
+        reference = objective(0.0)(t, empty_batch, 0)[0]
+        kept = objective(0.0)(t, dict(batch), 0)[0]
     assert torch.allclose(dropped, reference)
     assert not torch.allclose(dropped, kept)
+
+
+def test_each_sample_draws_the_same_wherever_it_trains(tiny_model, shard_set_fp32):
+    """A sample's noise, sigma and dropout come from its key and the step: alone, or second in a batch, it gets the
+    same loss; at another step, another."""
+    from shards import read_extras, read_manifest
+    from shards.common.config import load_config
+    from train.config import TrainConfig
+    from train.model import load_transformer, scheduler_config
+    from train.objective import Objective
+
+    cfg = load_config(TrainConfig, [f"model.path={tiny_model}", f"data.shards={shard_set_fp32}", "out.dir=x",
+                                    "loss.caption_dropout=0.5"])
+    objective = Objective(cfg, read_manifest(shard_set_fp32), read_extras(shard_set_fp32),
+                          scheduler_config(tiny_model), torch.device("cpu"), torch.float32)
+    t = load_transformer(tiny_model, torch.float32, torch.device("cpu"))
+    batch = next(bucket_batches(shard_set_fp32, 2, seed=0))
+
+    def part(rows):
+        return {k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in batch.items()}
+
+    with torch.no_grad():
+        both = objective(t, batch, 7)[2]
+        swapped = objective(t, part([1, 0]), 7)[2]
+        alone = objective(t, part([1]), 7)[2]
+        later = objective(t, part([1]), 8)[2]
+    # Close, not equal: a batch of one may take other matrix kernels than a batch of two.
+    assert torch.allclose(both.flip(0), swapped, rtol=1e-5) and torch.allclose(alone, both[1:], rtol=1e-5)
+    assert not torch.allclose(later, alone, rtol=1e-2)
 
 
 def test_several_shard_sets_are_read_together(shard_set_fp32, tiny_model, tmp_path):

@@ -14,9 +14,12 @@ backward) and its int8 path (Int8Params' `int8_vectorwise_quant` on the move, an
 machine without a GPU). Those are each a CUDA kernel call, not placement or dtype logic of this project;
 the GPU check runs them for real.
 """
+import os
+
 import pytest
 import torch
 
+from conftest import REPO
 from shards.fake_cuda import FakeCuda, StepAudit
 from bench.measure import TRANSFORMER_CONFIGS
 
@@ -55,8 +58,10 @@ def test_the_lora_step_runs_on_cuda_in_the_dtypes_it_means(precision, checkpoint
         r = lora_step(transformer, cfg, resolution=128, text_tokens=154)
         stepper = r.stepper
         assert r.out["applied"] is True
-        # The one host read the step makes, and no copy back to the host.
-        assert [w for _, w in r.audit.syncs] == ["train/step.py:161"], r.audit.syncs
+        # The one host read the step makes (whether the unfused step is finite), and no copy back to the host.
+        with open(os.path.join(REPO, "train", "step.py")) as f:
+            reads = [i for i, line in enumerate(f, 1) if "applied = bool(torch.isfinite(loss)" in line]
+        assert [w for _, w in r.audit.syncs] == [f"train/step.py:{reads[-1]}"], r.audit.syncs
         assert r.audit.host_copies == []
         for name in ("loss", "grad_norm", "sigmas", "losses"):
             assert r.out[name].device == CUDA, name
@@ -230,3 +235,30 @@ def test_an_int8_layer_moved_to_the_device_holds_its_weight_once():
     assert len(storages(m.state.CB)) == 2
     _move(m, torch.device("cpu"))
     assert len(storages(m.state.CB)) == 1 and torch.equal(m(x), before)
+
+
+def test_full_mode_keeps_its_ema_on_the_host_unless_asked():
+    """train.mode=full: the fp32 EMA (twice the bf16 weights) stays off the GPU by default; ema_device=device puts
+    it there, and the bytes the run holds between steps grow by exactly that."""
+    from bench.memory import modelled_full_optimizers  # the bf16 optimizer's rounding generator, modelled
+    from train.fake_gpu import CUDA, lora_step
+    from train.synthetic import bench_config
+
+    held = {}
+    for where in ("auto", "device"):
+        cfg = bench_config("none", False, batch=1)
+        cfg.model.precision = cfg.train.mixed_precision = "bf16"
+        cfg.train.mode, cfg.train.ema, cfg.train.ema_every, cfg.train.ema_device = "full", 0.9, 2, where
+        transformer = _tiny_transformer()
+        with FakeCuda(), modelled_full_optimizers():
+            transformer.to(CUDA, torch.bfloat16)
+            r = lora_step(transformer, cfg, resolution=128, text_tokens=154, memory=True)
+            ema = r.stepper.ema
+            assert {s.device.type for s in ema.shadow} == {"cpu" if where == "auto" else "cuda"}
+            assert ema.steps == 2 and all(s.dtype == torch.float32 for s in ema.shadow)
+            with ema.swapped():  # what validation and the final save do: the trained weights wait on the host
+                assert all(p.device == CUDA for p in transformer.parameters())
+        held[where] = r.held_bytes
+    params = list(transformer.parameters())
+    fp32 = sum(4 * p.numel() for p in params)
+    assert 0 <= held["device"] - held["auto"] - fp32 <= 512 * len(params)  # each rounded up to a 512-byte block

@@ -83,9 +83,8 @@ def test_loss_equals_straightforward_computation(weighting, precondition):
 
 def test_model_latents_sample_the_posterior_then_shift_and_scale():
     mean, std = torch.full((2, 3), 0.5), torch.full((2, 3), 0.25)
-    g = torch.Generator().manual_seed(3)
-    got = flow.model_latents(mean, std, g, shift_factor=0.0609, scaling_factor=1.5305)
     eps = torch.randn((2, 3), generator=torch.Generator().manual_seed(3))
+    got = flow.model_latents(mean, std, eps, shift_factor=0.0609, scaling_factor=1.5305)
     assert torch.allclose(got, (0.5 + 0.25 * eps - 0.0609) * 1.5305)
 
 

@@ -99,12 +99,9 @@ def test_without_the_latent_std_training_uses_the_mean(tiny_model, sample_data, 
     a, b = list(read_samples(str(tmp_path / "std"))), list(read_samples(str(tmp_path / "mean")))
     assert all("latent_std" not in s and torch.equal(s["latent_mean"], t["latent_mean"]) for s, t in zip(b, a))
     assert all(not s["prompt_embeds"][77:].any() for s in b)  # no T5: zeros in the view, nothing stored
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     mean = b[0]["latent_mean"][None]
-    z = flow.model_latents(mean, None, g1, 0.1, 1.5)
+    z = flow.model_latents(mean, None, torch.randn(mean.shape), 0.1, 1.5)  # the drawn eps goes unused
     assert torch.equal(z, (mean.float() - 0.1) * 1.5)
-    flow.model_latents(mean, torch.ones_like(mean), g2, 0.1, 1.5)
-    assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
 
 
 def test_a_batch_mixing_sets_with_and_without_the_std_keeps_each_samples_own():

@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from shards import read_manifest, read_samples
-from train import flow
+from conftest import eval_loss
 
 TEXT_ENCODER_MODULES = ("modeling_clip", "modeling_t5", "tokenization_clip", "tokenization_t5")
 
@@ -31,33 +30,12 @@ def trained(model_without_text_encoders, shard_set_fp32, tmp_path_factory):
     return train(cfg)
 
 
-def _eval_loss(transformer, shards):
-    """Loss over every sample at fixed sigmas and fixed noise: comparable before and after training."""
-    m = read_manifest(shards)
-    g = torch.Generator().manual_seed(0)
-    table = flow.sigma_table(1000, 3.0)
-    losses = []
-    with torch.no_grad():
-        for s in read_samples(shards):
-            for u in (0.2, 0.4, 0.6, 0.8):
-                x0 = flow.model_latents(s["latent_mean"][None], s["latent_std"][None], g,
-                                        m.vae.shift_factor, m.vae.scaling_factor)
-                noise = torch.randn(x0.shape, generator=g)
-                sigma = flow.sigmas_for(torch.tensor([u]), table)
-                noisy = flow.noisy_latents(x0, noise, sigma)
-                out = transformer(hidden_states=noisy, timestep=sigma * 1000,
-                                  encoder_hidden_states=s["prompt_embeds"][None].float(),
-                                  pooled_projections=s["pooled_prompt_embeds"][None].float(), return_dict=False)[0]
-                losses.append(flow.flow_matching_loss(out, x0, noise, noisy, sigma).item())
-    return sum(losses) / len(losses)
-
-
 def test_loss_falls_when_overfitting(trained, shard_set_fp32):
     t = trained["transformer"]
-    after = _eval_loss(t, shard_set_fp32)
+    after = eval_loss(t, shard_set_fp32)
     t.disable_adapters()
     try:
-        before = _eval_loss(t, shard_set_fp32)
+        before = eval_loss(t, shard_set_fp32)
     finally:
         t.enable_adapters()
     assert after < 0.95 * before, (before, after)

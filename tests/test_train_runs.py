@@ -311,7 +311,7 @@ def test_flip_and_prior_weight_in_the_objective(tiny_model, shard_set_fp32):
         obj = Objective(cfg, manifest, read_extras(shard_set_fp32), scheduler_config(tiny_model),
                         torch.device("cpu"), torch.float32)
         with torch.no_grad():
-            return obj(t, batch)[0]
+            return obj(t, batch, 0)[0]
 
     batch = next(bucket_batches(shard_set_fp32, 2, seed=0))
     g = torch.Generator().manual_seed(9)

@@ -58,6 +58,10 @@ def _same_lora(a, b) -> bool:
 STEPS = 10
 COMMON = [f"train.max_steps={STEPS}", "checkpoint.every=2", "train.grad_accum=2", "train.log_every=3"]
 FULL = ["train.mode=full", "train.max_steps=3", "checkpoint.every=2", "train.lr=1e-3"]
+# Two processes at batch 2 against one at batch 2 with grad_accum 2: the same global batch of 4.
+EQUAL_STEPS = 3
+EQUAL = ["train.mode=full", f"train.max_steps={EQUAL_STEPS}", "checkpoint.every=0", "train.lr=1e-3",
+         "loss.caption_dropout=0.5", "train.max_grad_norm=0.05"]
 # The stopped run: until Ctrl-C, its first step logged as soon as it ends. The schedule is constant, so its
 # max_steps and intervals change nothing it computes; the resumes finish it with COMMON's.
 UNTIL_STOPPED = ["train.max_steps=100000", "checkpoint.every=0", "train.grad_accum=2", "train.log_every=1"]
@@ -102,6 +106,24 @@ for accum in (1, 4):
     counts[accum] = len(calls)
 if dist.get_rank() == 0:
     print("COUNTS", json.dumps(counts), flush=True)
+# Full mode, one micro-batch per process and step: what each process was fed, and the weights they reached.
+cfg = load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'eq', *EQUAL)!r})
+run = build_run(cfg, run_accelerator(cfg))
+run.stream.start()
+fed = []
+
+def feed():
+    fed.append(run.stream())
+    return fed[-1]
+
+for _ in range({EQUAL_STEPS}):
+    run.stepper.step(feed)
+run.stream.close()
+each = [None, None]
+dist.all_gather_object(each, fed)
+if dist.get_rank() == 0:
+    import torch
+    torch.save({{"fed": each, "weights": run.stepper.trained_state()}}, {str(tmp / 'equal.pt')!r})
 train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, straight, *COMMON)!r}))
 train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'full', *FULL)!r}))
 from train.__main__ import command  # what `python -m train` runs, Ctrl-C's message and exit included
@@ -126,7 +148,8 @@ command({_args(tiny_model, shard_set_fp32, stopped, *UNTIL_STOPPED)!r})
         t.join()
     assert "COUNTS" in drained["out"], drained["err"][-3000:]
     return {"counts": json.loads(drained["out"].split("COUNTS", 1)[1].strip().splitlines()[0]),
-            "straight": straight, "stopped": stopped, "stderr": drained["err"], "full": tmp / "full"}
+            "straight": straight, "stopped": stopped, "stderr": drained["err"], "full": tmp / "full",
+            "equal": tmp / "equal.pt"}
 
 
 def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(two_processes):
@@ -192,6 +215,31 @@ def test_full_mode_under_two_processes(two_processes, tiny_model):
     base = SD3Transformer2DModel.from_pretrained(os.path.join(tiny_model, "transformer"))
     b = dict(base.named_parameters())
     assert sum(not torch.equal(p, b[n]) for n, p in trained.named_parameters()) > len(b) // 2
+
+
+def test_two_processes_give_one_process_result_at_the_same_global_batch(two_processes, tiny_model, shard_set_fp32,
+                                                                         tmp_path):
+    """Full mode under DDP: two processes at batch 2 reach the weights one process reaches at batch 2 and
+    grad_accum 2 when it is fed the same micro-batches (each step: process 0's, then process 1's). Noise, sigma and
+    caption dropout follow each sample wherever it trains; the gradients are averaged and clipped (hard, here)
+    alike. Bit for bit: two processes' all-reduce adds the same two halves that one process accumulates."""
+    from shards.common.config import load_config
+    from train.config import TrainConfig
+    from train.loop import build_run, run_accelerator
+
+    saved = torch.load(two_processes["equal"], weights_only=False)
+    fed = [b for pair in zip(*saved["fed"]) for b in pair]
+    assert len(fed) == 2 * EQUAL_STEPS and len({k for b in fed for k in b["keys"]}) > 4
+    cfg = load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "one", *EQUAL, "train.grad_accum=2"))
+    run = build_run(cfg, run_accelerator(cfg))
+    base = {n: p.detach().clone() for n, p in run.stepper.named_trained_params()}
+    feed = iter(fed)
+    for _ in range(EQUAL_STEPS):
+        clipped = run.stepper.step(lambda: next(feed))["grad_norm"] > 0.05
+    assert clipped
+    one, two = run.stepper.trained_state(), saved["weights"]
+    assert torch.cat([(two[n] - base[n]).flatten() for n in base]).norm() > 1e-3
+    assert all(torch.equal(one[n], two[n]) for n in base)
 
 
 def test_only_the_last_micro_batch_of_a_step_all_reduces(two_processes):

@@ -106,7 +106,7 @@ def save(out_dir: str, step: int, accel, trained: Dict[str, torch.Tensor], share
 
     `shared` and `per_rank` map names to parts with `state_dict()`: the main process writes the shared
     parts (`shared.pt`), the trained weights (files named `stem`) and `state.json`; every process writes its own parts (`rank-R.pt`: its
-    noise generator, data stream position, RNG states)."""
+    data stream position, RNG states)."""
     try:
         return _save(out_dir, step, accel, trained, shared, per_rank, state, keep, stem)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
@@ -185,8 +185,8 @@ def load(path: str, accel, cfg, trained_target, shared: Dict, per_rank: Dict) ->
     rank_states = [torch.load(os.path.join(path, f"rank-{r}.pt"), weights_only=False) for r in ranks]
     if accel.is_main_process:
         print(f"train: resuming {path}, saved by {len(ranks)} process(es), with {accel.num_processes}: each "
-              "process takes its share of the data the others had left; noise draws differ from an uninterrupted "
-              "run", file=sys.stderr)
+              "process takes its share of the data the others had left, so batches differ from an uninterrupted "
+              "run's", file=sys.stderr)
     for name, part in per_rank.items():
         if hasattr(part, "repartition"):
             part.repartition([s[name] for s in rank_states])

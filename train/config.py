@@ -30,7 +30,8 @@ RANGES = {
     "train.max_steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.grad_accum": "[1, inf)",
     "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)", "train.adam_beta1": "[0, 1)",
     "train.adam_beta2": "[0, 1)", "train.adam_eps": "(0, inf)", "train.max_grad_norm": "(0, inf)",
-    "train.warmup_steps": "[0, inf)", "train.ema": "[0, 1)", "train.max_bad_steps": "[1, inf)", "train.seed": SEEDS,
+    "train.warmup_steps": "[0, inf)", "train.ema": "[0, 1)", "train.ema_every": "[1, inf)",
+    "train.max_bad_steps": "[1, inf)", "train.seed": SEEDS,
     "train.log_every": "[1, inf)",
     "full.blocks": "[0, inf)",
     "lora.rank": "[1, inf)", "lora.alpha": "(0, inf)", "lora.dropout": "[0, 1)", "lora.blocks": "[0, inf)",
@@ -45,7 +46,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 CHOICES = {
     "model.precision": ("auto", "bf16", "fp16", "fp32"), "model.quantize": ("none", "nf4", "int8"),
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"), "train.optimizer": OPTIMIZERS,
-    "train.lr_schedule": SCHEDULES, "train.mode": ("lora", "full"), "loss.timestep_sampling": TIMESTEP_SAMPLING, "loss.weighting": LOSS_WEIGHTING,
+    "train.lr_schedule": SCHEDULES, "train.mode": ("lora", "full"),
+    "train.ema_device": ("auto", "device", "cpu"), "loss.timestep_sampling": TIMESTEP_SAMPLING, "loss.weighting": LOSS_WEIGHTING,
 }
 REQUIRED = ("model.path", "data.shards", "out.dir")
 # What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
@@ -94,6 +96,10 @@ HELP = {
     "train.max_grad_norm": "gradient clipping",
     "train.ema": "decay of an EMA of the trained weights (e.g. 0.999), saved as "
                  "pytorch_lora_weights_ema.safetensors (full mode: transformer_ema/); 0 = off",
+    "train.ema_device": "where the EMA is kept, in fp32: auto (full mode: cpu, sparing the GPU a second copy of "
+                        "the weights; LoRA: the training device), device, cpu",
+    "train.ema_every": "applied steps between EMA updates; each averages in that many steps' worth (decay^N), so "
+                       "a host-side EMA copies the weights from the GPU once per N steps",
     "train.max_bad_steps": "non-finite steps in a row before the run saves a checkpoint and stops",
     "train.trackers": "accelerate trackers, e.g. [tensorboard] (the trackers extra installs it) or [wandb]; "
                       "logs go to out.dir/trackers",
@@ -214,6 +220,8 @@ class TrainLoopConfig:
     lr_schedule: str = "constant"  # constant | cosine | linear (to 0 at max_steps), after warmup
     warmup_steps: int = 0
     ema: float = 0.0  # decay of an EMA of the trained weights, saved beside the raw ones (0 = off)
+    ema_device: str = "auto"  # where the EMA lives: auto (full mode: cpu; LoRA: the training device) | device | cpu
+    ema_every: int = 1  # applied steps between EMA updates (each then averages in as many steps' worth)
     max_bad_steps: int = 5  # non-finite steps in a row before the run saves a checkpoint and stops
     trackers: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     mixed_precision: str = "auto"  # autocast: auto (bf16 or fp16 on CUDA, none on CPU), bf16, fp16, no

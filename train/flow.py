@@ -67,10 +67,9 @@ def flow_matching_loss(model_out: torch.Tensor, x0: torch.Tensor, noise: torch.T
     return per_sample.mean() if reduce else per_sample
 
 
-def model_latents(mean: torch.Tensor, std: Optional[torch.Tensor], generator: torch.Generator,
+def model_latents(mean: torch.Tensor, std: Optional[torch.Tensor], eps: torch.Tensor,
                   shift_factor: float, scaling_factor: float) -> torch.Tensor:
-    """Sample z from the stored VAE posterior (its mean when no std is stored), then the model's input space
-    (z − shift)·scale. The generator draws the same either way, so the rest of a run's randomness is unchanged."""
-    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-    z = mean.float() + std.float() * eps if std is not None else mean.float()
+    """Sample z = mean + std·eps from the stored VAE posterior (its mean when no std is stored), then the model's
+    input space (z − shift)·scale. The caller draws eps either way, so the rest of a run's randomness is unchanged."""
+    z = mean.float() + std.float() * eps.to(mean.device) if std is not None else mean.float()
     return (z - shift_factor) * scaling_factor

@@ -225,7 +225,7 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
     warn_if_other_vae(manifest, root)
     params = prepare_trainable(transformer, cfg)
     sched = scheduler_config(root)
-    objective = Objective(cfg, manifest, extras, sched, device, weight_dtype, rank)
+    objective = Objective(cfg, manifest, extras, sched, device, weight_dtype)
     stepper = TrainStep(accel, transformer, params, objective, cfg.train)
     stream = TrainStream(BatchStream(sets, cfg.train.batch_size, cfg.train.seed, cfg.data.shuffle_buffer, rank,
                                      world, cfg.data.weights(), manifests), pin=device.type == "cuda")
@@ -236,7 +236,7 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
         objective=objective, stream=stream, state=state, weight_dtype=weight_dtype,
         set_bytes=manifest.shard_bytes,
         validate=Validator(cfg, manifest, extras, root, sched, device, weight_dtype, transformer.config),
-        shared={"training": stepper}, per_rank={"objective": objective, "stream": stream, "rng": checkpoint.GlobalRng()})
+        shared={"training": stepper}, per_rank={"stream": stream, "rng": checkpoint.GlobalRng()})
 
 
 def save_checkpoint(run, step: int) -> str:

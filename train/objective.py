@@ -1,4 +1,9 @@
-"""The training objective: SD3's rectified-flow loss on one micro-batch, every draw from one generator."""
+"""The training objective: SD3's rectified-flow loss on one micro-batch; each sample's random draws come from a
+generator of its own, seeded by the run's seed, the step and the sample's key."""
+import hashlib
+from collections import Counter
+from typing import List
+
 import torch
 
 from shards.common.dtypes import STORAGE_DTYPES
@@ -63,8 +68,7 @@ class Objective:
     Mixed precision is not applied here: the model the run calls is prepared by its Accelerator, whose
     forward runs under autocast."""
 
-    def __init__(self, cfg: TrainConfig, manifest: Manifest, extras: dict, sched: dict, device, weight_dtype,
-                 rank: int = 0):
+    def __init__(self, cfg: TrainConfig, manifest: Manifest, extras: dict, sched: dict, device, weight_dtype):
         self.cfg, self.device, self.weight_dtype = cfg.loss, device, weight_dtype
         self.flip = cfg.data.flip if manifest.flipped_latents else 0.0
         shift = cfg.loss.shift if cfg.loss.shift is not None else sched.get("shift", 1.0)
@@ -72,37 +76,40 @@ class Objective:
         self.shift_factor = manifest.vae.shift_factor
         self.scaling_factor = manifest.vae.scaling_factor
         self.empty = tuple(extras[k].float().to(device) for k in ("empty_prompt_embeds", "empty_pooled_prompt_embeds"))
-        self.gen = torch.Generator().manual_seed(cfg.train.seed + 1000003 * rank)  # each process its own noise
+        self.seed = cfg.train.seed
 
-    def state_dict(self) -> dict:
-        return {"generator": self.gen.get_state()}
+    def __call__(self, model, batch, step: int):
+        """(mean loss, sigmas, per-sample losses), all on the device; nothing here waits for the device.
 
-    def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["generator"])
+        `step` is the optimizer step (from 0) the micro-batch belongs to: with the sample keys it seeds the draws,
+        so a sample gets the same noise, sigma, flip and dropout whichever process or micro-batch holds it, and
+        a resumed run needs no generator state."""
+        c, dev = self.cfg, self.device
+        gens = sample_generators(self.seed, step, batch["keys"])
 
-    def __call__(self, model, batch):
-        """(mean loss, sigmas, per-sample losses), all on the device; nothing here waits for the device."""
-        c, g, dev = self.cfg, self.gen, self.device
+        def each(draw):  # one draw per sample from its own generator, stacked on the host
+            return torch.cat([draw(g) for g in gens])
 
         def put(name):  # stored dtype to the device first (asynchronous from the loader's pinned memory), then math
             return batch[name].to(dev, non_blocking=True)
 
         # A set stored without the latent std trains on the posterior mean (no sampling noise on the latent).
         mean, std = put("latent_mean"), (put("latent_std") if "latent_std" in batch else None)
-        n = mean.shape[0]
         if self.flip > 0 and "latent_mean_flip" in batch:  # the mirrored image's stored latent: a flip without a VAE
-            use = (torch.rand(n, generator=g) < self.flip)[:, None, None, None].to(dev)
+            use = (each(lambda g: torch.rand(1, generator=g)) < self.flip)[:, None, None, None].to(dev)
             mean = torch.where(use, put("latent_mean_flip"), mean)
             if std is not None:
                 std = torch.where(use, put("latent_std_flip"), std)
-        x0 = flow.model_latents(mean, std, g, self.shift_factor, self.scaling_factor)  # noise drawn on the CPU
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        sigma = flow.sigmas_for(flow.sample_u(c.timestep_sampling, n, g, c.logit_mean, c.logit_std,
-                                              c.mode_scale), self.table).to(dev)
+        one = (1, *mean.shape[1:])
+        eps = each(lambda g: torch.randn(one, generator=g)).to(dev)  # noise drawn on the CPU
+        x0 = flow.model_latents(mean, std, eps, self.shift_factor, self.scaling_factor)
+        noise = each(lambda g: torch.randn(one, generator=g)).to(dev)
+        sigma = flow.sigmas_for(each(lambda g: flow.sample_u(c.timestep_sampling, 1, g, c.logit_mean, c.logit_std,
+                                                             c.mode_scale)), self.table).to(dev)
         noisy = flow.noisy_latents(x0, noise, sigma)
         embeds, pooled = put("prompt_embeds").float(), put("pooled_prompt_embeds").float()
         if c.caption_dropout > 0:
-            drop = (torch.rand(n, generator=g) < c.caption_dropout).to(dev)  # the batch itself is left as it is
+            drop = (each(lambda g: torch.rand(1, generator=g)) < c.caption_dropout).to(dev)  # the batch itself is left as it is
             embeds = torch.where(drop[:, None, None], self.empty[0], embeds)
             pooled = torch.where(drop[:, None], self.empty[1], pooled)
         out = model(hidden_states=noisy.to(self.weight_dtype), timestep=sigma * 1000,
@@ -114,3 +121,14 @@ class Objective:
             prior = torch.tensor(batch["prior"], device=per_sample.device)
             per_sample = per_sample * torch.where(prior, c.prior_weight, 1.0)
         return per_sample.mean(), sigma, per_sample.detach()
+
+
+def sample_generators(seed: int, step: int, keys: List[str]) -> List[torch.Generator]:
+    """A generator per sample of a micro-batch, seeded from (run seed, step, key, how often the key came before in
+    this micro-batch): independent of the batch's order, its neighbours and the number of processes."""
+    seen, gens = Counter(), []
+    for key in keys:
+        seen[key] += 1
+        digest = hashlib.blake2b(f"{seed}/{step}/{key}/{seen[key]}".encode(), digest_size=8).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1))
+    return gens

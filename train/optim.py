@@ -1,7 +1,7 @@
 """Optimizers, learning-rate schedules and an EMA of the trained weights."""
 import contextlib
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -64,28 +64,45 @@ def make_schedule(opt: torch.optim.Optimizer, t: TrainLoopConfig) -> torch.optim
 
 
 class Ema:
-    """Exponential moving average of the LoRA parameters, kept in fp32 beside them."""
+    """Exponential moving average of the trained parameters, kept in fp32 on `device` (None: beside each
+    parameter). Updated every `every` applied steps with the decay those steps would have had together
+    (decay^every), so an EMA on the host costs one copy of the weights from the GPU per interval."""
 
-    def __init__(self, params: List[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().float().clone() for p in params]
+    def __init__(self, params: List[torch.nn.Parameter], decay: float, every: int = 1,
+                 device: Optional[torch.device] = None):
+        self.params, self.decay, self.every, self.device = params, decay, every, device
+        self.shadow = self._copies()
+        self.steps = 0  # applied steps since the EMA started
+
+    def _copies(self) -> List[torch.Tensor]:
+        return [p.detach().to(self.device or p.device, torch.float32, copy=True) for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
+        self.steps += 1
+        if self.steps % self.every:
+            return
+        weight = 1 - self.decay ** self.every
         for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1 - self.decay)
+            s.lerp_(p.detach().to(s.device, torch.float32), weight)
+
+    def restart(self) -> None:
+        """Start afresh from the weights trained so far (an EMA switched on at resume)."""
+        self.shadow, self.steps = self._copies(), 0
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow], "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         for s, saved in zip(self.shadow, state["shadow"]):
             s.copy_(saved)
+        self.steps = state.get("steps", 0)
 
     @contextlib.contextmanager
     def swapped(self):
-        """Inside this context the parameters hold the EMA values (to save or sample them)."""
-        saved = [p.detach().clone() for p in self.params]
+        """Inside this context the parameters hold the EMA values (to save or sample them). The trained values
+        wait on the host: a second copy of a fully trained transformer would not fit beside it on the GPU."""
+        saved = [p.detach().to("cpu", copy=True) for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):
                 p.copy_(s.to(p.dtype))

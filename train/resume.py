@@ -17,10 +17,10 @@ REFUSE = ("lora.rank", "lora.alpha", "lora.targets", "lora.blocks", "train.optim
 STREAM = ("train.batch_size", "train.grad_accum", "train.seed", "data.shards", "data.shuffle_buffer")
 APPLIED = ("train.lr", "train.weight_decay", "train.adam_beta1", "train.adam_beta2", "train.adam_eps",
            "train.max_grad_norm", "train.fused_step", "train.lr_schedule", "train.warmup_steps", "train.max_steps",
-           "train.ema",
+           "train.ema", "train.ema_every",
            "train.mixed_precision", "model.path", "model.revision", "model.precision", "model.quantize",
            "data.flip", "lora.dropout", "loss.")
-QUIET = ("out.", "resume", "train.device", "train.deterministic", "train.log_every", "train.trackers", "train.max_bad_steps",
+QUIET = ("out.", "resume", "train.device", "train.ema_device", "train.deterministic", "train.log_every", "train.trackers", "train.max_bad_steps",
          "model.gradient_checkpointing", "model.compile", "validation.", "checkpoint.")
 # The keys that decide the learning rate of a step: a change is reported as the rate before and after.
 SCHEDULE = ("train.lr", "train.lr_schedule", "train.warmup_steps", "train.max_steps")

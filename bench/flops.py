@@ -12,7 +12,8 @@ from .measure import sync
 TEXT_TOKENS = 77 + 256  # CLIP's 77 + T5's 256 (the SD3 pipeline's max_sequence_length)
 MFU_DEFINITION = ("MFU = B·(2·F_dense + 3·F_attn) / (t_step · peak): F per sample from bench.flops.flop_parts "
                   "(2 FLOPs per multiply-add); the frozen base needs only activation gradients (one matmul per "
-                  "linear, two per attention matmul); LoRA and checkpoint recompute not counted; peak = "
+                  "linear, two per attention matmul); full fine-tuning rows: B·3·(F_dense + F_attn), the weights' "
+                  "gradients included; LoRA and checkpoint recompute not counted; peak = "
                   "a measured square matmul on this device")
 
 
@@ -64,8 +65,10 @@ def forward_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKEN
     return sum(flop_parts(config, height, width, text_tokens).values())
 
 
-def train_step_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKENS, batch: int = 1) -> int:
-    """Model FLOPs of one LoRA training step: forward + backward of the frozen base, B·(2·F_dense + 3·F_attn).
+def train_step_flops(config, height: int, width: int, text_tokens: int = TEXT_TOKENS, batch: int = 1,
+                     full: bool = False) -> int:
+    """Model FLOPs of one LoRA training step: forward + backward of the frozen base, B·(2·F_dense + 3·F_attn);
+    `full` (every weight trained): the weights' gradients add one matmul per linear layer, B·3·(F_dense + F_attn).
 
     The base weights get no gradient, so backward costs one matmul per linear layer (the activation
     gradient) and, for attention, the four matmuls of dQ, dK, dV and dP against the forward's two. This is
@@ -74,7 +77,7 @@ def train_step_flops(config, height: int, width: int, text_tokens: int = TEXT_TO
     (The "3 × forward" rule of full fine-tuning would count weight gradients this step never computes.)
     """
     f = flop_parts(config, height, width, text_tokens)
-    return batch * (2 * f["dense"] + 3 * f["attention"])
+    return batch * ((3 if full else 2) * f["dense"] + 3 * f["attention"])
 
 
 def matmul_peak_flops(device, dtype: Optional[torch.dtype] = None, size: Optional[int] = None,

@@ -5,6 +5,7 @@ On one CUDA GPU, each part in its own process, within a time budget (default 8 m
      command to 20 steps (a resume from the step-10 checkpoint) -> merge -> the release loaded by diffusers
      and sampled on the GPU;
   2. measured LoRA-step rows: SD3 Medium 1024², batch 1 and 4, bf16 and nf4 bases, checkpointing off and on;
+     and SD3 Medium full fine-tuning steps (8-bit AdamW, checkpointing, with and without the fused step);
   3. SD3.5 Large with an nf4 base, 1024², batch 1;
   4. precompute's encoders at real component sizes, every encoder resident and idle ones on the host;
   5. with `train.deterministic=true`, a tiny run resumed at step 10 ends with the same bytes as one run through.
@@ -65,6 +66,9 @@ def plan(out: str) -> List[dict]:
         dict(name="SD3 Medium 1024² LoRA steps", timeout=150,
              cmd=f"{py} -m bench --rows train --models sd3-medium --resolutions 1024 --batches 1,4 "
                  f"--steps 3 --warmup 1 --out {bench}"),
+        dict(name="SD3 Medium 1024² full fine-tuning steps, 8-bit AdamW, fused and not", timeout=150,
+             cmd=f"{py} -m bench.train_step --full --models sd3-medium --resolutions 1024 --batches 1 "
+                 f"--steps 3 --warmup 1 --json {os.path.join(bench, 'results-full.json')}"),
         dict(name="SD3.5 Large nf4 1024² batch 1 LoRA steps", timeout=120,
              cmd=f"{py} -m bench --rows train --models sd3.5-large --resolutions 1024 --batches 1 "
                  f"--bases nf4 --steps 3 --warmup 1 --out {bench}"),
@@ -159,11 +163,12 @@ def _rows(folder: str) -> List[Row]:
     return [r for path in sorted(glob.glob(os.path.join(folder, "results-*.json"))) for r in load_results(path)[1]]
 
 
-SAME = ("model", "resolution", "batch", "base_dtype", "checkpointing")
+SAME = ("model", "resolution", "batch", "base_dtype", "checkpointing", "mode", "fused_step")
 
 
 def modelled_beside(measured: List[Row], known: List[Row]) -> List[Row]:
-    """The newest modelled row for each measured train row's settings (model, size, batch, base, checkpointing)."""
+    """The newest modelled row for each measured train row's settings (model, size, batch, base, checkpointing,
+    and for full fine-tuning the mode and fused step)."""
     modelled = {tuple(r.settings.get(k) for k in SAME): r for r in known if r.row == "modelled"}
     out = []
     for r in measured:

@@ -259,9 +259,9 @@ def rows(quick: bool, models: List[str], resolutions: List[int], batches: List[i
     matrix = QUICK_MODELLED if quick else modelled_matrix(models_named(models), resolutions, batches, bases)
     for s in matrix:
         yield modelled_row(**s)
-    # Full fine-tuning at the target: 8-bit AdamW with and without the fused step, checkpointing.
+    # Full fine-tuning of one GPU's worth: 8-bit AdamW with and without the fused step, checkpointing, 1024².
     full = [("tiny", 128)] if quick else [(m, 1024) for m in dict.fromkeys(s["model"] for s in matrix)
-                                          if m == "sd3-medium"]
+                                          if m in ("sd3-medium", "sd3.5-large")]
     for m, res in full:
         for fused in (True, False):
             yield modelled_full_row(m, res, 1, True, "adamw8bit", fused)

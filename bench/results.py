@@ -37,6 +37,8 @@ def table_cells(r: Row) -> List[str]:
         if value is not None:
             rate = f"{value:.3g} {unit}"
     what = r.label or (str(s.get("model") or r.what or "-") + (f", {s['layout']}" if s.get("layout") else ""))
+    if s.get("mode") == "full":
+        what += f", full{' fused' if s.get('fused_step') else ''} {s.get('optimizer') or ''}".rstrip()
     if s.get("quick"):
         what = "quick: " + what
     return [r.row, what[:56], get("resolution"),

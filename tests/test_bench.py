@@ -95,6 +95,9 @@ def test_step_flops_match_counted_forward_and_backward(tiny_model):
     model = SD3Transformer2DModel.from_config(config).requires_grad_(False)
     counted = _counted_flops(model, config, 256, 256, 20, batch=2, backward=True)
     assert abs(flops.train_step_flops(config, 256, 256, 20, batch=2) / counted - 1) < 0.01
+    # Every weight trained (full fine-tuning): the weights' gradients too.
+    counted = _counted_flops(model.requires_grad_(True), config, 256, 256, 20, batch=2, backward=True)
+    assert abs(flops.train_step_flops(config, 256, 256, 20, batch=2, full=True) / counted - 1) < 0.01
 
 
 def test_bad_size_is_one_line_error():
@@ -126,6 +129,30 @@ def test_bench_run_is_the_trainers_step_on_lora():
     # Every B moved except the last block's context query: that block's context outputs are dropped, so no gradient.
     unmoved = [n for n, p in t.named_parameters() if "lora_B" in n and p.abs().sum() == 0]
     assert unmoved == ["transformer_blocks.1.attn.add_q_proj.lora_B.default.weight"]
+
+
+def test_a_full_fine_tuning_row_is_the_trainers_full_step(monkeypatch):
+    """--full rows: train.mode=full through the trainer's own step (every weight moves, the fused step included),
+    counted with the weights' gradients; the table says which."""
+    from train import step as train_step_module
+
+    moved = []
+    real = train_step_module.TrainStep.step
+
+    def step(self, next_batch):
+        before = [p.detach().clone() for p in self.params]
+        out = real(self, next_batch)
+        moved.append(sum(not torch.equal(a, p) for a, p in zip(before, self.params)) / len(before))
+        return out
+
+    monkeypatch.setattr(train_step_module.TrainStep, "step", step)
+    r = train_step.full_row("tiny", 128, 1, fused=True, optimizer="adamw", device=CPU, steps=1, warmup=0,
+                            peak_flops=1e9)
+    assert r.status == "ok" and r.settings["mode"] == "full" and r.settings["fused_step"] is True
+    assert moved and min(moved) > 0.9  # (the last block's context-only weights get no gradient)
+    config = train_step.model_config("tiny")
+    assert r.extra["step_flops"] == flops.train_step_flops(config, 128, 128, flops.TEXT_TOKENS, 1, full=True)
+    assert "full fused adamw" in format_table([r])
 
 
 def test_a_quantized_bench_model_is_built_without_its_full_precision_weights():

@@ -125,3 +125,28 @@ def test_other_optimizers_step_bf16_weights_one_at_a_time_and_keep_tiny_updates(
         w2.grad = g.to(torch.bfloat16)
         opt2.step()
     assert torch.equal(w2, w)
+
+
+@pytest.mark.parametrize("kind,dtype", [("adamw", torch.bfloat16), ("adamw", torch.float32),
+                                        ("adafactor", torch.bfloat16)])
+def test_the_fused_step_leaves_a_weight_with_a_non_finite_gradient_as_it_was(kind, dtype):
+    """train.fused_step: a weight whose gradient is not finite keeps its exact value (weight decay included), the
+    others take their update, and the next finite step moves it to a finite value (its state took no NaN)."""
+    from train.config import TrainLoopConfig
+    from train.optim import make_optimizer
+    from train.step import FusedUpdates
+
+    g = torch.Generator().manual_seed(0)
+    good = torch.nn.Parameter(torch.randn(64, 64, generator=g).to(dtype))
+    bad = torch.nn.Parameter(torch.randn(64, generator=g).to(dtype))
+    opt = make_optimizer([good, bad], TrainLoopConfig(optimizer=kind, lr=1e-2, weight_decay=0.1, fused_step=True))
+    fused = FusedUpdates(opt, [good, bad], max_norm=1.0)
+    x = torch.randn(64, generator=g)
+    good_before, bad_before = good.detach().clone(), bad.detach().clone()
+    ((good.float() @ x).sum() + (bad.float() * float("inf")).sum()).backward()
+    assert not torch.isfinite(fused.finish())
+    assert torch.equal(bad, bad_before) and not torch.equal(good, good_before)
+    assert good.grad is None and bad.grad is None  # each freed in backward
+    ((good.float() @ x).sum() + (bad.float() * x).sum()).backward()
+    assert torch.isfinite(fused.finish())
+    assert not torch.equal(bad, bad_before) and torch.isfinite(bad).all()

@@ -13,20 +13,24 @@ _LOW_BITS = 1 << 16  # float32 bits below bfloat16's mantissa
 _KEEP_HIGH = -_LOW_BITS  # int32 mask clearing those bits
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, generator: Optional[torch.Generator] = None,
+                      apply: Optional[torch.Tensor] = None) -> None:
     """dst (bfloat16) ← src (float32) rounded to one of its two neighbouring bf16 values, up with the probability
     that makes the expectation src. Adding uniform noise below bit 16 and clearing those bits does it: the sum
     carries into the kept bits exactly as often as the dropped part is large (for negative values too, as the
-    bits are sign and magnitude). Non-finite values pass unchanged."""
+    bits are sign and magnitude). Non-finite values pass unchanged. `apply` (a bool tensor on the device): where
+    false, dst keeps its value, decided without waiting for the device."""
     src = src.float().contiguous()
     noise = torch.randint(0, _LOW_BITS, src.shape, dtype=torch.int32, device=src.device, generator=generator)
     rounded = ((src.view(torch.int32) + noise) & _KEEP_HIGH).view(torch.float32)
-    dst.copy_(torch.where(torch.isfinite(src), rounded, src))  # exact: the low bits are zero
+    out = torch.where(torch.isfinite(src), rounded, src)  # exact: the low bits are zero
+    dst.copy_(out if apply is None else torch.where(apply, out, dst))
 
 
 class WeightByWeight(torch.optim.Optimizer):
-    """An optimizer stepped one weight at a time (a subclass's `step_weight(p, group)`, which the fused backward step calls as each
-    gradient is done; `step` calls it for every weight), rounding bf16 results stochastically with draws from one
+    """An optimizer stepped one weight at a time (a subclass's `step_weight(p, group, apply=None)`, which the fused
+    backward step calls as each gradient is done, with `apply` false on the device for a weight whose update must
+    not land; `step` calls it for every weight), rounding bf16 results stochastically with draws from one
     generator per device, seeded from `seed` and kept in the state dict, so a resumed run draws what the
     uninterrupted one would."""
 
@@ -41,11 +45,12 @@ class WeightByWeight(torch.optim.Optimizer):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
 
-    def _store(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    def _store(self, p: torch.nn.Parameter, value: torch.Tensor, apply: Optional[torch.Tensor]) -> None:
+        """p ← value (by stochastic rounding into bf16); where `apply` is false, p keeps its value."""
         if p.dtype == torch.bfloat16:
-            stochastic_round_(p, value, self._generator(p.device))
+            stochastic_round_(p, value, self._generator(p.device), apply)
         else:
-            p.copy_(value)
+            p.copy_(value if apply is None else torch.where(apply, value, p))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,7 +88,7 @@ class AdamWStochasticBf16(WeightByWeight):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), seed)
 
     @torch.no_grad()
-    def step_weight(self, p: torch.nn.Parameter, group: dict) -> None:
+    def step_weight(self, p: torch.nn.Parameter, group: dict, apply: Optional[torch.Tensor] = None) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         grad = p.grad.float()
         state = self.state[p]
@@ -96,7 +101,9 @@ class AdamWStochasticBf16(WeightByWeight):
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-        self._store(p, p.float().mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t)))
+        # fp32 weights update in place, unless the update may not land (then into a copy, kept or not).
+        value = p.detach().to(torch.float32, copy=apply is not None)
+        self._store(p, value.mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t)), apply)
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = self._load_rounding(state_dict)
@@ -131,14 +138,15 @@ class PerWeightBf16(WeightByWeight):
         return self._inner[p]
 
     @torch.no_grad()
-    def step_weight(self, p: torch.nn.Parameter, group: dict) -> None:
+    def step_weight(self, p: torch.nn.Parameter, group: dict, apply: Optional[torch.Tensor] = None) -> None:
         scratch, inner = self._pair(p)
         for g in inner.param_groups:
             g.update({k: v for k, v in group.items() if k != "params" and k in g})
-        scratch.data = p.detach().float()
+        # An fp32 weight is stepped in place, unless the update may not land (then a copy is).
+        scratch.data = p.detach().to(torch.float32, copy=apply is not None)
         scratch.grad = p.grad.float()
         inner.step()
-        self._store(p, scratch.data)
+        self._store(p, scratch.data, apply)
         scratch.grad = None
         scratch.data = torch.empty(0, device=p.device)
 

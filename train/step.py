@@ -100,9 +100,8 @@ class FusedUpdates:
         ok = torch.isfinite(norm)
         scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)  # clipped by its own norm
         p.grad.copy_(torch.where(ok, p.grad * scale.to(p.grad.dtype), torch.zeros_like(p.grad)))
-        before = p.detach().clone()  # deciding on the host whether to step would wait for the device
-        self.optimizer.step_weight(p, group)
-        p.copy_(torch.where(ok, p, before))
+        # Deciding on the host whether to step would wait for the device: the update lands where `ok` says.
+        self.optimizer.step_weight(p, group, ok)
         p.grad = None
 
     def finish(self) -> torch.Tensor:

@@ -217,12 +217,14 @@ def test_the_fused_step_updates_in_backward_and_never_holds_the_whole_gradient(t
 
 
 def test_sharded_launches_are_refused_in_one_line(monkeypatch):
-    """`accelerate launch --use_fsdp` (or DeepSpeed) sets these; the trainer does not shard yet, and says so."""
+    """`accelerate launch --use_fsdp` (or DeepSpeed) sets these; the trainer shards through train.sharding instead
+    (accelerate's FSDP runs on GPUs only, where it could not be checked), and says so."""
     from train.step import make_accelerator
 
     for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
         monkeypatch.setenv(var, "true")
-        with pytest.raises(UsageError, match=rf"sharded training \({name}\) is not supported yet; launch with torchrun"):
+        with pytest.raises(UsageError, match=rf"accelerate's {name} launch is not supported; launch with torchrun.*"
+                                             r"train.sharding=fsdp"):
             make_accelerator("cpu")
         monkeypatch.delenv(var)
     assert make_accelerator("cpu").distributed_type.value == "NO"
@@ -274,3 +276,17 @@ def test_an_ema_updated_every_n_steps_averages_as_one_updated_every_step():
     again = Ema([start], 0.9, every=3)
     again.load_state_dict(every_third.state_dict())
     assert again.steps == 7
+
+
+def test_sharding_is_refused_where_it_cannot_run_yet(tiny_model, shard_set_fp32, tmp_path):
+    """train.sharding=fsdp: one line for each setting it does not support yet, and for a single process."""
+    from shards.common.config import load_config
+    from train.config import TrainConfig
+
+    base = [*_args(tiny_model, shard_set_fp32, tmp_path, "train.sharding=fsdp")]
+    for extra, key in (("train.mode=lora", "train.mode"), ("train.fused_step=true", "train.fused_step"),
+                       ("train.ema=0.99", "train.ema"), ("validation.enabled=true", "validation.enabled")):
+        with pytest.raises(UsageError, match=f"train.sharding.*fsdp needs.*; {key} is set otherwise"):
+            load_config(TrainConfig, base + [extra])
+    with pytest.raises(UsageError, match=r"fsdp splits the model across processes; launch with torchrun"):
+        _train(*base, "train.max_steps=1")

@@ -62,6 +62,7 @@ FULL = ["train.mode=full", "train.max_steps=3", "checkpoint.every=2", "train.lr=
 EQUAL_STEPS = 3
 EQUAL = ["train.mode=full", f"train.max_steps={EQUAL_STEPS}", "checkpoint.every=0", "train.lr=1e-3",
          "loss.caption_dropout=0.5", "train.max_grad_norm=0.05"]
+SHARDED = ["train.mode=full", "train.sharding=fsdp", "train.max_steps=4", "checkpoint.every=2", "train.lr=1e-3"]
 # The stopped run: until Ctrl-C, its first step logged as soon as it ends. The schedule is constant, so its
 # max_steps and intervals change nothing it computes; the resumes finish it with COMMON's.
 UNTIL_STOPPED = ["train.max_steps=100000", "checkpoint.every=0", "train.grad_accum=2", "train.log_every=1"]
@@ -107,23 +108,35 @@ for accum in (1, 4):
 if dist.get_rank() == 0:
     print("COUNTS", json.dumps(counts), flush=True)
 # Full mode, one micro-batch per process and step: what each process was fed, and the weights they reached.
-cfg = load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'eq', *EQUAL)!r})
-run = build_run(cfg, run_accelerator(cfg))
-run.stream.start()
-fed = []
+def fed_and_trained(sharding):
+    cfg = load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'eq', *EQUAL)!r} + [f"train.sharding={{sharding}}"])
+    run = build_run(cfg, run_accelerator(cfg))
+    run.stream.start()
+    fed = []
 
-def feed():
-    fed.append(run.stream())
-    return fed[-1]
+    def feed():
+        fed.append(run.stream())
+        return fed[-1]
 
-for _ in range({EQUAL_STEPS}):
-    run.stepper.step(feed)
-run.stream.close()
-each = [None, None]
-dist.all_gather_object(each, fed)
-if dist.get_rank() == 0:
-    import torch
-    torch.save({{"fed": each, "weights": run.stepper.trained_state()}}, {str(tmp / 'equal.pt')!r})
+    for _ in range({EQUAL_STEPS}):
+        run.stepper.step(feed)
+    run.stream.close()
+    each = [None, None]
+    dist.all_gather_object(each, fed)
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in run.stepper.params)
+    weights = run.stepper.trained_state()  # sharded: gathered whole, by every process
+    if dist.get_rank() == 0:
+        import torch
+        torch.save({{"fed": each, "weights": weights, "held": held}}, {str(tmp)!r} + f"/equal-{{sharding}}.pt")
+
+fed_and_trained("none")
+fed_and_trained("fsdp")
+# Sharded runs with checkpoints: one straight through, one stopped at a checkpoint and resumed.
+train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'fsdp-straight', *SHARDED)!r}))
+train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'fsdp-resumed', *SHARDED)!r} + ["train.max_steps=2"]))
+train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'fsdp-resumed', *SHARDED)!r}))
+# bf16 weights, sharded: the stochastic-rounding AdamW steps each process's shard.
+train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'fsdp-bf16', *SHARDED)!r} + ["model.precision=bf16", "train.max_steps=2"]))
 train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, straight, *COMMON)!r}))
 train(load_config(TrainConfig, {_args(tiny_model, shard_set_fp32, tmp / 'full', *FULL)!r}))
 from train.__main__ import command  # what `python -m train` runs, Ctrl-C's message and exit included
@@ -149,7 +162,8 @@ command({_args(tiny_model, shard_set_fp32, stopped, *UNTIL_STOPPED)!r})
     assert "COUNTS" in drained["out"], drained["err"][-3000:]
     return {"counts": json.loads(drained["out"].split("COUNTS", 1)[1].strip().splitlines()[0]),
             "straight": straight, "stopped": stopped, "stderr": drained["err"], "full": tmp / "full",
-            "equal": tmp / "equal.pt"}
+            "equal": tmp / "equal-none.pt", "equal_sharded": tmp / "equal-fsdp.pt",
+            "fsdp": (tmp / "fsdp-straight", tmp / "fsdp-resumed"), "fsdp_bf16": tmp / "fsdp-bf16"}
 
 
 def test_ctrl_c_under_torchrun_saves_one_checkpoint_for_both_processes(two_processes):
@@ -223,23 +237,93 @@ def test_two_processes_give_one_process_result_at_the_same_global_batch(two_proc
     grad_accum 2 when it is fed the same micro-batches (each step: process 0's, then process 1's). Noise, sigma and
     caption dropout follow each sample wherever it trains; the gradients are averaged and clipped (hard, here)
     alike. Bit for bit: two processes' all-reduce adds the same two halves that one process accumulates."""
+    saved = torch.load(two_processes["equal"], weights_only=False)
+    assert len({k for b in saved["fed"][0] + saved["fed"][1] for k in b["keys"]}) > 4
+    run = _one_process_on(saved["fed"], tiny_model, shard_set_fp32, tmp_path / "one")
+    base = _base_weights(tiny_model)
+    one, two = run.stepper.trained_state(), saved["weights"]
+    assert torch.cat([(two[n] - base[n]).flatten() for n in base]).norm() > 1e-3
+    assert all(torch.equal(one[n], two[n]) for n in base)
+
+
+def _one_process_on(fed, tiny_model, shard_set_fp32, out):
+    """One process, grad_accum 2, fed the micro-batches two processes drew (each step: process 0's, then 1's)."""
     from shards.common.config import load_config
     from train.config import TrainConfig
     from train.loop import build_run, run_accelerator
 
-    saved = torch.load(two_processes["equal"], weights_only=False)
-    fed = [b for pair in zip(*saved["fed"]) for b in pair]
-    assert len(fed) == 2 * EQUAL_STEPS and len({k for b in fed for k in b["keys"]}) > 4
-    cfg = load_config(TrainConfig, _args(tiny_model, shard_set_fp32, tmp_path / "one", *EQUAL, "train.grad_accum=2"))
+    cfg = load_config(TrainConfig, _args(tiny_model, shard_set_fp32, out, *EQUAL, "train.grad_accum=2"))
     run = build_run(cfg, run_accelerator(cfg))
-    base = {n: p.detach().clone() for n, p in run.stepper.named_trained_params()}
-    feed = iter(fed)
+    feed = iter(b for pair in zip(*fed) for b in pair)
     for _ in range(EQUAL_STEPS):
-        clipped = run.stepper.step(lambda: next(feed))["grad_norm"] > 0.05
-    assert clipped
+        run.stepper.step(lambda: next(feed))
+    return run
+
+
+def test_fsdp_shards_the_model_and_matches_one_process_at_the_same_global_batch(two_processes, tiny_model,
+                                                                               shard_set_fp32, tmp_path):
+    """train.sharding=fsdp (torch FSDP2 over gloo): each process holds half the weights, and three clipped steps
+    reach what one process reaches on the same micro-batches, to float rounding (the gradient norm sums over
+    shards in another order)."""
+    saved = torch.load(two_processes["equal_sharded"], weights_only=False)
+    run = _one_process_on(saved["fed"], tiny_model, shard_set_fp32, tmp_path / "one")
     one, two = run.stepper.trained_state(), saved["weights"]
-    assert torch.cat([(two[n] - base[n]).flatten() for n in base]).norm() > 1e-3
-    assert all(torch.equal(one[n], two[n]) for n in base)
+    total = sum(p.numel() for p in run.stepper.params)
+    assert abs(saved["held"] - total / 2) <= 0.01 * total  # each of two processes: half of every weight
+    base = {n: p for n, p in _base_weights(tiny_model).items()}
+    moved = torch.cat([(two[n] - base[n]).flatten() for n in base]).norm()
+    apart = torch.cat([(two[n] - one[n]).flatten() for n in base]).norm()
+    assert moved > 1e-3 and apart < 1e-5 * moved, (float(apart), float(moved))
+
+
+def test_a_sharded_run_resumes_exactly_and_writes_the_whole_transformer(two_processes, tiny_model):
+    """Sharded checkpoints hold the whole trained weights and each process's shard of the optimizer state: the
+    run stopped at step 2 and resumed ends where the one run straight through does, bit for bit; its
+    transformer folder loads whole in diffusers."""
+    from diffusers import SD3Transformer2DModel
+
+    straight, resumed = two_processes["fsdp"]
+    ckpt = straight / "checkpoints" / "step-000004"
+    assert {"rank-0.pt", "rank-1.pt", "transformer.safetensors", "COMPLETE"} <= set(os.listdir(ckpt))
+    a = SD3Transformer2DModel.from_pretrained(str(straight / "transformer"))
+    b = SD3Transformer2DModel.from_pretrained(str(resumed / "transformer"))
+    base = _base_weights(tiny_model)
+    assert all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in a.named_parameters())
+    assert sum(not torch.equal(p, base[n]) for n, p in a.named_parameters()) > len(base) // 2
+    assert [json.loads(x)["step"] for x in open(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_a_sharded_checkpoint_resumes_only_with_its_number_of_processes(two_processes, tiny_model, shard_set_fp32):
+    from types import SimpleNamespace
+
+    from shards.common.config import load_config
+    from shards.common.errors import UsageError
+    from train import checkpoint
+    from train.config import TrainConfig
+
+    straight = two_processes["fsdp"][0]
+    cfg = load_config(TrainConfig, _args(tiny_model, shard_set_fp32, straight, *SHARDED))
+    three = SimpleNamespace(num_processes=3, process_index=0, is_main_process=True)
+    with pytest.raises(UsageError, match=r"saved by 2 processes with train.sharding=fsdp.*resume it with 2 processes "
+                                         r"\(torchrun --nproc-per-node=2\), not 3"):
+        checkpoint.load(str(straight / "checkpoints" / "step-000004"), three, cfg, None, {}, {"training": None})
+
+
+def test_a_sharded_bf16_run_steps_each_shard_by_stochastic_rounding(two_processes, tiny_model):
+    from diffusers import SD3Transformer2DModel
+
+    folder = two_processes["fsdp_bf16"] / "transformer"
+    assert {t.dtype for t in load_file(str(folder / "diffusion_pytorch_model.safetensors")).values()} == {torch.bfloat16}
+    trained = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=torch.bfloat16)
+    base = _base_weights(tiny_model)
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, base[n].to(torch.bfloat16))]
+    assert len(moved) > len(base) // 2
+
+
+def _base_weights(tiny_model):
+    from diffusers import SD3Transformer2DModel
+
+    return dict(SD3Transformer2DModel.from_pretrained(os.path.join(tiny_model, "transformer")).named_parameters())
 
 
 def test_only_the_last_micro_batch_of_a_step_all_reduces(two_processes):

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from .sharded import local
+
 _LOW_BITS = 1 << 16  # float32 bits below bfloat16's mantissa
 _KEEP_HIGH = -_LOW_BITS  # int32 mask clearing those bits
 
@@ -90,20 +92,20 @@ class AdamWStochasticBf16(WeightByWeight):
     @torch.no_grad()
     def step_weight(self, p: torch.nn.Parameter, group: dict, apply: Optional[torch.Tensor] = None) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        grad = p.grad.float()
+        w, grad = local(p), local(p.grad).float()  # a sharded weight: this process's shard, its moments alone
         state = self.state[p]
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(w, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(w, dtype=torch.float32)
         state["step"] += 1
         m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
         # fp32 weights update in place, unless the update may not land (then into a copy, kept or not).
-        value = p.detach().to(torch.float32, copy=apply is not None)
-        self._store(p, value.mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t)), apply)
+        value = w.detach().to(torch.float32, copy=apply is not None)
+        self._store(w, value.mul_(1 - lr * wd).addcdiv_(m, denom, value=-lr / (1 - b1 ** t)), apply)
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = self._load_rounding(state_dict)
@@ -143,10 +145,11 @@ class PerWeightBf16(WeightByWeight):
         for g in inner.param_groups:
             g.update({k: v for k, v in group.items() if k != "params" and k in g})
         # An fp32 weight is stepped in place, unless the update may not land (then a copy is).
-        scratch.data = p.detach().to(torch.float32, copy=apply is not None)
-        scratch.grad = p.grad.float()
+        w = local(p)  # a sharded weight: this process's shard
+        scratch.data = w.detach().to(torch.float32, copy=apply is not None)
+        scratch.grad = local(p.grad).float()
         inner.step()
-        self._store(p, scratch.data, apply)
+        self._store(w, scratch.data, apply)
         scratch.grad = None
         scratch.data = torch.empty(0, device=p.device)
 
@@ -166,6 +169,6 @@ class PerWeightBf16(WeightByWeight):
             if saved is None:
                 continue
             scratch, opt = self._pair(p)
-            scratch.data = torch.empty(p.shape, device=p.device)  # the loader casts state to the weight's shape
+            scratch.data = torch.empty(local(p).shape, device=p.device)  # the loader casts state to the weight's shape
             opt.load_state_dict(saved)
             scratch.data = torch.empty(0, device=p.device)

@@ -173,6 +173,10 @@ def load(path: str, accel, cfg, trained_target, shared: Dict, per_rank: Dict) ->
     if not os.path.exists(os.path.join(path, "shared.pt")) or len(ranks) != state.get("processes"):
         raise UsageError(f"resume: {path} was written by an older shardtune (no stream position); "
                          "resume=none starts over")
+    if len(ranks) != accel.num_processes and "training" in per_rank:
+        raise UsageError(f"resume: {path} was saved by {len(ranks)} processes with train.sharding=fsdp, each holding "
+                         f"its shard of the optimizer state; resume it with {len(ranks)} processes "
+                         f"(torchrun --nproc-per-node={len(ranks)}), not {accel.num_processes}")
     trained_target.load_trained_state(_read_weights(path, weights_name(cfg)), path)
     saved = torch.load(os.path.join(path, "shared.pt"), map_location="cpu", weights_only=False)
     for name, part in shared.items():

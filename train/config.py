@@ -47,7 +47,7 @@ CHOICES = {
     "model.precision": ("auto", "bf16", "fp16", "fp32"), "model.quantize": ("none", "nf4", "int8"),
     "train.mixed_precision": ("auto", "bf16", "fp16", "no"), "train.optimizer": OPTIMIZERS,
     "train.lr_schedule": SCHEDULES, "train.mode": ("lora", "full"),
-    "train.ema_device": ("auto", "device", "cpu"), "loss.timestep_sampling": TIMESTEP_SAMPLING, "loss.weighting": LOSS_WEIGHTING,
+    "train.ema_device": ("auto", "device", "cpu"), "train.sharding": ("none", "fsdp"), "loss.timestep_sampling": TIMESTEP_SAMPLING, "loss.weighting": LOSS_WEIGHTING,
 }
 REQUIRED = ("model.path", "data.shards", "out.dir")
 # What each key means, as `--help` prints it (a test checks that every key has one, and that README.md's
@@ -73,6 +73,8 @@ HELP = {
     "checkpoint.keep": "how many complete checkpoints to keep",
     "train.mode": "lora: train LoRA adapters on the frozen transformer; full: train the transformer's own weights "
                   "(all of them, or those full.blocks and full.include choose), written as out.dir/transformer",
+    "train.sharding": "full mode with several processes: none (DDP: every process holds the whole model, its "
+                      "gradient and optimizer state) or fsdp (torch FSDP2: each holds 1/N of them)",
     "train.fused_step": "full mode: apply each weight's update inside backward as soon as its gradient is "
                         "complete, and free that gradient, so the whole model's gradient never exists at once; "
                         "train.max_grad_norm then clips each weight's gradient by its own norm; one process, "
@@ -207,6 +209,7 @@ class OutConfig:
 class TrainLoopConfig:
     mode: str = "lora"  # lora | full
     fused_step: bool = False  # full mode: each weight's update applied in backward, as soon as its gradient is done
+    sharding: str = "none"  # full mode under torchrun: none (each process a whole copy, DDP) | fsdp (1/N each)
     max_steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
@@ -320,6 +323,14 @@ class TrainConfig:
             p.append("config key 'train.fused_step' needs train.mode=full and train.grad_accum=1 (a weight's update "
                      "is applied as soon as its gradient is complete, which with accumulation is only after the "
                      "last micro-batch)")
+        if self.train.sharding == "fsdp":
+            why = {"train.mode": self.train.mode != "full", "train.fused_step": self.train.fused_step,
+                   "train.ema": self.train.ema > 0, "validation.enabled": self.validation.enabled}
+            bad = [k for k, wrong in why.items() if wrong]
+            if bad:
+                p.append(f"config key 'train.sharding': fsdp needs train.mode=full, train.fused_step=false, "
+                         f"train.ema=0 and validation.enabled=false (the sharded model is not yet sampled, "
+                         f"averaged or stepped in backward); {bad[0]} is set otherwise")
         if self.train.mode == "full" and self.model.quantize != "none":
             p.append(f"config key 'model.quantize': {self.model.quantize} weights cannot train in train.mode=full "
                      "(bitsandbytes' packed weights take no updates); use model.quantize=none, or train.mode=lora")

@@ -76,6 +76,7 @@ def _train(cfg: TrainConfig, accel, t_start: float) -> dict:
         _train_steps(run, t_start)
         save_checkpoint(run, cfg.train.max_steps)
         data_read = _check_ranks_agree_and_gather_reads(run)
+        run.transformer = run.stepper.whole_transformer()  # sharded: gathered whole for the main process's outputs
         if not accel.is_main_process:
             return {"rank": accel.process_index, "steps": len(run.state.history)}
         last_samples = run.validate(run.transformer, cfg.train.max_steps)
@@ -236,7 +237,9 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
         objective=objective, stream=stream, state=state, weight_dtype=weight_dtype,
         set_bytes=manifest.shard_bytes,
         validate=Validator(cfg, manifest, extras, root, sched, device, weight_dtype, transformer.config),
-        shared={"training": stepper}, per_rank={"stream": stream, "rng": checkpoint.GlobalRng()})
+        # Sharded, each process's optimizer state is its own shard: saved per process, not once.
+        shared={} if stepper.sharded else {"training": stepper},
+        per_rank={"stream": stream, "rng": checkpoint.GlobalRng(), **({"training": stepper} if stepper.sharded else {})})
 
 
 def save_checkpoint(run, step: int) -> str:
@@ -270,10 +273,10 @@ def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
 
 
 def _check_ranks_agree_and_gather_reads(run) -> list:
-    """What each process read of the shard data; under DDP also a checksum of each process's trained weights,
-    which must agree."""
+    """What each process read of the shard data; with several processes also a checksum of the trained weights
+    each holds (sharded: of the whole weights), which must agree."""
     accel, stats = run.accel, run.stream.stats
-    checksum = sum(float(p.detach().double().sum()) for _, p in run.stepper.named_trained_params())
+    checksum = run.stepper.checksum()
     mine = {"rank": accel.process_index, "checksum": checksum, "bytes": stats.get("bytes", 0),
             "rchar": stats.get("rchar"), "samples": stats.get("samples", 0),
             "resume_samples": stats.get("resume_samples", 0), "resume_bytes": stats.get("resume_bytes", 0),

@@ -13,7 +13,7 @@ from shards.common.config import flat_keys, to_dict
 from shards.common.errors import UsageError
 
 REFUSE = ("lora.rank", "lora.alpha", "lora.targets", "lora.blocks", "train.optimizer", "train.mode", "full.blocks",
-          "full.include")
+          "full.include", "train.sharding")
 STREAM = ("train.batch_size", "train.grad_accum", "train.seed", "data.shards", "data.shuffle_buffer")
 APPLIED = ("train.lr", "train.weight_decay", "train.adam_beta1", "train.adam_beta2", "train.adam_eps",
            "train.max_grad_norm", "train.fused_step", "train.lr_schedule", "train.warmup_steps", "train.max_steps",

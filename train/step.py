@@ -4,6 +4,7 @@ One Accelerator serves every run, one process included: it holds the process gro
 several processes), mixed precision (autocast in the prepared model's forward; fp16 with its gradient
 scaler), gradient accumulation (only the last micro-batch of a step all-reduces) and the trackers.
 """
+import contextlib
 import os
 import re
 import warnings
@@ -13,7 +14,9 @@ import torch
 
 from shards.common.errors import UsageError
 
+from .bf16_optim import WeightByWeight
 from .optim import Ema, lr_factor, make_optimizer, make_schedule
+from .sharded import load_whole, whole
 
 
 def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_accum: int = 1,
@@ -31,8 +34,9 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
     sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                if os.environ.get(var, "false").lower() == "true"]
     if sharded:
-        raise UsageError(f"sharded training ({sharded[0]}) is not supported yet; launch with torchrun or "
-                         "`accelerate launch` without FSDP / DeepSpeed: each process then trains a whole copy (DDP)")
+        raise UsageError(f"accelerate's {sharded[0]} launch is not supported; launch with torchrun or `accelerate "
+                         "launch` without it: each process then trains a whole copy (DDP), or with "
+                         "train.mode=full train.sharding=fsdp 1/N of it (torch FSDP2)")
     cpu = device == "cpu" or not torch.cuda.is_available()
     if not cpu and device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         torch.cuda.set_device(torch.device(device))
@@ -119,8 +123,20 @@ class TrainStep:
     def __init__(self, accel, transformer, params: List[torch.nn.Parameter], objective, t):
         self.accel, self.transformer, self.params, self.objective = accel, transformer, params, objective
         self.grad_accum, self.max_grad_norm = t.grad_accum, t.max_grad_norm
-        # Under DDP the prepared model averages the trained parameters' gradients across processes in backward.
-        self.model = accel.prepare_model(transformer, device_placement=False)
+        self.sharded = t.sharding == "fsdp"
+        self.model_class = type(transformer)
+        if self.sharded:
+            if accel.num_processes < 2:
+                raise UsageError("config key 'train.sharding': fsdp splits the model across processes; launch "
+                                 "with torchrun --nproc-per-node=N (N >= 2), or set train.sharding=none")
+            from .sharded import shard
+
+            # FSDP2 reduce-scatters the gradients in backward: the model is not wrapped again for DDP.
+            self.params = params = shard(transformer)
+            self.model = transformer
+        else:
+            # Under DDP the prepared model averages the trained parameters' gradients across processes in backward.
+            self.model = accel.prepare_model(transformer, device_placement=False)
         self.opt = accel.prepare_optimizer(make_optimizer(params, t), device_placement=False)
         # The schedule drives the wrapped optimizer itself: accelerate's scheduler wrapper would advance it
         # once per process and step.
@@ -146,7 +162,8 @@ class TrainStep:
         for _ in range(self.grad_accum):
             batch = next_batch()
             batches.append(batch)
-            with accel.accumulate(self.model):  # no all-reduce until the step's last micro-batch
+            # No all-reduce until the step's last micro-batch (DDP); the prepared model autocasts itself.
+            with accel.accumulate(self.model), accel.autocast() if self.sharded else contextlib.nullcontext():
                 loss, sigma, each = self.objective(self.model, batch, index)
                 accel.backward(loss)  # divided by grad_accum; scaled under fp16
             losses.append(loss.detach())
@@ -165,7 +182,7 @@ class TrainStep:
             overflow = finite_loss and self.opt.step_was_skipped
             applied = finite_loss and not overflow
         else:
-            grad_norm = accel.clip_grad_norm_(self.params, self.max_grad_norm)
+            grad_norm = whole(accel.clip_grad_norm_(self.params, self.max_grad_norm))  # sharded: summed over shards
             applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
             if applied:
                 self.opt.step()
@@ -186,12 +203,21 @@ class TrainStep:
                 "non_finite_inputs": [] if applied or overflow else non_finite_inputs(batches)}
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(),
+        optimizer = self.opt.state_dict()
+        if self.sharded:  # each process saves its own shard of the moments
+            from .sharded import local_optimizer_state
+
+            optimizer = local_optimizer_state(optimizer)
+        return {"optimizer": optimizer, "schedule": self.schedule.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None,
                 "scaler": self.accel.scaler.state_dict() if self.accel.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["optimizer"])
+        if self.sharded and not isinstance(self.opt.optimizer, WeightByWeight):  # those keep plain shards
+            from .sharded import restore_sharded_state
+
+            restore_sharded_state(self.opt.optimizer)
         self.schedule.load_state_dict(state["schedule"])
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
@@ -218,8 +244,22 @@ class TrainStep:
         self.schedule._last_lr = [lr] * len(groups)
 
     def trained_state(self) -> Dict[str, torch.Tensor]:
-        """The trained parameters on the host, in their own dtype (LoRA: fp32; full mode: the weights')."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.named_trained_params()}
+        """The trained parameters on the host, in their own dtype (LoRA: fp32; full mode: the weights'). Sharded:
+        each weight gathered whole, a collective every process takes part in."""
+        return {n: whole(p.detach()).cpu().contiguous() for n, p in self.named_trained_params()}
+
+    def checksum(self) -> float:
+        """A sum over every trained weight, whole (sharded: a collective): the processes' must agree."""
+        return sum(float(whole(p.detach()).double().sum()) for _, p in self.named_trained_params())
+
+    def whole_transformer(self):
+        """The transformer as the run trained it, unsharded (for the main process; None for the others). Not
+        sharded: the transformer itself."""
+        if not self.sharded:
+            return self.transformer
+        from .sharded import gathered
+
+        return gathered(self.transformer, self.model_class, self.accel.is_main_process)
 
     def load_trained_state(self, lora: Dict[str, torch.Tensor], path: str) -> None:
         params = dict(self.named_trained_params())
@@ -231,4 +271,4 @@ class TrainStep:
                 if tuple(p.shape) != tuple(lora[name].shape):
                     raise UsageError(f"resume: {name} has shape {tuple(lora[name].shape)} in {path}, "
                                      f"{tuple(p.shape)} now")
-                p.copy_(lora[name].to(p.dtype))
+                load_whole(p, lora[name])

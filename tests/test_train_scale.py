@@ -62,7 +62,8 @@ FULL = ["train.mode=full", "train.max_steps=3", "checkpoint.every=2", "train.lr=
 EQUAL_STEPS = 3
 EQUAL = ["train.mode=full", f"train.max_steps={EQUAL_STEPS}", "checkpoint.every=0", "train.lr=1e-3",
          "loss.caption_dropout=0.5", "train.max_grad_norm=0.05"]
-SHARDED = ["train.mode=full", "train.sharding=fsdp", "train.max_steps=4", "checkpoint.every=2", "train.lr=1e-3"]
+SHARDED = ["train.mode=full", "train.sharding=fsdp", "train.max_steps=4", "checkpoint.every=2", "train.lr=1e-3",
+           "train.ema=0.9", "validation.enabled=true", "validation.every=2", "validation.steps=1"]
 # The stopped run: until Ctrl-C, its first step logged as soon as it ends. The schedule is constant, so its
 # max_steps and intervals change nothing it computes; the resumes finish it with COMMON's.
 UNTIL_STOPPED = ["train.max_steps=100000", "checkpoint.every=0", "train.grad_accum=2", "train.log_every=1"]
@@ -277,18 +278,23 @@ def test_fsdp_shards_the_model_and_matches_one_process_at_the_same_global_batch(
 
 
 def test_a_sharded_run_resumes_exactly_and_writes_the_whole_transformer(two_processes, tiny_model):
-    """Sharded checkpoints hold the whole trained weights and each process's shard of the optimizer state: the
-    run stopped at step 2 and resumed ends where the one run straight through does, bit for bit; its
-    transformer folder loads whole in diffusers."""
+    """Sharded checkpoints hold the whole trained weights and each process's shard of the optimizer state and
+    EMA: the run stopped at step 2 and resumed ends where the one run straight through does, bit for bit, EMA
+    included; its transformer folders load whole in diffusers, and every process took part in validation."""
     from diffusers import SD3Transformer2DModel
 
     straight, resumed = two_processes["fsdp"]
     ckpt = straight / "checkpoints" / "step-000004"
     assert {"rank-0.pt", "rank-1.pt", "transformer.safetensors", "COMPLETE"} <= set(os.listdir(ckpt))
+    assert {"step-000000.png", "step-000002.png", "step-000004.png"} <= set(os.listdir(straight / "samples"))
+    for folder in ("transformer", "transformer_ema"):
+        a = SD3Transformer2DModel.from_pretrained(str(straight / folder))
+        b = SD3Transformer2DModel.from_pretrained(str(resumed / folder))
+        assert all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in a.named_parameters()), folder
     a = SD3Transformer2DModel.from_pretrained(str(straight / "transformer"))
-    b = SD3Transformer2DModel.from_pretrained(str(resumed / "transformer"))
+    ema = dict(SD3Transformer2DModel.from_pretrained(str(straight / "transformer_ema")).named_parameters())
     base = _base_weights(tiny_model)
-    assert all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in a.named_parameters())
+    assert sum(not torch.equal(p, ema[n]) for n, p in a.named_parameters()) > len(base) // 2
     assert sum(not torch.equal(p, base[n]) for n, p in a.named_parameters()) > len(base) // 2
     assert [json.loads(x)["step"] for x in open(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
 

@@ -76,10 +76,10 @@ def _train(cfg: TrainConfig, accel, t_start: float) -> dict:
         _train_steps(run, t_start)
         save_checkpoint(run, cfg.train.max_steps)
         data_read = _check_ranks_agree_and_gather_reads(run)
-        run.transformer = run.stepper.whole_transformer()  # sharded: gathered whole for the main process's outputs
+        last_samples = _validate(run, cfg.train.max_steps)
+        _gather_outputs(run)
         if not accel.is_main_process:
             return {"rank": accel.process_index, "steps": len(run.state.history)}
-        last_samples = run.validate(run.transformer, cfg.train.max_steps)
         return finish(cfg, run, os.path.join(cfg.out.dir, "metrics.jsonl"), last_samples, data_read,
                       time.time() - t_start)
     finally:
@@ -120,8 +120,8 @@ def _train_steps(run, t_start: float) -> None:
     metrics = Metrics(cfg, accel, state, t_start)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    if state.step == 0 and cfg.validation.every and accel.is_main_process:
-        run.validate(run.transformer, 0)  # B starts at zero: the base model's images, the strip's first column
+    if state.step == 0 and cfg.validation.every:
+        _validate(run, 0)  # B starts at zero: the base model's images, the strip's first column
     bar = tqdm(range(state.step + 1, t.max_steps + 1), desc="train", unit="step", dynamic_ncols=True,
                initial=state.step, total=t.max_steps, disable=not accel.is_main_process)
     try:
@@ -158,10 +158,33 @@ def _one_step(run, step: int, metrics: Metrics, bar) -> None:
     save = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.max_steps
     if step % t.log_every == 0 or validate or save:
         metrics.flush(bar)
-    if validate and run.accel.is_main_process:
-        run.validate(run.transformer, step)
+    if validate:
+        _validate(run, step)
     if save:
         save_checkpoint(run, step)
+
+
+def _validate(run, step: int) -> Optional[str]:
+    """Validation images on the main process, which writes them. A sharded model runs only with every process
+    taking part in each forward: the others sample too, and write nothing."""
+    if run.accel.is_main_process:
+        return run.validate(run.transformer, step)
+    if run.stepper.sharded:
+        run.validate(run.transformer, step, write=False)
+    return None
+
+
+def _gather_outputs(run) -> None:
+    """Sharded: the trained transformer (and its EMA) gathered whole for the main process, which writes them;
+    every process takes part. Not sharded: nothing to do."""
+    stepper = run.stepper
+    run.ema_transformer = None
+    if not stepper.sharded:
+        return
+    if stepper.ema:
+        with stepper.ema.swapped():
+            run.ema_transformer = stepper.whole_transformer()
+    run.transformer = stepper.whole_transformer()
 
 
 def run_accelerator(cfg: TrainConfig):
@@ -220,7 +243,10 @@ def build_run(cfg: TrainConfig, accel) -> SimpleNamespace:
                    f"({largest} samples); batches hold one bucket, so they will be smaller")
     extras = read_extras(sets[0])  # empty-prompt and validation embeddings: the first set's
     root = resolve_model(cfg.model.path, MODEL_FILES, cfg.model.revision)
-    transformer = load_transformer(root, weight_dtype, device, cfg.model.quantize)
+    # Sharded, the weights wait on the host: sharding moves one block at a time to the GPU, so no process ever
+    # holds the whole model there (SD3.5 Large: 15 GiB in bf16).
+    sharded = cfg.train.sharding == "fsdp"
+    transformer = load_transformer(root, weight_dtype, torch.device("cpu") if sharded else device, cfg.model.quantize)
     base = base_fingerprint(transformer, weight_dtype)  # before the LoRA is added or any weight trains
     check_shard_set(manifest, transformer.config)
     warn_if_other_vae(manifest, root)

@@ -6,6 +6,7 @@ from typing import List, Optional
 import torch
 
 from .config import TrainLoopConfig
+from .sharded import local
 
 
 def make_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
@@ -75,7 +76,7 @@ class Ema:
         self.steps = 0  # applied steps since the EMA started
 
     def _copies(self) -> List[torch.Tensor]:
-        return [p.detach().to(self.device or p.device, torch.float32, copy=True) for p in self.params]
+        return [local(p).detach().to(self.device or p.device, torch.float32, copy=True) for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
@@ -83,8 +84,8 @@ class Ema:
         if self.steps % self.every:
             return
         weight = 1 - self.decay ** self.every
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().to(s.device, torch.float32), weight)
+        for s, p in zip(self.shadow, self.params):  # a sharded weight: this process's shard
+            s.lerp_(local(p).detach().to(s.device, torch.float32), weight)
 
     def restart(self) -> None:
         """Start afresh from the weights trained so far (an EMA switched on at resume)."""
@@ -102,13 +103,13 @@ class Ema:
     def swapped(self):
         """Inside this context the parameters hold the EMA values (to save or sample them). The trained values
         wait on the host: a second copy of a fully trained transformer would not fit beside it on the GPU."""
-        saved = [p.detach().to("cpu", copy=True) for p in self.params]
+        saved = [local(p).detach().to("cpu", copy=True) for p in self.params]
         with torch.no_grad():
             for p, s in zip(self.params, self.shadow):
-                p.copy_(s.to(p.dtype))
+                local(p).copy_(s.to(p.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
-                    p.copy_(s)
+                    local(p).copy_(s)

@@ -159,9 +159,12 @@ def finish(cfg, run, metrics_path: str, last_samples: Optional[str], data_read: 
         info = {k: v for k, v in info.items() if k not in lora_info}
         info.update(mode="full", trained=trained_names(run.transformer, cfg.full), dtype=str(run.weight_dtype)[6:])
         output = {"transformer_dir": save_transformer(cfg.out.dir, run.transformer, info)}
-        if run.stepper.ema:
+        ema_info = {**info, "ema": cfg.train.ema}
+        if getattr(run, "ema_transformer", None) is not None:  # sharded: the EMA already gathered whole
+            save_transformer(cfg.out.dir, run.ema_transformer, ema_info, EMA_TRANSFORMER_DIR)
+        elif run.stepper.ema:
             with run.stepper.ema.swapped():
-                save_transformer(cfg.out.dir, run.transformer, {**info, "ema": cfg.train.ema}, EMA_TRANSFORMER_DIR)
+                save_transformer(cfg.out.dir, run.transformer, ema_info, EMA_TRANSFORMER_DIR)
     else:
         output = {"lora": save_lora(cfg.out.dir, run.transformer, info)}
         if run.stepper.ema:

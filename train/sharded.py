@@ -9,14 +9,18 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def shard(transformer) -> List[torch.nn.Parameter]:
-    """FSDP2 on each transformer block and on the whole (the embedders and the output layer); returns the
-    trainable parameters, which sharding has replaced."""
+def shard(transformer, device: torch.device) -> List[torch.nn.Parameter]:
+    """FSDP2 on each transformer block and on the whole (the embedders and the output layer), over every
+    process, each shard on `device` (a block's whole weights pass through it on the way there, one block at a
+    time); returns the trainable parameters, which sharding has replaced."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in transformer.transformer_blocks:
-        fully_shard(block)
-    fully_shard(transformer)
+        fully_shard(block, mesh=mesh)
+    fully_shard(transformer, mesh=mesh)
     return [p for p in transformer.parameters() if p.requires_grad]
 
 

@@ -28,9 +28,9 @@ def make_accelerator(device: str = "auto", mixed_precision: str = "no", grad_acc
     # notebooks) starts from the settings it asks for, not from the previous run's.
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    # `accelerate launch --use_fsdp` / `--use_deepspeed` (or their config files) say so through these. Sharded
-    # weights, gradients and optimizer state are not wired into the checkpoints, the fused step or the outputs
-    # yet, and no GPU run has checked them: refused rather than run half-right.
+    # `accelerate launch --use_fsdp` / `--use_deepspeed` (or their config files) say so through these. Their
+    # sharded state would bypass this trainer's checkpoints and outputs, and accelerate's FSDP runs on GPUs only,
+    # where no run has checked it: refused, pointing to train.sharding, which shards with torch's FSDP2 itself.
     sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                if os.environ.get(var, "false").lower() == "true"]
     if sharded:
@@ -132,7 +132,7 @@ class TrainStep:
             from .sharded import shard
 
             # FSDP2 reduce-scatters the gradients in backward: the model is not wrapped again for DDP.
-            self.params = params = shard(transformer)
+            self.params = params = shard(transformer, accel.device)
             self.model = transformer
         else:
             # Under DDP the prepared model averages the trained parameters' gradients across processes in backward.

@@ -47,12 +47,16 @@ class Validator:
             self.vae = load_vae_decoder(root, device)
             self.dir = os.path.join(cfg.out.dir, "samples")
 
-    def __call__(self, transformer, step: int):
+    def __call__(self, transformer, step: int, write: bool = True):
+        """The grid's path; `write=False` samples (a sharded model needs every process's forward) and writes
+        nothing."""
         if not self.enabled:
             return None
         v = self.cfg
         images = generate(transformer, self.vae, self.sched, *self.embeds, *self.empty, *self.size, v.steps,
                           v.guidance, v.seed, self.dtype)
+        if not write:
+            return None
         grid = save_grid(images, self.prompts, os.path.join(self.dir, f"step-{step:06d}.png"),
                          f"training step {step}; sampler: {v.steps} Euler steps, guidance {v.guidance}, seed {v.seed}")
         progress_png(self.dir, self.prompts, self.size, step)

@@ -234,6 +234,7 @@ def test_a_second_signal_quits_at_once_and_old_saved_keys_are_not_changes(tmp_pa
     from types import SimpleNamespace
 
     from shards.common.config import load_config, to_dict
+    from shards.common.errors import UsageError
     from train.config import TrainConfig
     from train.resume import changes
     from train.stop import StopRequest
@@ -248,3 +249,10 @@ def test_a_second_signal_quits_at_once_and_old_saved_keys_are_not_changes(tmp_pa
     saved = to_dict(cfg)
     saved["train"] = {**saved["train"], "a_key_this_version_dropped": 3, "adam_beta1": 0.5}
     assert changes(saved, cfg, "ckpt") == []  # a dropped key is past; Adafactor has no Adam betas
+    # A key added since the checkpoint was written had its default then: neither a change nor a refusal.
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k not in ("sharding", "ema_every")}}
+    assert changes(older, cfg, "ckpt") == []
+    with pytest.raises(UsageError, match=r"train.sharding none -> fsdp"):
+        changes(older, load_config(TrainConfig, [f"model.path={tmp_path}", f"data.shards={tmp_path}",
+                                                 f"out.dir={tmp_path}", "train.optimizer=adafactor",
+                                                 "train.mode=full", "train.sharding=fsdp"]), "ckpt")

@@ -42,10 +42,20 @@ class WeightByWeight(torch.optim.Optimizer):
         self._generators = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
+        # Keyed by the device's type: each process trains on one device of it, and a state saved by the main
+        # process (cuda:0) must reach every process's own generator, or DDP replicas would round apart.
+        key = torch.device(device).type
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
+
+    def _own_device(self, kind: str) -> torch.device:
+        """This process's device of a type: where its weights are."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.device.type == kind:
+                    return p.device
+        return torch.device(kind)
 
     def _store(self, p: torch.nn.Parameter, value: torch.Tensor, apply: Optional[torch.Tensor]) -> None:
         """p ← value (by stochastic rounding into bf16); where `apply` is false, p keeps its value."""
@@ -75,7 +85,8 @@ class WeightByWeight(torch.optim.Optimizer):
         """state_dict without the generators' states, which it restores."""
         state_dict = dict(state_dict)
         for key, s in state_dict.pop("rounding_rng", {}).items():
-            self._generator(torch.device(key)).set_state(s)
+            kind = torch.device(key).type  # older checkpoints keyed by device ("cuda:0")
+            self._generator(torch.device(kind) if kind == "cpu" else self._own_device(kind)).set_state(s)
         return state_dict
 
 

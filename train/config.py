@@ -30,7 +30,7 @@ RANGES = {
     "train.max_steps": "[1, inf)", "train.batch_size": "[1, inf)", "train.grad_accum": "[1, inf)",
     "train.lr": "(0, inf)", "train.weight_decay": "[0, inf)", "train.adam_beta1": "[0, 1)",
     "train.adam_beta2": "[0, 1)", "train.adam_eps": "(0, inf)", "train.max_grad_norm": "(0, inf)",
-    "train.warmup_steps": "[0, inf)", "train.ema": "[0, 1)", "train.ema_every": "[1, inf)",
+    "train.warmup_steps": "[0, inf)", "train.ema": "[0, 1)", "train.ema_every": "[0, inf)",
     "train.max_bad_steps": "[1, inf)", "train.seed": SEEDS,
     "train.log_every": "[1, inf)",
     "full.blocks": "[0, inf)",
@@ -101,7 +101,8 @@ HELP = {
     "train.ema_device": "where the EMA is kept, in fp32: auto (full mode: cpu, sparing the GPU a second copy of "
                         "the weights; LoRA: the training device), device, cpu",
     "train.ema_every": "applied steps between EMA updates; each averages in that many steps' worth (decay^N), so "
-                       "a host-side EMA copies the weights from the GPU once per N steps",
+                       "a host-side EMA copies the weights from the GPU once per N steps; 0 (auto): 1 for an EMA "
+                       "on the training device, 10 on the host",
     "train.max_bad_steps": "non-finite steps in a row before the run saves a checkpoint and stops",
     "train.trackers": "accelerate trackers, e.g. [tensorboard] (the trackers extra installs it) or [wandb]; "
                       "logs go to out.dir/trackers",
@@ -224,7 +225,7 @@ class TrainLoopConfig:
     warmup_steps: int = 0
     ema: float = 0.0  # decay of an EMA of the trained weights, saved beside the raw ones (0 = off)
     ema_device: str = "auto"  # where the EMA lives: auto (full mode: cpu; LoRA: the training device) | device | cpu
-    ema_every: int = 1  # applied steps between EMA updates (each then averages in as many steps' worth)
+    ema_every: int = 0  # applied steps between EMA updates, each averaging in that many; 0: 1 on device, 10 on host
     max_bad_steps: int = 5  # non-finite steps in a row before the run saves a checkpoint and stops
     trackers: List[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     mixed_precision: str = "auto"  # autocast: auto (bf16 or fp16 on CUDA, none on CPU), bf16, fp16, no

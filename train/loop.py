@@ -276,11 +276,11 @@ def save_checkpoint(run, step: int) -> str:
 
 
 def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
-    """A step not taken: an fp16 overflow (the scaler lowered its scale) or a non-finite loss or gradient."""
-    if out["overflow"]:
-        tqdm.write(f"train: step {step}: fp16 gradients overflowed; step skipped, loss scale lowered to "
-                   f"{run.accel.scaler.get_scale():g}")
-        return
+    """A step not taken: an fp16 overflow (the scaler lowered its scale) or a non-finite loss or gradient.
+    Every process skips the same steps, and each stops on any one's damaged sample, not only the one holding it."""
+    if run.accel.num_processes > 1:
+        found = run.accel.gather_for_metrics([out["non_finite_inputs"]], use_gather_object=True)
+        out = {**out, "non_finite_inputs": [k for each in found for k in each]}
     t = run.cfg.train
     bad_inputs = out["non_finite_inputs"]
     if bad_inputs:  # the data, not the training, is at fault: no setting of the run would help
@@ -288,6 +288,10 @@ def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
         raise DataError(f"step {step}: the shard data holds non-finite values: sample {bad_inputs[0]}"
                         + (f" and {len(bad_inputs) - 1} more" if len(bad_inputs) > 1 else "")
                         + f"; check the set with `python -m shards verify` ({sets}) and rebuild it with precompute")
+    if out["overflow"]:
+        tqdm.write(f"train: step {step}: fp16 gradients overflowed; step skipped, loss scale lowered to "
+                   f"{run.accel.scaler.get_scale():g}")
+        return
     run.state.bad_in_a_row += 1
     tqdm.write(f"train: step {step}: non-finite loss or gradient norm {float(out['grad_norm'])}; step skipped")
     if run.state.bad_in_a_row >= t.max_bad_steps:
@@ -299,8 +303,8 @@ def _skipped(run, out: dict, step: int, metrics: Metrics) -> None:
 
 
 def _check_ranks_agree_and_gather_reads(run) -> list:
-    """What each process read of the shard data; with several processes also a checksum of the trained weights
-    each holds (sharded: of the whole weights), which must agree."""
+    """What each process read of the shard data; under DDP also a checksum of each process's trained weights,
+    which must agree (sharded, there are no replicas to compare)."""
     accel, stats = run.accel, run.stream.stats
     checksum = run.stepper.checksum()
     mine = {"rank": accel.process_index, "checksum": checksum, "bytes": stats.get("bytes", 0),

@@ -125,7 +125,9 @@ class Objective:
 
 def sample_generators(seed: int, step: int, keys: List[str]) -> List[torch.Generator]:
     """A generator per sample of a micro-batch, seeded from (run seed, step, key, how often the key came before in
-    this micro-batch): independent of the batch's order, its neighbours and the number of processes."""
+    this micro-batch): independent of the batch's order, its neighbours and the number of processes. A key that
+    trains twice in one step from different micro-batches or processes (a set smaller than a step's samples, or
+    one image in two sets) draws alike both times."""
     seen, gens = Counter(), []
     for key in keys:
         seen[key] += 1

@@ -10,7 +10,9 @@ from .sharded import local
 
 
 def make_optimizer(params: List[torch.nn.Parameter], t: TrainLoopConfig) -> torch.optim.Optimizer:
-    if t.fused_step or any(p.dtype == torch.bfloat16 for p in params):
+    # Sharded weights too: bitsandbytes' kernels and Adafactor's factored statistics take plain tensors, and the
+    # per-weight optimizers step each process's plain shard.
+    if t.fused_step or t.sharding == "fsdp" or any(p.dtype == torch.bfloat16 for p in params):
         return per_weight_optimizer(params, t)
     return _plain_optimizer(params, t)
 

@@ -62,7 +62,10 @@ def restore_sharded_state(optimizer: torch.optim.Optimizer) -> None:
             shape = p.to_local().shape
             for k, v in optimizer.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == shape:
-                    optimizer.state[p][k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False)
+                    # The global shape and stride given, not inferred: FSDP2 shards like torch.chunk, unevenly
+                    # where a dimension does not divide by the process count.
+                    optimizer.state[p][k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                               shape=p.shape, stride=p.stride())
 
 
 def gathered(transformer, model_class, main: bool) -> Optional[torch.nn.Module]:
@@ -70,9 +73,9 @@ def gathered(transformer, model_class, main: bool) -> Optional[torch.nn.Module]:
     (None for the others). A collective: every process gathers each weight in turn; the main process keeps them."""
     weights: Dict[str, torch.Tensor] = {}
     for name, value in transformer.state_dict().items():
-        full = whole(value.detach()).cpu()
-        if main:
-            weights[name] = full
+        full = whole(value.detach())
+        if main:  # the others drop each gathered weight at once
+            weights[name] = full.cpu()
     if not main:
         return None
     with torch.device("meta"):

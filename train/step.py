@@ -71,6 +71,14 @@ def ema_device(t) -> Optional[torch.device]:
     return None
 
 
+def ema_every(t) -> int:
+    """train.ema_every, where 0 (auto) is 1 for an EMA on the training device and 10 on the host, where each
+    update copies every trained weight from the GPU."""
+    if t.ema_every:
+        return t.ema_every
+    return 10 if ema_device(t) is not None else 1
+
+
 def non_finite_inputs(batches: List[Dict]) -> List[str]:
     """'KEY (tensor name)' for every sample of the batches holding NaN or infinity (the batches are on the host)."""
     bad = []
@@ -129,6 +137,10 @@ class TrainStep:
             if accel.num_processes < 2:
                 raise UsageError("config key 'train.sharding': fsdp splits the model across processes; launch "
                                  "with torchrun --nproc-per-node=N (N >= 2), or set train.sharding=none")
+            if accel.scaler is not None:
+                raise UsageError("config key 'train.sharding': fsdp does not train with fp16 autocast (each "
+                                 "process's loss scaler would judge only its own shards' overflow); set "
+                                 "train.mixed_precision=no (fp32 weights) or use a GPU that computes in bf16")
             from .sharded import shard
 
             # FSDP2 reduce-scatters the gradients in backward: the model is not wrapped again for DDP.
@@ -141,12 +153,21 @@ class TrainStep:
         # The schedule drives the wrapped optimizer itself: accelerate's scheduler wrapper would advance it
         # once per process and step.
         self.schedule = make_schedule(self.opt.optimizer, t)
-        self.ema = Ema(params, t.ema, t.ema_every, ema_device(t)) if t.ema > 0 else None
+        # DDP replicas hold the same weights, so only the main process (whose EMA is saved) keeps one; sharded,
+        # each process averages its own shard.
+        keeps_ema = t.ema > 0 and (self.sharded or accel.is_main_process)
+        self.ema = Ema(params, t.ema, ema_every(t), ema_device(t)) if keeps_ema else None
         self.fused = FusedUpdates(self.opt.optimizer, params, t.max_grad_norm) if t.fused_step else None
         if self.fused and (accel.num_processes > 1 or accel.scaler is not None):
             raise UsageError("config key 'train.fused_step' runs in one process without fp16 (its updates happen "
                              "inside backward, before DDP averages gradients or the fp16 scaler unscales them); "
                              "set train.fused_step=false")
+
+    def _everywhere(self, flag: torch.Tensor) -> torch.Tensor:
+        """A flag true in every process (each process's loss is its own): all take a step, or none does."""
+        if self.accel.num_processes == 1:
+            return flag
+        return self.accel.reduce(flag.to(torch.float32), reduction="sum") == self.accel.num_processes
 
     def named_trained_params(self):
         return [(n, p) for n, p in self.transformer.named_parameters() if p.requires_grad]
@@ -155,7 +176,8 @@ class TrainStep:
         """One optimizer step. Everything returned stays on the device except `keys` and `applied`.
 
         Host syncs: one, `applied` (whether the loss and gradients were finite, i.e. whether to take the
-        step); with fp16 the gradient scaler makes its own (it reads whether gradients overflowed)."""
+        step); with fp16 the gradient scaler makes its own (it reads whether gradients overflowed); an EMA on
+        the host copies the weights once per `train.ema_every` steps."""
         accel = self.accel
         losses, sigmas, per_sample, keys, batches = [], [], [], [], []
         index = self.schedule.last_epoch  # steps taken or skipped before this one, restored on resume
@@ -177,13 +199,14 @@ class TrainStep:
             applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
         elif accel.scaler is not None:
             grad_norm = accel.clip_grad_norm_(self.params, self.max_grad_norm)  # unscales fp16 gradients first
-            finite_loss = bool(torch.isfinite(loss))
+            finite_loss = bool(self._everywhere(torch.isfinite(loss)))
             self.opt.step()  # the scaler skips a step whose gradients overflowed and lowers its scale
             overflow = finite_loss and self.opt.step_was_skipped
             applied = finite_loss and not overflow
         else:
             grad_norm = whole(accel.clip_grad_norm_(self.params, self.max_grad_norm))  # sharded: summed over shards
-            applied = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            finite = self._everywhere(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            applied = bool(finite)
             if applied:
                 self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -244,13 +267,22 @@ class TrainStep:
         self.schedule._last_lr = [lr] * len(groups)
 
     def trained_state(self) -> Dict[str, torch.Tensor]:
-        """The trained parameters on the host, in their own dtype (LoRA: fp32; full mode: the weights'). Sharded:
-        each weight gathered whole, a collective every process takes part in."""
-        return {n: whole(p.detach()).cpu().contiguous() for n, p in self.named_trained_params()}
+        """The trained parameters on the host, in their own dtype (LoRA: fp32; full mode: the weights'), for the
+        main process, which writes them (the others get {}). Sharded: each weight gathered whole, a collective
+        every process takes part in."""
+        main = self.accel.is_main_process
+        out = {}
+        for n, p in self.named_trained_params():
+            full = whole(p.detach()) if self.sharded else p.detach()
+            if main:
+                out[n] = full.cpu().contiguous()
+        return out
 
-    def checksum(self) -> float:
-        """A sum over every trained weight, whole (sharded: a collective): the processes' must agree."""
-        return sum(float(whole(p.detach()).double().sum()) for _, p in self.named_trained_params())
+    def checksum(self) -> Optional[float]:
+        """A sum over every trained weight, which DDP replicas must agree on; None when sharded (no replicas)."""
+        if self.sharded:
+            return None
+        return sum(float(p.detach().double().sum()) for _, p in self.named_trained_params())
 
     def whole_transformer(self):
         """The transformer as the run trained it, unsharded (for the main process; None for the others). Not

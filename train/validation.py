@@ -12,7 +12,7 @@ from shards.manifest import Manifest
 
 from .config import TrainConfig
 from .plot import BACKGROUND, CHAR_W, LINE_H, TEXT, bitmap_font, save_png
-from .sampling import generate, load_vae_decoder, save_grid
+from .sampling import denoise, generate, load_vae_decoder, save_grid
 
 PROGRESS_COLUMNS = 10  # validations shown in progress.png at most: its size and its reads stay bounded
 CELL_MIN, CELL_MAX = 128, 256  # longest side of an image in progress.png
@@ -53,10 +53,13 @@ class Validator:
         if not self.enabled:
             return None
         v = self.cfg
+        if not write:  # the denoising alone: the sharded forward needs this process, the decoder does not
+            f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            denoise(transformer, self.sched, *self.embeds, *self.empty, self.size[0] // f, self.size[1] // f, v.steps,
+                    v.guidance, v.seed, self.dtype)
+            return None
         images = generate(transformer, self.vae, self.sched, *self.embeds, *self.empty, *self.size, v.steps,
                           v.guidance, v.seed, self.dtype)
-        if not write:
-            return None
         grid = save_grid(images, self.prompts, os.path.join(self.dir, f"step-{step:06d}.png"),
                          f"training step {step}; sampler: {v.steps} Euler steps, guidance {v.guidance}, seed {v.seed}")
         progress_png(self.dir, self.prompts, self.size, step)

@@ -9,7 +9,7 @@ Every key of the train schema has a rule (a test walks the schema), so a new key
 """
 from typing import List, Tuple
 
-from shards.common.config import flat_keys, to_dict
+from shards.common.config import default_keys, flat_keys, to_dict
 from shards.common.errors import UsageError
 
 REFUSE = ("lora.rank", "lora.alpha", "lora.targets", "lora.blocks", "train.optimizer", "train.mode", "full.blocks",
@@ -39,20 +39,11 @@ def _lora_targets(value):
     return list(TARGET_PRESETS[value]) if isinstance(value, str) and value in TARGET_PRESETS else value
 
 
-def _defaults() -> dict:
-    """Every key of the train schema at its default."""
-    from omegaconf import OmegaConf
-
-    from .config import TrainConfig
-
-    return flat_keys(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
-
-
 def changes(saved_config: dict, cfg, path: str) -> List[Tuple[str, object, object, str]]:
     """(key, saved value, new value, rule) for every changed key; raises for a key whose change is refused."""
     before, now = flat_keys(saved_config), flat_keys(to_dict(cfg))
     # A key an older run's config lacks had its default then: the behaviour it stands for came later.
-    before = {**{k: v for k, v in _defaults().items() if k in now}, **before}
+    before = {**{k: v for k, v in default_keys(type(cfg)).items() if k in now}, **before}
     before["lora.targets"], now["lora.targets"] = _lora_targets(before.get("lora.targets")), cfg.lora.target_names()
     # Keys this version no longer has (an older run's) are past; Adafactor has no Adam betas or epsilon.
     unused = {k for k in before if k not in now}

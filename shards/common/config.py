@@ -143,7 +143,7 @@ def describe_keys(schema) -> str:
     tables = vars(sys.modules[schema.__module__])
     help_, choices, ranges = (tables.get(n, {}) for n in ("HELP", "CHOICES", "RANGES"))
     required = tables.get("REQUIRED", ())
-    defaults = flat_keys(OmegaConf.to_container(OmegaConf.structured(schema)))
+    defaults = default_keys(schema)
     lines, section = [], None
     for key, default in defaults.items():
         head = key.split(".")[0] if "." in key else ""
@@ -223,6 +223,11 @@ def check_ranges(cfg, ranges: Dict[str, str], problems: List[str]) -> None:
                 (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
             if not ok:
                 problems.append(f"config key '{key}' must be {_range_words(text)}, not {v}")
+
+
+def default_keys(schema) -> dict:
+    """{'section.key': default} of every key of a config dataclass (its checks in __post_init__ not run)."""
+    return flat_keys(OmegaConf.to_container(OmegaConf.structured(schema)))
 
 
 def numeric_keys(schema) -> List[str]:

@@ -56,6 +56,25 @@ def eval_loss(transformer, shards):
     return sum(losses) / len(losses)
 
 
+def wait_for(path, proc, what: str, timeout: float = 300) -> None:
+    """Until `path` exists; fails if `proc` ends first ("<what> ended before it could be killed") or time runs out."""
+    import time
+
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.time() < deadline, f"{what} ended before it could be killed"
+        time.sleep(0.002)
+
+
+def sigkill_when(path, proc, what: str) -> None:
+    """SIGKILL `proc` as soon as `path` exists, and reap it."""
+    import signal
+
+    wait_for(path, proc, what)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def run_module(module: str, *args: str, cwd: str = REPO, timeout: int = 600):
     """Run `python -m module args...` as a user would; returns the CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": REPO}

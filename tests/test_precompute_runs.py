@@ -3,17 +3,15 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from PIL import Image
 
 from shards import read_manifest, read_rejected, read_samples
-from conftest import REPO, precompute_cfg
+from conftest import REPO, precompute_cfg, sigkill_when
 
 FAST = {"text.t5_precision": "none", "num_workers": 0}
 
@@ -74,12 +72,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_model, many_images,
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "precompute", *argv(out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "shard-000003.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "precompute ended before it could be killed"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(out / "shard-000003.json", proc, "precompute")
     assert not (out / "manifest.json").exists()
     done = sorted(n for n in os.listdir(out) if n.endswith(".json") and n.startswith("shard-"))
     assert 4 <= len(done) < 20

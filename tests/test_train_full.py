@@ -294,14 +294,12 @@ def test_sharding_is_refused_where_it_cannot_run_yet(tiny_model, shard_set_fp32,
 def test_a_full_run_sigkilled_after_a_checkpoint_resumes_bit_identical(tiny_model, shard_set_fp32, tmp_path):
     """bf16 weights (stochastic rounding), 8-bit AdamW, an EMA on the host: the run killed after its step-4
     checkpoint and run again ends with the uninterrupted run's transformer and EMA, bit for bit."""
-    import signal
     import subprocess
     import sys
-    import time
 
     from diffusers import SD3Transformer2DModel
 
-    from conftest import REPO, cli
+    from conftest import REPO, cli, sigkill_when
 
     common = _args(tiny_model, shard_set_fp32, tmp_path / "x", "train.max_steps=8", "checkpoint.every=4",
                    "model.precision=bf16", "train.optimizer=adamw8bit", "train.ema=0.9", "train.ema_every=3",
@@ -312,12 +310,7 @@ def test_a_full_run_sigkilled_after_a_checkpoint_resumes_bit_identical(tiny_mode
     proc = subprocess.Popen([sys.executable, "-m", "train", *args, f"out.dir={killed}"], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    marker, deadline = killed / "checkpoints" / "step-000004" / "COMPLETE", time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(killed / "checkpoints" / "step-000004" / "COMPLETE", proc, "training")
     assert not (killed / "transformer").exists()
     r = cli("train", *args, f"out.dir={killed}")
     assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout, r.stderr[-2000:]

@@ -1,10 +1,8 @@
 """Stage 2 as a long job: exact resume after SIGKILL, presets, QLoRA, optimizers, schedules, EMA, validation."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO, cli, tiny_model_copy
+from conftest import REPO, cli, sigkill_when, tiny_model_copy
 
 
 def _args(model, shards, out, *extra):
@@ -39,13 +37,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model, shard_set_fp32, tmp_pa
     _train(*_args(tiny_model, shard_set_fp32, straight, *common))
     proc = subprocess.Popen([sys.executable, "-m", "train", *_args(tiny_model, shard_set_fp32, out, *common)], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / "step-000008" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_when(out / "checkpoints" / "step-000008" / "COMPLETE", proc, "training")
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     r = cli("train", *_args(tiny_model, shard_set_fp32, out, *common))  # resume: auto
     assert r.returncode == 0 and "resuming from" in r.stderr + r.stdout, r.stderr[-2000:]

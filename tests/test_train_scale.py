@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, wait_for
 
 
 def _args(model, shards, out, *extra):
@@ -193,11 +193,7 @@ def test_two_processes_resume_after_ctrl_c_and_sigkill_bit_identical_and_resume_
     after = int(stop.split("-")[1]) // 2 * 2 + 2  # the first periodic checkpoint after the stop
     assert after < STEPS, f"the stop came at {stop}, too late to be killed before the end"
     proc = _torchrun(2, *_args(tiny_model, shard_set_fp32, run, *COMMON), wait=False)
-    marker = run / "checkpoints" / f"step-{after:06d}" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.005)
+    wait_for(run / "checkpoints" / f"step-{after:06d}" / "COMPLETE", proc, "training")
     _kill_tree(proc.pid)  # torchrun's workers run in sessions of their own: a kill of its group misses them
     proc.wait()
     assert not (run / "pytorch_lora_weights.safetensors").exists()

@@ -85,8 +85,8 @@ class WeightByWeight(torch.optim.Optimizer):
         """state_dict without the generators' states, which it restores."""
         state_dict = dict(state_dict)
         for key, s in state_dict.pop("rounding_rng", {}).items():
-            kind = torch.device(key).type  # older checkpoints keyed by device ("cuda:0")
-            self._generator(torch.device(kind) if kind == "cpu" else self._own_device(kind)).set_state(s)
+            # Into this process's own generator of that device type (older checkpoints say "cuda:0").
+            self._generator(self._own_device(torch.device(key).type)).set_state(s)
         return state_dict
 
 

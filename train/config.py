@@ -324,13 +324,11 @@ class TrainConfig:
             p.append("config key 'train.fused_step' needs train.mode=full and train.grad_accum=1 (a weight's update "
                      "is applied as soon as its gradient is complete, which with accumulation is only after the "
                      "last micro-batch)")
-        if self.train.sharding == "fsdp":
-            why = {"train.mode": self.train.mode != "full", "train.fused_step": self.train.fused_step}
-            bad = [k for k, wrong in why.items() if wrong]
-            if bad:
-                p.append(f"config key 'train.sharding': fsdp needs train.mode=full and train.fused_step=false "
-                         f"(LoRA is small enough for every process to hold, and a sharded weight's gradient is "
-                         f"complete only after the reduce-scatter); {bad[0]} is set otherwise")
+        if self.train.sharding == "fsdp" and (self.train.mode != "full" or self.train.fused_step):
+            bad = "train.mode" if self.train.mode != "full" else "train.fused_step"
+            p.append(f"config key 'train.sharding': fsdp needs train.mode=full and train.fused_step=false "
+                     f"(LoRA is small enough for every process to hold, and a sharded weight's gradient is "
+                     f"complete only after the reduce-scatter); {bad} is set otherwise")
         if self.train.mode == "full" and self.model.quantize != "none":
             p.append(f"config key 'model.quantize': {self.model.quantize} weights cannot train in train.mode=full "
                      "(bitsandbytes' packed weights take no updates); use model.quantize=none, or train.mode=lora")

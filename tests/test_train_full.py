@@ -319,3 +319,15 @@ def test_a_full_run_sigkilled_after_a_checkpoint_resumes_bit_identical(tiny_mode
         b = dict(SD3Transformer2DModel.from_pretrained(str(killed / folder), torch_dtype=torch.bfloat16)
                  .named_parameters())
         assert all(torch.equal(p, b[n]) for n, p in a.named_parameters()), folder
+
+
+def test_ema_every_auto_is_one_on_the_device_and_ten_on_the_host():
+    from train.config import TrainLoopConfig
+    from train.step import ema_device, ema_every
+
+    full, lora = TrainLoopConfig(mode="full", ema=0.99), TrainLoopConfig(ema=0.99)
+    assert ema_device(full) == torch.device("cpu") and ema_every(full) == 10
+    assert ema_device(lora) is None and ema_every(lora) == 1
+    on_gpu = TrainLoopConfig(mode="full", ema=0.99, ema_device="device")
+    assert ema_device(on_gpu) is None and ema_every(on_gpu) == 1
+    assert ema_every(TrainLoopConfig(mode="full", ema=0.99, ema_every=4)) == 4
